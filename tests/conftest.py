@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts are the API
+sys.path.insert(0, str(Path(__file__).resolve().parent))
