@@ -215,19 +215,21 @@ class ChunkedQTargetLoss(torch.autograd.Function):
                 grad = logit_gradient_(z, lse, y, q).div_(normalizer).to(weight.dtype)  # z is consumed here
                 if want_hidden:
                     grad_hidden[chunk] = grad @ weight
-                if want_weight:
-                    grad_weight += grad.T @ h
+                if want_weight and grad.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary per chunk
+                elif want_weight:
+                    grad_weight += grad.T @ h  # bf16 matmul (fp32 accumulate inside), then fp32 sum over chunks
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: a [V, H] copy would double the peak
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, *[None] * 9
 
 
@@ -265,13 +267,13 @@ def reference_q_target_loss(logits, labels, teacher_ids=None, teacher_logprobs=N
     """The same loss as q_target_loss, from full logits [N, V], each variant written as Table 4 writes it."""
     hp = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
     valid = labels != ignore_index
-    y = labels[valid]
-    logp = logits[valid].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    y = labels.masked_fill(~valid, 0)  # ignored rows are computed, then zeroed: no [N, V] copy of the logits
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     logp_y = logp.gather(1, y[:, None]).squeeze(1)
     p_y, sg = logp_y.exp(), torch.Tensor.detach
     if loss in NEEDS_TEACHER:
-        pi_t = teacher_logprobs[valid].to(logp.dtype).softmax(-1)  # the teacher renormalised on its top-k
-        logp_t = logp.gather(1, teacher_ids[valid].long())          # log pi_theta on those ids
+        pi_t = teacher_logprobs.to(logp.dtype).softmax(-1)  # the teacher renormalised on its top-k
+        logp_t = logp.gather(1, teacher_ids.long())          # log pi_theta on those ids
 
     if loss == "sft":
         per_token = -logp_y
@@ -299,7 +301,7 @@ def reference_q_target_loss(logits, labels, teacher_ids=None, teacher_logprobs=N
         residual_weight = 1 - sg(p_y) if hp["c"] is None else hp["c"]
         per_token = -sg(p_y) * logp_y - residual_weight * (res * logp_t).sum(-1)  # Eq. 8
     normalizer = normalizer if normalizer is not None else max(int(valid.sum()), 1)
-    return per_token.sum() / normalizer
+    return (per_token * valid).sum() / normalizer
 
 
 def induced_target(loss_fn, logits, labels):

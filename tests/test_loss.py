@@ -97,7 +97,8 @@ def test_p_y_near_one():
     """Eq. 7: when the model is sure of y_t, TARGET-SFT's target is nearly SFT's one-hot. There 1 - p_y sits
     at fp32's resolution, so fp32 inputs are held to the naive fp32 autograd's own error, fp64 to 1e-9."""
     hidden, weight, labels, t_ids, t_logp = make_batch(seed=4)
-    labels = torch.where(labels == -100, labels, torch.randperm(V)[:N])  # distinct labels: one weight row each
+    distinct = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:N]  # one weight row per label
+    labels = torch.where(labels == -100, labels, distinct)
     valid = labels != -100
     weight = weight.clone()
     weight[labels[valid]] = 40 * hidden[valid] / hidden[valid].norm(dim=-1, keepdim=True) ** 2

@@ -1,0 +1,130 @@
+"""Benchmarks: speed and memory ratios measured side by side in one run, printed as tables. Not tests.
+
+    python bench.py loss                      # chunked Q-target loss vs naive full logits, CPU sizes
+    python bench.py loss --paper              # paper scale: N=16384, H=1536, V=151936, bf16 (GPU)
+"""
+import argparse
+import multiprocessing
+import statistics
+import time
+
+import torch
+
+import loss as L
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py loss: fwd+bwd of the chunked loss against the full-logits reference and the three matmuls
+
+def loss_inputs(n, h, v, k, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g, device=device, dtype=dtype) / h ** 0.5).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    labels[: n // 8] = -100  # a prompt's share of ignored positions
+    teacher_logprobs, teacher_ids = torch.randn(n, k, generator=g, device=device).log_softmax(-1).sort(-1, True)
+    return hidden, weight, labels, teacher_ids.int(), teacher_logprobs.half()
+
+
+def loss_step(impl, variant, hidden, weight, labels, teacher_ids, teacher_logprobs):
+    """One forward and backward; returns nothing, leaves .grad on hidden and weight."""
+    hidden.grad = weight.grad = None
+    if impl == "chunked":
+        value = L.q_target_loss(hidden, weight, labels, teacher_ids, teacher_logprobs, loss=variant)
+    elif impl == "naive":
+        value = L.reference_q_target_loss(hidden @ weight.T, labels, teacher_ids, teacher_logprobs, loss=variant)
+    elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        value = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
+    elif impl == "matmuls":  # the three unavoidable matmuls: logits, grad_hidden, grad_weight
+        with torch.no_grad():
+            logits = hidden @ weight.T
+            hidden.grad, weight.grad = logits @ weight, logits.T @ hidden
+        return
+    value.backward()
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_loss_step(impl, variant, inputs, device, repeats):
+    loss_step(impl, variant, *inputs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        loss_step(impl, variant, *inputs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(impl, variant, sizes, dtype, device):
+    """Peak memory of one step above what the inputs hold. On CPU: max RSS growth in a fresh process."""
+    inputs = loss_inputs(*sizes, dtype, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss_step(impl, variant, *inputs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    loss_step(impl, variant, *inputs)  # warm-up: lazily loaded kernels are not the step's memory
+    inputs[0].grad = inputs[1].grad = None
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak-RSS mark to the current RSS
+        f.write("5")
+    before = rss_kib("VmRSS")
+    loss_step(impl, variant, *inputs)
+    return (rss_kib("VmHWM") - before) * 1024
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_peak(impl, variant, sizes, dtype, device):
+    if device == "cuda":
+        return peak_extra_bytes(impl, variant, sizes, dtype, device)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device))
+
+
+def bench_loss(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes, dtype = ((16384, 1536, 151936, 64), torch.bfloat16) if args.paper else ((2048, 512, 65536, 64), torch.float32)
+    if args.paper and device != "cuda":
+        raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
+    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
+          f"N,H,V,k={sizes} dtype={dtype} torch={torch.__version__}")
+    inputs = loss_inputs(*sizes, dtype, device)
+    matmuls = time_loss_step("matmuls", "sft", inputs, device, args.repeats)
+    print(f"three matmuls alone: {matmuls * 1e3:.1f} ms\n")
+    print(f"{'variant':10} {'impl':8} {'ms':>9} {'x naive':>8} {'x matmuls':>9} {'peak MiB':>9} {'x naive':>8}")
+    for variant in args.variants.split(","):
+        impls = ["naive", "chunked"] + (["liger"] if args.liger and variant == "sft" else [])
+        results = {impl: (time_loss_step(impl, variant, inputs, device, args.repeats),
+                          measure_peak(impl, variant, sizes, dtype, device)) for impl in impls}
+        naive_ms, naive_peak = results["naive"]
+        for impl, (seconds, peak) in results.items():
+            print(f"{variant:10} {impl:8} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / matmuls:9.2f} "
+                  f"{peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    loss_cmd = commands.add_parser("loss", help="chunked Q-target loss vs naive full logits")
+    loss_cmd.add_argument("--paper", action="store_true", help="paper scale, bf16, needs a GPU")
+    loss_cmd.add_argument("--variants", default="sft,dft,target")
+    loss_cmd.add_argument("--repeats", type=int, default=3)
+    loss_cmd.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear CE on sft")
+    loss_cmd.set_defaults(run=bench_loss)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
