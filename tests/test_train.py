@@ -1,0 +1,162 @@
+"""train.py end to end on a tiny Qwen2: 2-process FSDP2 over gloo, the global token normalisation, exact
+resume, every loss variant, the HF export, and the refusals."""
+import json
+import os
+import random
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import data
+import loss as qloss
+import teacher_cache
+import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "train.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A student, a teacher (another seed), 32 arithmetic samples of varied length, the teacher's top-8."""
+    root = tmp_path_factory.mktemp("train")
+    student, teacher = tiny.save_tiny(root / "student", seed=0), tiny.save_tiny(root / "teacher", seed=1)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(32):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        response = f"{a} + {b} = {a + b}. " * rng.randint(1, 4) + f"The answer is \\boxed{{{a + b}}}."
+        lines.append(json.dumps({"prompt": f"What is {a} + {b}?", "response": response}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    tokens = data.tokenize_dataset(root / "train.jsonl", AutoTokenizer.from_pretrained(student), max_len=256,
+                                   cache_dir=root / "tokenized")
+    teacher_cache.build(AutoModelForCausalLM.from_pretrained(teacher), tokens, root / "cache", k=8)
+    return root
+
+
+def train_args(setup, out, *extra):
+    return ["--model", str(setup / "student"), "--data", str(setup / "train.jsonl"), "--teacher-cache",
+            str(setup / "cache"), "--ref-cache", str(setup / "cache"), "--out", str(setup / out),
+            "--data-cache", str(setup / "tokenized"), "--max-len", "256", "--global-batch-size", "8",
+            "--dtype", "fp32", "--lr", "3e-3", "--warmup-ratio", "0", "--max-steps", "4", *extra]
+
+
+def run(args, nproc=1):
+    """train.py as a user runs it: python, or torchrun for several processes."""
+    command = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), TRAIN] if nproc > 1
+               else [sys.executable, TRAIN])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_in_process(args, monkeypatch):
+    """train.py in this process (no interpreter start-up): for the many quick runs."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "argv", [TRAIN, *args])
+    try:
+        runpy.run_path(TRAIN, run_name="__main__")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def metrics(setup, out):
+    return [json.loads(line) for line in (setup / out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    run(train_args(setup, "one", "--micro-batch-size", "8"))
+    return metrics(setup, "one")
+
+
+def test_two_processes_train_export_and_match_one_process(setup, one_process):
+    """2 ranks x 2 micro-batches x 2 sequences equal 1 rank x 8 sequences: the gradient of every step is
+    the sum of token losses over the step / its global label count (here per-micro-batch counts differ)."""
+    run(train_args(setup, "two", "--micro-batch-size", "2"), nproc=2)
+    two = metrics(setup, "two")
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one_process, two):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["p_label"] == pytest.approx(b["p_label"], rel=1e-4)
+    assert two[-1]["loss"] < two[0]["loss"] - 0.3, [m["loss"] for m in two]
+    assert (setup / "two" / "metrics.png").stat().st_size > 0
+
+    exported = setup / "two" / "hf"
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    initial = AutoModelForCausalLM.from_pretrained(setup / "student")
+    assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                        return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_resume_continues_exactly(setup, one_process):
+    run(train_args(setup, "resumed", "--micro-batch-size", "8", "--save-every", "2", "--stop-after", "2"))
+    assert len(metrics(setup, "resumed")) == 2 and not (setup / "resumed" / "hf").exists()
+    run(train_args(setup, "resumed", "--micro-batch-size", "8", "--save-every", "2", "--resume"))
+    resumed = metrics(setup, "resumed")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(one_process, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    assert sorted(p.name for p in (setup / "resumed" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_checkpoints_of_another_model_or_world_size_are_refused(setup, monkeypatch):
+    run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--save-every", "1", "--stop-after", "1"),
+                   monkeypatch)
+    checkpoint = setup / "refused" / "checkpoints" / "step_00000001"
+    other = setup / "other_student"
+    tokenizer = tiny.make_tokenizer()
+    tiny.make_model(tokenizer, layers=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(SystemExit, match="not of --model"):
+        run_in_process(train_args(setup, "refused", "--model", str(other), "--micro-batch-size", "8", "--resume"),
+                       monkeypatch)
+    (checkpoint / "trainer_rank1.pt").write_bytes((checkpoint / "trainer_rank0.pt").read_bytes())
+    try:
+        with pytest.raises(SystemExit, match="written by 2 ranks, this run has 1"):
+            run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--resume"), monkeypatch)
+    finally:
+        (checkpoint / "trainer_rank1.pt").unlink()
+
+
+@pytest.mark.parametrize("variant", sorted(set(qloss.RULES) - {"p"}))
+def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
+    out = f"variant-{variant}"
+    tau = ["--tau", "0.002"] if variant == "profit" else []  # an untrained model's p_y is ~1/V: keep some tokens
+    run_in_process(train_args(setup, out, "--loss", variant, "--micro-batch-size", "4", "--max-steps", "1", *tau),
+                   monkeypatch)
+    (step,) = metrics(setup, out)
+    assert step["step"] == 1 and step["loss"] == step["loss"] and step["grad_norm"] > 0
+    assert ("in_topk" in step) == (variant in qloss.NEEDS_TEACHER)
+
+
+@pytest.mark.parametrize("variant, flag", [("target", "--teacher-cache"), ("distill", "--teacher-cache"),
+                                           ("kl", "--ref-cache"), ("asft", "--ref-cache")])
+def test_a_loss_that_needs_a_cache_fails_at_once_naming_the_flag(setup, variant, flag, monkeypatch, capsys):
+    args = [a for a in train_args(setup, "never", "--loss", variant) if a != str(setup / "cache")]
+    args = [a for a in args if a not in ("--teacher-cache", "--ref-cache")]
+    with pytest.raises(SystemExit):
+        run_in_process(args, monkeypatch)
+    assert flag in capsys.readouterr().err
+    assert not (setup / "never").exists()  # nothing started
+
+
+def test_a_diverging_run_stops_naming_the_step_and_samples(setup, monkeypatch):
+    with pytest.raises(SystemExit, match=r"step \d+: loss .* is not finite \(rank 0's samples \["):
+        run_in_process(train_args(setup, "diverged", "--loss", "sft", "--micro-batch-size", "8", "--lr", "1e30",
+                                  "--grad-clip", "1e30"), monkeypatch)

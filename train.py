@@ -1,0 +1,326 @@
+"""Supervised fine-tuning toward a Q-target (loss.py) with torch FSDP2: the whole run, top to bottom.
+
+The paper's TARGET-SFT run (Qwen2.5-Math-1.5B on NuminaMath-CoT 67k, teacher Qwen2.5-Math-1.5B-Instruct):
+
+    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B-Instruct --tokenizer Qwen/Qwen2.5-Math-1.5B \\
+        --data numina67k --out cache/numina67k-top64
+    torchrun --nproc_per_node 8 train.py --loss target --eta 0.5 --model Qwen/Qwen2.5-Math-1.5B \\
+        --data numina67k --teacher-cache cache/numina67k-top64 --out runs/target
+
+Baselines: --loss sft, --loss dft, --loss distill --c 0.8 (Table 1); others: see loss.RULES. `python train.py ...`
+runs the same code in one process, CPU included (gloo). --resume continues the last checkpoint in --out.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from contextlib import closing
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+import data
+import loss as qloss
+import teacher_cache
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the paper's setup (Appendix A, Table 3)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF id or local folder of the student")
+parser.add_argument("--data", default="numina67k", help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet")
+parser.add_argument("--teacher-cache", default=None, help="teacher top-k cache (teacher_cache.py): target, distill")
+parser.add_argument("--ref-cache", default=None, help="reference-model top-k cache, same format: kl, asft")
+parser.add_argument("--out", default="runs/default")
+parser.add_argument("--loss", default="target", choices=sorted(qloss.RULES))
+parser.add_argument("--eta", type=float, default=0.5, help="target: teacher intensity in the residual (Sec. 6)")
+parser.add_argument("--c", type=float, default=None, help="target: constant residual weight (Table 6); "
+                    "distill: teacher weight (default 0.8)")
+parser.add_argument("--alpha", type=float, default=None, help="beyond-log (default 1.0)")
+parser.add_argument("--tau", type=float, default=None, help="profit (default 0.1)")
+parser.add_argument("--eaft-k", type=int, default=None, help="eaft: top-k of the entropy (default 20)")
+parser.add_argument("--lam", type=float, default=None, help="ls, kl, asft (default 0.1)")
+parser.add_argument("--beta", type=float, default=None, help="gem (default 0.7)")
+parser.add_argument("--lr", type=float, default=5e-5)
+parser.add_argument("--warmup-ratio", type=float, default=0.1)
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimiser step")
+parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward, packed in one row")
+parser.add_argument("--max-len", type=int, default=3072)
+parser.add_argument("--epochs", type=int, default=1)
+parser.add_argument("--max-steps", type=int, default=None, help="cap on the schedule's length (default: epochs)")
+parser.add_argument("--stop-after", type=int, default=None, help="exit after this step, e.g. to fit a time "
+                    "limit; --resume continues exactly")
+parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (master weights "
+                    "and gradient reduction stay fp32)")
+parser.add_argument("--no-activation-checkpointing", action="store_true")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--save-every", type=int, default=0, help="steps between sharded checkpoints (0: none)")
+parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
+parser.add_argument("--resume", action="store_true")
+parser.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py)")
+parser.add_argument("--wandb", default=None, metavar="PROJECT")
+args = parser.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers: checkpoints, export, plots
+
+def checkpoint_dirs(out):
+    return sorted(p for p in (out / "checkpoints").glob("step_*") if p.suffix != ".tmp")
+
+
+def save_checkpoint(out, step, model, optimizer, extra):
+    """Sharded DCP checkpoint plus each rank's trainer state, written to step_N.tmp, renamed when complete."""
+    final = out / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_suffix(".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    torch.save(extra, tmp / f"trainer_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[:-args.keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer):
+    """Model and optimiser shards in place; returns this rank's trainer state. Refuses what would load wrongly."""
+    written_by = len(list(path.glob("trainer_rank*.pt")))
+    if written_by != world_size:
+        raise SystemExit(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
+                         "dealt per rank, so resume with the same world size")
+    extra = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
+    if extra["model"] != model_identity(args.model, model.config):
+        raise SystemExit(f"{path} is a checkpoint of {extra['model']}, not of --model {args.model}; "
+                         "point --out elsewhere or drop --resume")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return extra
+
+
+def model_identity(name, config):
+    return {"name": name, **{key: getattr(config, key) for key in (
+        "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}}
+
+
+def export_hf(path, model, tokenizer, dtype):
+    """A folder transformers and vLLM load directly: safetensors, config, tokenizer, generation config."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.architectures = [type(model).__mro__[1].__name__]  # FSDP2 subclasses the model class
+        model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()}, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def plot_metrics(metrics_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    keys = [k for k in ("loss", "grad_norm", "lr", "p_label", "trust", "residual", "in_topk") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, key in zip(axes, keys):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.suptitle(f"{args.loss} on {args.data}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
+    """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
+    an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
+    hidden = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)[0]
+    labels = batch["labels"].view(-1)
+    rows = labels != data.IGNORE_INDEX
+    stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
+    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1])[rows], self.lm_head.weight, labels[rows],
+                                teacher_ids, teacher_logprobs, loss=args.loss, eta=args.eta, c=args.c,
+                                normalizer=normalizer, stats=stats, **variant_kwargs)
+    return value, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup: checks first, then distributed, data, teacher cache, model, optimiser
+
+variant_kwargs = {name: value for name, value in {"alpha": args.alpha, "tau": args.tau, "k": args.eaft_k,
+                                                   "lam": args.lam, "beta": args.beta}.items() if value is not None}
+try:
+    qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
+except ValueError as e:
+    parser.error(str(e))
+cache_flag = "--ref-cache" if args.loss in ("kl", "asft") else "--teacher-cache"
+cache_path = args.ref_cache if args.loss in ("kl", "asft") else args.teacher_cache
+if args.loss in qloss.NEEDS_TEACHER and cache_path is None:
+    parser.error(f"--loss {args.loss} needs {cache_flag} DIR (build it with teacher_cache.py)")
+
+if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same code path as torchrun
+    with closing(socket.socket()) as s:
+        s.bind(("localhost", 0))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
+                          MASTER_PORT=str(s.getsockname()[1]))
+device_type = "cuda" if torch.cuda.is_available() else "cpu"
+dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")
+if device_type == "cuda":
+    torch.cuda.set_device(device)
+torch.manual_seed(args.seed + rank)
+per_rank, remainder = divmod(args.global_batch_size, world_size * args.micro_batch_size)
+if remainder or per_rank == 0:
+    parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size} x "
+                 f"--micro-batch-size {args.micro_batch_size}")
+accumulation = per_rank  # micro-batches per rank per optimiser step
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+
+tokenizer = AutoTokenizer.from_pretrained(args.model)
+tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, cache_dir=args.data_cache)
+cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
+sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
+steps_per_epoch = len(tokens) // args.global_batch_size
+total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+if total_steps == 0:
+    parser.error(f"{len(tokens)} samples make no step of --global-batch-size {args.global_batch_size}")
+
+attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=attention)
+if not args.no_activation_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+mesh = init_device_mesh(device_type, (world_size,))
+compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+for layer in model.model.layers:
+    fully_shard(layer, mesh=mesh, mp_policy=policy)
+fully_shard(model, mesh=mesh, mp_policy=policy)
+model.loss_forward = loss_forward.__get__(model)
+register_fsdp_forward_method(model, "loss_forward")
+model.train()
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+
+step = 0
+if args.resume and checkpoint_dirs(out):
+    resumed = checkpoint_dirs(out)[-1]
+    extra = load_checkpoint(resumed, model, optimizer)
+    step = extra["step"]
+    scheduler.load_state_dict(extra["scheduler"])
+    sampler.load_state_dict(extra["sampler"])
+    torch.set_rng_state(extra["rng"])
+    if rank == 0:
+        kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+        (out / "metrics.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+        print(f"resumed from {resumed} at step {step}")
+elif rank == 0:
+    (out / "metrics.jsonl").write_text("")
+if rank == 0:
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    if args.wandb:
+        import wandb
+        wandb.init(project=args.wandb, config=vars(args), dir=str(out))
+
+n_params = sum(p.numel() for p in model.parameters())
+flops_per_token = 6 * n_params + 12 * model.config.num_hidden_layers * model.config.hidden_size * args.max_len / 2
+peak_flops = next((f for name, f in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A6000": 155e12}.items()
+                   if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
+
+# ----------------------------------------------------------------------------------------------------
+# The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
+
+progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
+stop = min(total_steps, args.stop_after or total_steps)
+while step < stop:
+    started = time.perf_counter()
+    sample_ids = sampler.take(args.global_batch_size // world_size)
+    batches = [data.pack(tokens, sample_ids[i:i + args.micro_batch_size])
+               for i in range(0, len(sample_ids), args.micro_batch_size)]
+    counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches),
+                           sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    label_tokens, all_tokens = counts.tolist()
+    step_stats = dict.fromkeys(("tokens", "p_label", "trust", "residual", "in_topk"), 0.0)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for batch in batches:
+            teacher = teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None, None)
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            # FSDP averages gradients over ranks, so each rank divides by the global count / world size:
+            # the step's gradient is then that of (sum of token losses) / (global label count)
+            value, stats = model.loss_forward(batch, *teacher, normalizer=label_tokens / world_size)
+            value.backward()
+            step_stats = {key: total + stats.get(key, 0.0) for key, total in step_stats.items()}
+            step_loss += value.detach() / world_size
+    except torch.OutOfMemoryError as e:
+        raise SystemExit(f"out of memory at step {step + 1} with --micro-batch-size {args.micro_batch_size} "
+                         f"(packed rows of up to {args.micro_batch_size * args.max_len} tokens): try a smaller "
+                         "--micro-batch-size") from e
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
+                                      for v in step_stats.values()])
+    dist.all_reduce(sums)
+    step_loss, stat_sums = sums[0].item(), sums[1:].tolist()
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm.item())):
+        raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm.item()} is not finite "
+                         f"(rank {rank}'s samples {sample_ids}); the run stops before the update")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    elapsed = time.perf_counter() - started
+    metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": label_tokens,
+               "tokens_per_s": all_tokens / elapsed}
+    metrics.update({key: value / stat_sums[0] for key, value in
+                    zip(("p_label", "trust", "residual", "in_topk"), stat_sums[1:]) if cache is not None or key != "in_topk"})
+    if peak_flops:
+        metrics["mfu"] = all_tokens * flops_per_token / elapsed / (peak_flops * world_size)
+    if rank == 0:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if args.wandb:
+            wandb.log(metrics, step=step)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        progress.update()
+    if args.save_every and (step % args.save_every == 0 or step == stop):
+        save_checkpoint(out, step, model, optimizer, {
+            "step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+            "rng": torch.get_rng_state(), "model": model_identity(args.model, model.config)})
+        if args.export_on_save:
+            export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype)
+progress.close()
+
+if step == total_steps:
+    export_hf(out / "hf", model, tokenizer, compute_dtype)
+    if rank == 0:
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        print(f"done: {out / 'hf'} (transformers / vLLM), {out / 'metrics.png'}")
+dist.destroy_process_group()
