@@ -94,7 +94,8 @@ def measure_peak(impl, variant, sizes, dtype, device):
 
 def bench_loss(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes, dtype = ((16384, 1536, 151936, 64), torch.bfloat16) if args.paper else ((2048, 512, 65536, 64), torch.float32)
+    paper, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
+    sizes, dtype = paper if args.paper else cpu
     if args.paper and device != "cuda":
         raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "

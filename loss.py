@@ -199,7 +199,8 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
         for chunk in rows.split(chunk_size):
             h, y = hidden[chunk], labels[chunk]
-            teacher = None if teacher_ids is None else (teacher_ids[chunk].long(), teacher_logprobs[chunk].to(acc_dtype))
+            teacher = None if teacher_ids is None else (teacher_ids[chunk].long(),
+                                                        teacher_logprobs[chunk].to(acc_dtype))
             z = (h @ weight.T).to(acc_dtype)
             z -= z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
             lse = torch.logsumexp(z, dim=-1)

@@ -196,7 +196,6 @@ per_rank, remainder = divmod(args.global_batch_size, world_size * args.micro_bat
 if remainder or per_rank == 0:
     parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size} x "
                  f"--micro-batch-size {args.micro_batch_size}")
-accumulation = per_rank  # micro-batches per rank per optimiser step
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 
@@ -247,7 +246,7 @@ if rank == 0:
         wandb.init(project=args.wandb, config=vars(args), dir=str(out))
 
 n_params = sum(p.numel() for p in model.parameters())
-flops_per_token = 6 * n_params + 12 * model.config.num_hidden_layers * model.config.hidden_size * args.max_len / 2
+attention_flops = 6 * model.config.num_hidden_layers * model.config.hidden_size  # x sequence length^2, causal
 peak_flops = next((f for name, f in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A6000": 155e12}.items()
                    if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
 
@@ -262,9 +261,10 @@ while step < stop:
     batches = [data.pack(tokens, sample_ids[i:i + args.micro_batch_size])
                for i in range(0, len(sample_ids), args.micro_batch_size)]
     counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches),
-                           sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=device)
+                           sum(b["input_ids"].numel() for b in batches),
+                           sum(len(tokens.input_ids(i)) ** 2 for i in sample_ids)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    label_tokens, all_tokens = counts.tolist()
+    label_tokens, all_tokens, squared_lengths = counts.tolist()
     step_stats = dict.fromkeys(("tokens", "p_label", "trust", "residual", "in_topk"), 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     try:
@@ -299,10 +299,11 @@ while step < stop:
     elapsed = time.perf_counter() - started
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": label_tokens,
                "tokens_per_s": all_tokens / elapsed}
-    metrics.update({key: value / stat_sums[0] for key, value in
-                    zip(("p_label", "trust", "residual", "in_topk"), stat_sums[1:]) if cache is not None or key != "in_topk"})
-    if peak_flops:
-        metrics["mfu"] = all_tokens * flops_per_token / elapsed / (peak_flops * world_size)
+    logged = ("p_label", "trust", "residual") + (("in_topk",) if cache is not None else ())
+    metrics.update({key: value / stat_sums[0] for key, value in zip(logged, stat_sums[1:])})
+    if peak_flops:  # model flops (6N per token plus attention), activation recompute not counted
+        flops = 6 * n_params * all_tokens + attention_flops * squared_lengths
+        metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
