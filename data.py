@@ -181,6 +181,9 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, max_len, syste
             continue
         samples.append((ids, len(prompt)))
     if source == "openr1-15k":  # Appendix A: keep the responses that fit, then sample 15k
+        if len(samples) < OPENR1_SAMPLES:
+            raise ValueError(f"openr1-15k: only {len(samples)} responses fit max_len={max_len}, "
+                             f"{OPENR1_SAMPLES} needed; raise --max-len")
         keep = np.random.default_rng(OPENR1_SEED).choice(len(samples), OPENR1_SAMPLES, replace=False)
         samples = [samples[i] for i in np.sort(keep)]
     if not samples:
