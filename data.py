@@ -1,0 +1,266 @@
+"""From a dataset to training tensors: one token stream for train.py and teacher_cache.py.
+
+tokenize_dataset() turns a source (a paper set's name, or a local .jsonl/.parquet) into prompt+response
+token ids through the student's chat template, and caches them on disk as a memory-mapped token array
+plus offsets, keyed by a fingerprint of everything that decides the ids. Sampler shards samples over
+ranks; pack() and pad_batch() build micro-batches.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+IGNORE_INDEX = -100
+OPENR1_SAMPLES = 15_000  # Appendix A: "we sample 15k from OpenR1-Math-46k-8192" (after the length filter)
+OPENR1_SEED = 0
+
+
+HF_SOURCES = {"numina67k": "gaotang/numina-cot-subset-67k", "openr1-15k": "Elliott/Openr1-Math-46k-8192",
+              "m23k": "UCSC-VLAA/m23k-tokenized"}
+
+
+def load_rows(source):
+    if source in HF_SOURCES:
+        return datasets.load_dataset(HF_SOURCES[source], split="train")
+    path = Path(source)
+    if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
+        raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
+                         "existing .jsonl/.parquet file with prompt/response fields or a messages list")
+    return datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
+                                 split="train")
+
+
+def prompt_response(source, row):
+    """The (prompt, response) of a row as Appendix A describes each set, unchecked."""
+    if source == "numina67k":
+        extra = row.get("extra_info") or {}
+        return extra.get("question"), extra.get("answer")
+    if source == "openr1-15k":
+        user = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+        response = row["target"][0]["content"]
+        return (user[0] if user else None), (response.removeprefix("<think>\n") if isinstance(response, str) else response)
+    if source == "m23k":
+        return row.get("prompt"), f"{row['reasoning']}\n\n{row['distilled_answer_string']}"
+    if "messages" in row:
+        turns = row["messages"] or []
+        user = [m.get("content") for m in turns if m.get("role") == "user"]
+        assistant = [m.get("content") for m in turns if m.get("role") == "assistant"]
+        return (user[0] if user else None), (assistant[-1] if assistant else None)
+    return row.get("prompt"), row.get("response")
+
+
+def source_fingerprint(source, rows):
+    path = Path(source)
+    if path.is_file():
+        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    return rows._fingerprint  # datasets' own hash of the downloaded files
+
+
+def tokenizer_fingerprint(tokenizer):
+    text = tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template) + str(tokenizer.all_special_tokens)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def bad_row_reason(prompt, response):
+    for name, value in (("prompt", prompt), ("response", response)):
+        if value is None:
+            return f"{name} is missing"
+        if not isinstance(value, str):
+            return f"{name} is a {type(value).__name__}, not a string"
+        if not value.strip():
+            return f"{name} is empty"
+    return None
+
+
+def encode(tokenizer, pairs, system_prompt):
+    """Prompt ids and response ids per pair. The response is what the template adds for the assistant
+    turn up to and including its end-of-turn token; the whitespace the template puts after it is dropped."""
+    def render(pair, with_response):
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": pair[0]}]
+        if with_response:
+            messages.append({"role": "assistant", "content": pair[1]})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not with_response)
+
+    out = []
+    bar = tqdm(total=len(pairs), desc="tokenize", unit="rows")
+    for start in range(0, len(pairs), 1000):
+        chunk = pairs[start:start + 1000]
+        prompts = tokenizer([render(p, False) for p in chunk], add_special_tokens=False)["input_ids"]
+        fulls = tokenizer([render(p, True) for p in chunk], add_special_tokens=False)["input_ids"]
+        for j, (prompt, full) in enumerate(zip(prompts, fulls)):
+            if full[:len(prompt)] != prompt:
+                raise ValueError(f"row {start + j}: the chat template's prompt is not a token prefix of "
+                                 "prompt+response; this template cannot be used to mask prompts")
+            end = len(full)
+            while end > len(prompt) and not tokenizer.decode(full[end - 1:end]).strip():
+                end -= 1
+            out.append((prompt, full[len(prompt):end]))
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+class TokenizedData:
+    """Memory-mapped token ids of every sample; labels are derived, already shifted."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta = json.loads((self.path / "meta.json").read_text())
+        self.fingerprint = meta["fingerprint"]
+        self.tokens = np.load(self.path / "tokens.npy", mmap_mode="r")
+        self.offsets = np.load(self.path / "offsets.npy")
+        self.prompt_lens = np.load(self.path / "prompt_lens.npy")
+
+    def __len__(self):
+        return len(self.prompt_lens)
+
+    def input_ids(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def labels(self, i):
+        """labels[j] is the token after position j; -100 where that token is still prompt, and at the end."""
+        ids = self.input_ids(i)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+        labels[self.prompt_lens[i] - 1:-1] = ids[self.prompt_lens[i]:]
+        return labels
+
+    def num_labels(self, i):
+        return int(self.offsets[i + 1] - self.offsets[i] - self.prompt_lens[i])
+
+
+def tokenize_dataset(source, tokenizer, *, max_len=3072, system_prompt=SYSTEM_PROMPT,
+                     cache_dir="cache/tokenized", truncate=False, skip_bad=False):
+    """The tokenised dataset, from the on-disk cache when the key is unchanged. Under torch.distributed,
+    rank 0 builds and the other ranks wait for it."""
+    rows = load_rows(str(source))
+    key = {"source": str(source), "source_hash": source_fingerprint(str(source), rows),
+           "tokenizer": tokenizer_fingerprint(tokenizer), "system_prompt": system_prompt, "max_len": max_len,
+           "truncate": truncate, "skip_bad": skip_bad}
+    fingerprint = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
+    path = Path(cache_dir) / fingerprint
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_rank() != 0:
+        dist.barrier()
+    if not (path / "meta.json").exists():
+        pairs = [prompt_response(str(source), row) for row in rows]
+        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, max_len, system_prompt,
+                    truncate, skip_bad)
+    if distributed and dist.get_rank() == 0:
+        dist.barrier()
+    return TokenizedData(path)
+
+
+def build_cache(path, source, pairs, tokenizer, key, fingerprint, max_len, system_prompt, truncate, skip_bad):
+    bad = [(i, bad_row_reason(*p)) for i, p in enumerate(pairs)]
+    bad = [(i, reason) for i, reason in bad if reason]
+    if bad and not skip_bad:
+        i, reason = bad[0]
+        raise ValueError(f"{source} row {i}: {reason} ({len(bad)} bad rows in all); fix the data or pass "
+                         "skip_bad=True (--skip-bad) to skip and count them")
+    bad_rows = {i for i, _ in bad}
+    kept_rows = [i for i in range(len(pairs)) if i not in bad_rows]
+    encoded = encode(tokenizer, [pairs[i] for i in kept_rows], system_prompt)
+    drop_long = not truncate or source == "openr1-15k"  # Appendix A keeps only OpenR1 responses that fit
+    samples, too_long = [], 0
+    for prompt, response in encoded:
+        if len(prompt) + len(response) > max_len and drop_long:
+            too_long += 1
+            continue
+        ids = (prompt + response)[:max_len]
+        if len(ids) <= len(prompt):  # truncation left no response token to learn
+            too_long += 1
+            continue
+        samples.append((ids, len(prompt)))
+    if source == "openr1-15k":  # Appendix A: keep the responses that fit, then sample 15k
+        if len(samples) < OPENR1_SAMPLES:
+            raise ValueError(f"openr1-15k: only {len(samples)} responses fit max_len={max_len}, "
+                             f"{OPENR1_SAMPLES} needed; raise --max-len")
+        keep = np.random.default_rng(OPENR1_SEED).choice(len(samples), OPENR1_SAMPLES, replace=False)
+        samples = [samples[i] for i in np.sort(keep)]
+    if not samples:
+        raise ValueError(f"{source}: no sample left after dropping bad and over-length rows (max_len={max_len})")
+    print(f"{source}: {len(samples)} samples; skipped {len(bad)} bad rows; "
+          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{fingerprint}."))
+    lengths = np.array([len(ids) for ids, _ in samples])
+    np.save(tmp / "tokens.npy", np.concatenate([ids for ids, _ in samples]).astype(np.int32))
+    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(tmp / "prompt_lens.npy", np.array([p for _, p in samples], dtype=np.int64))
+    (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, **key, "samples": len(samples),
+                                               "bad_rows": len(bad), "over_max_len": too_long}, indent=1))
+    try:
+        os.rename(tmp, path)  # atomic: a killed build never leaves a cache that looks complete
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp)
+
+
+class Sampler:
+    """A seeded shuffle per epoch, the same on every rank, cut to a multiple of world_size (the remainder,
+    different each epoch, is dropped) and dealt round-robin; resumable from (epoch, position)."""
+
+    def __init__(self, num_samples, seed, rank=0, world_size=1):
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks")
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def __len__(self):
+        """Samples per rank per epoch."""
+        return self.num_samples // self.world_size
+
+    def epoch_order(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        return order[:len(self) * self.world_size][self.rank::self.world_size]
+
+    def take(self, count):
+        """The next `count` sample ids of this rank, continuing into the next epoch when one ends."""
+        out = []
+        while len(out) < count:
+            order = self.epoch_order()
+            step = min(count - len(out), len(order) - self.position)
+            out += order[self.position:self.position + step].tolist()
+            self.position += step
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def pack(data, sample_ids):
+    """One padding-free row. position_ids restart at 0 per sequence, which is what makes flash-attn varlen
+    and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart."""
+    ids = [np.asarray(data.input_ids(i), dtype=np.int64) for i in sample_ids]
+    return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(len(x)) for x in ids]))[None],
+            "labels": torch.from_numpy(np.concatenate([data.labels(i) for i in sample_ids]))[None],
+            "sample_ids": list(sample_ids)}
+
+
+def pad_batch(data, sample_ids):
+    """Right-padded [B, T] fallback for attention backends without packed-sequence support."""
+    width = max(len(data.input_ids(i)) for i in sample_ids)
+    input_ids = torch.zeros(len(sample_ids), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(sample_ids), width, dtype=torch.long)
+    labels = torch.full((len(sample_ids), width), IGNORE_INDEX, dtype=torch.long)
+    for row, i in enumerate(sample_ids):
+        n = len(data.input_ids(i))
+        input_ids[row, :n] = torch.from_numpy(np.asarray(data.input_ids(i), dtype=np.int64))
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.from_numpy(data.labels(i))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "sample_ids": list(sample_ids)}

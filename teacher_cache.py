@@ -1,0 +1,261 @@
+"""Offline teacher top-k (Appendix A: "we cache all teacher logits before training ... truncated to the
+top-64 tokens"), computed on exactly data.py's token ids, stored only at label positions.
+
+    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B-Instruct --data numina67k --out cache/teacher
+    torchrun --nproc_per_node 8 teacher_cache.py ...        # shards batches over GPUs (gloo on CPU)
+
+Format (DIR/): topk.npy, int32 [labels, k], each entry `token_id << 14 | fp16 bits of -logprob / 256`
+(4 bytes per entry, 256 bytes per token at k=64; ids up to 2^18, so a 152k vocabulary fits); offsets.npy,
+int64 [samples + 1], sample i owns rows offsets[i]:offsets[i+1] (its label positions, in order);
+meta.json (teacher, k, format, tokenizer and data fingerprints, a hash of every sample's token ids, counts).
+The same format serves the reference-model cache of the kl/asft losses (--teacher REF_MODEL).
+
+A build writes into DIR.partial/ and renames it to DIR when every batch is done: a killed build resumes
+from its done batches, and a partial cache is never taken for a complete one. Batches are fixed by the data
+alone (not by the number of ranks or the resume point), so every build of the same inputs is byte-identical.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import data as data_lib
+
+FORMAT = "int32: token_id << 14 | fp16 bits of -logprob / 256"
+ID_BITS, VALUE_BITS = 18, 14
+LOGPROB_SCALE = 256.0  # -logprob / 256 < 1 has fp16 bits below 0x3C00: 14 bits keep fp16's full precision
+LOGPROB_FLOOR = -255.9  # e^-255.9 is 0 to every loss; lower logprobs are stored as this
+
+
+def pack_topk(ids, logprobs):
+    """ids [N, k] long and logprobs [N, k] float -> int32 [N, k]: 18-bit id, 14-bit value (relative error
+    <= 2^-11, as fp16; absolute <= 2^-17 near logprob 0)."""
+    bits = (-logprobs.clamp(min=LOGPROB_FLOOR) / LOGPROB_SCALE).half().view(torch.int16).to(torch.int32)
+    return (ids.to(torch.int32) << VALUE_BITS) | bits
+
+
+def unpack_topk(packed):
+    """int32 [N, k] -> (ids [N, k] long, logprobs [N, k] float32); runs on the tensor's device."""
+    ids = (packed >> VALUE_BITS) & ((1 << ID_BITS) - 1)
+    bits = (packed & ((1 << VALUE_BITS) - 1)).to(torch.int16)
+    return ids.long(), bits.view(torch.float16).float() * -LOGPROB_SCALE
+
+
+def sample_hash(data, i):
+    ids = np.ascontiguousarray(data.input_ids(i), dtype=np.int32)
+    return hashlib.blake2b(ids.tobytes() + int(data.prompt_lens[i]).to_bytes(8, "little"),
+                           digest_size=8).hexdigest()
+
+
+def label_counts(data):
+    return np.diff(data.offsets) - data.prompt_lens
+
+
+class TeacherCache:
+    """Read-only view of a complete cache. cache[i] -> (ids [T_i, k] long, logprobs [T_i, k] float32) for
+    sample i's label positions; O(1) to find, decoding only that slice."""
+
+    def __init__(self, path, data=None, k=None):
+        self.path = Path(path)
+        if not (self.path / "meta.json").is_file():
+            partial = self.path.with_name(self.path.name + ".partial")
+            raise FileNotFoundError(
+                f"{self.path} is not a complete teacher cache (no meta.json); "
+                + (f"{partial} holds an unfinished build: rerun the same teacher_cache.py command to finish it"
+                   if partial.exists() else "build it with teacher_cache.py"))
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{self.path}: storage format {self.meta.get('format')!r}, this code reads "
+                             f"{FORMAT!r}; rebuild the cache with this teacher_cache.py")
+        if k is not None and self.meta["k"] != k:
+            raise ValueError(f"{self.path} holds top-{self.meta['k']}, but top-{k} was asked for; "
+                             f"rebuild with --k {k} or ask for k={self.meta['k']}")
+        self.offsets = np.load(self.path / "offsets.npy")
+        try:
+            self.packed = np.load(self.path / "topk.npy", mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{self.path}/topk.npy is truncated or unreadable ({e}); rebuild the cache") from e
+        expected = (int(self.offsets[-1]), self.meta["k"])
+        if self.packed.dtype != np.int32 or self.packed.shape != expected or len(self) != self.meta["samples"]:
+            raise ValueError(f"{self.path}: topk.npy is {self.packed.dtype} {self.packed.shape}, meta.json "
+                             f"promises int32 {expected} over {self.meta['samples']} samples; rebuild the cache")
+        if data is not None:
+            self.check_matches(data)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return unpack_topk(torch.from_numpy(np.array(self.packed[self.offsets[i]:self.offsets[i + 1]])))
+
+    def check_matches(self, data):
+        """Refuse a cache built on other token ids: the rows would silently belong to other tokens."""
+        if self.meta["data_fingerprint"] != data.fingerprint:
+            raise ValueError(f"{self.path} was built on data {self.meta['data_fingerprint']}, training data is "
+                             f"{data.fingerprint} (another source, tokenizer, template, system prompt or "
+                             "max_len); rebuild the cache with the training run's data options")
+        if len(self) != len(data) or not np.array_equal(np.diff(self.offsets), label_counts(data)):
+            raise ValueError(f"{self.path}: label counts differ from the data's; rebuild the cache")
+        for i, h in enumerate(self.meta["sample_hashes"]):
+            if sample_hash(data, i) != h:
+                raise ValueError(f"{self.path}: sample {i}'s token ids differ from those the cache was built "
+                                 "on; rebuild the cache (or the tokenisation cache is corrupt)")
+
+
+def teacher_rows(cache, batch, device):
+    """(ids [n, k] long, logprobs [n, k] float32) for the batch's label positions, in the order of
+    `batch["labels"].view(-1) != -100` (packed or padded: samples in order, label positions in order)."""
+    rows = [cache.packed[cache.offsets[i]:cache.offsets[i + 1]] for i in batch["sample_ids"]]
+    n = int((batch["labels"] != data_lib.IGNORE_INDEX).sum())
+    if sum(len(r) for r in rows) != n:
+        raise ValueError(f"the batch has {n} label positions, the cache {sum(len(r) for r in rows)} for its "
+                         "samples; the batch was not built from the data this cache was checked against")
+    return unpack_topk(torch.from_numpy(np.concatenate(rows)).to(device))
+
+
+def fixed_batches(data, batch_tokens):
+    """Consecutive samples packed up to batch_tokens tokens (a longer sample goes alone)."""
+    batches, current, tokens = [], [], 0
+    for i in range(len(data)):
+        n = len(data.input_ids(i))
+        if current and tokens + n > batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    return batches + [current]
+
+
+@torch.no_grad()
+def topk_rows(model, batch, k, chunk=1024):
+    """Packed top-k of the teacher's log-softmax at the batch's label positions. The lm head runs on
+    `chunk` positions at a time, so no fp32 [T, V] tensor of the batch exists."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 use_cache=False).last_hidden_state[0]
+    hidden = hidden[batch["labels"][0] != data_lib.IGNORE_INDEX]
+    head = model.get_output_embeddings()
+    out = []
+    for h in hidden.split(chunk):
+        values, ids = torch.log_softmax(head(h).float(), dim=-1).topk(k, dim=-1)
+        out.append(pack_topk(ids, values))
+    return torch.cat(out)
+
+
+def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise ValueError("teacher and student tokenizers have different vocabularies: the teacher's top-k ids "
+                         "would name other tokens in the student; use a teacher of the student's family")
+    if not len(student_tok) <= teacher_vocab_size <= 1 << ID_BITS:
+        raise ValueError(f"teacher vocab_size {teacher_vocab_size} must cover the tokenizer ({len(student_tok)}) "
+                         f"and fit the cache's {ID_BITS}-bit ids ({1 << ID_BITS})")
+
+
+def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_fingerprint=""):
+    """Write the cache of `data` under `out`, resuming an unfinished build. Every rank calls it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    batches = fixed_batches(data, batch_tokens)
+    counts = label_counts(data)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "data_fingerprint": data.fingerprint,
+            "tokenizer_fingerprint": tokenizer_fingerprint, "samples": len(data), "labels": int(offsets[-1]),
+            "batch_tokens": batch_tokens}
+    if (out / "meta.json").exists():
+        TeacherCache(out, data, k)
+        if rank == 0:
+            print(f"{out} is complete")
+        return
+    if rank == 0:
+        if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()) != plan:
+            raise ValueError(f"{partial} is an unfinished build with other inputs "
+                             f"({(partial / 'plan.json').read_text()}); delete it or rerun that build")
+        if not (partial / "plan.json").exists():
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            np.lib.format.open_memmap(partial / "topk.npy", "w+", np.int32, (int(offsets[-1]), k)).flush()
+            np.lib.format.open_memmap(partial / "done.npy", "w+", np.uint8, (len(batches),)).flush()
+            np.save(partial / "offsets.npy", offsets)
+            (partial / "plan.json").write_text(json.dumps(plan, indent=1))
+    if world > 1:
+        dist.barrier()
+    topk = np.load(partial / "topk.npy", mmap_mode="r+")
+    done = np.load(partial / "done.npy", mmap_mode="r+")
+    mine = [b for b in range(rank, len(batches), world) if not done[b]]
+    device = next(model.parameters()).device
+    bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
+               unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
+    for b in mine:
+        batch = data_lib.pack(data, batches[b])
+        rows = topk_rows(model, {key: v.to(device) for key, v in batch.items() if key != "sample_ids"}, k)
+        topk[offsets[batches[b][0]]:offsets[batches[b][-1] + 1]] = rows.cpu().numpy()
+        topk.flush()  # the rows reach the file before the batch is marked done
+        done[b] = 1
+        done.flush()
+        bar.update(batch["input_ids"].shape[1])
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if not done.all():
+            raise RuntimeError(f"{partial}: {int((done == 0).sum())} batches missing after the build; rerun")
+        del topk, done
+        (partial / "done.npy").unlink()
+        (partial / "plan.json").unlink()
+        meta = {**plan, "sample_hashes": [sample_hash(data, i) for i in range(len(data))]}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(partial, out)
+        print(f"wrote {out}: {len(data)} samples, {int(offsets[-1])} label tokens, top-{k}, "
+              f"{4 * k} bytes per token")
+    if world > 1:
+        dist.barrier()
+
+
+def load_teacher(name, device):
+    """bf16 on GPU, fp32 on CPU; flash-attn varlen when installed, else sdpa (both honour packed rows)."""
+    attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn).to(device).eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher (or reference) model name or folder")
+    p.add_argument("--data", required=True, help="numina67k, openr1-15k, m23k, or a .jsonl/.parquet file")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's); the ids train.py sees")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=3072)
+    p.add_argument("--system-prompt", default=data_lib.SYSTEM_PROMPT)
+    p.add_argument("--truncate", action="store_true", help="truncate over-length samples instead of dropping")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
+    p.add_argument("--cache-dir", default="cache/tokenized", help="tokenisation cache")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
+    args = p.parse_args()
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+    check_vocabularies(AutoTokenizer.from_pretrained(args.teacher), student_tok,
+                       AutoConfig.from_pretrained(args.teacher).vocab_size)
+    data = data_lib.tokenize_dataset(args.data, student_tok, max_len=args.max_len,
+                                     system_prompt=args.system_prompt, cache_dir=args.cache_dir,
+                                     truncate=args.truncate, skip_bad=args.skip_bad)
+    build(load_teacher(args.teacher, device), data, args.out, k=args.k, batch_tokens=args.batch_tokens,
+          teacher_name=args.teacher, tokenizer_fingerprint=data_lib.tokenizer_fingerprint(student_tok))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import teacher_cache as tc
+import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+MATH16 = Path(__file__).parent / "data" / "math16.jsonl"
+K = 16
+BATCH_TOKENS = 600  # several samples per batch, several batches
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def math16(tok, tmp_path_factory):
+    return data.tokenize_dataset(MATH16, tok, max_len=512, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tok):
+    return tiny.make_model(tok, seed=1)
+
+
+@pytest.fixture(scope="module")
+def built(math16, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "cache"
+    tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
+    return out
+
+
+def files(path):
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir())}
+
+
+def test_cached_topk_is_the_teachers_topk_at_label_positions(built, math16, teacher):
+    cache = tc.TeacherCache(built, math16, K)
+    assert len(cache) == len(math16)
+    for i in range(len(math16)):
+        ids, logprobs = cache[i]
+        alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None]
+        with torch.no_grad():
+            direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].float(), -1)
+        direct = direct[torch.from_numpy(math16.labels(i)) != -100]
+        assert ids.shape == logprobs.shape == (math16.num_labels(i), K)
+        tol = 1e-5 + direct.abs().max() * 2.0 ** -11  # fp16 precision
+        torch.testing.assert_close(logprobs, direct.gather(1, ids), atol=tol, rtol=0)
+        kth_next = direct.topk(K + 1, -1).values[:, -1:]
+        assert (logprobs >= kth_next - tol).all()  # no token outside the stored k beats one inside
+        assert (logprobs[:, :-1] >= logprobs[:, 1:]).all()
+        assert all(len(set(row.tolist())) == K for row in ids)
+
+
+def test_storage_error_on_renormalised_probabilities():
+    torch.manual_seed(0)
+    vocab = 152064
+    logits = torch.randn(256, vocab) * torch.linspace(1, 12, 256)[:, None]  # flat to peaked rows
+    values, ids = torch.log_softmax(logits, -1).topk(64, -1)
+    ids[0, 0] = vocab - 1
+    got_ids, got_values = tc.unpack_topk(tc.pack_topk(ids, values))
+    assert torch.equal(got_ids, ids)
+    assert torch.equal(tc.unpack_topk(tc.pack_topk(torch.tensor([[(1 << 18) - 1]]), torch.tensor([[-3.0]])))[0],
+                       torch.tensor([[(1 << 18) - 1]]))
+    error = (torch.softmax(got_values, -1) - torch.softmax(values, -1)).abs().max().item()
+    print(f"max abs error on renormalised top-64 probabilities: {error:.2e}")
+    assert 0 < error < 2e-4
+
+
+def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path):
+    out = tmp_path / "cache"
+    calls = []
+
+    def die_on_third_batch(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    hook = teacher.get_decoder().register_forward_hook(die_on_third_batch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
+    finally:
+        hook.remove()
+    partial = tmp_path / "cache.partial"
+    done = np.load(partial / "done.npy")
+    assert done.sum() == 2 and not done.all()
+    with pytest.raises(FileNotFoundError, match="unfinished build: rerun"):
+        tc.TeacherCache(out)
+    rows = np.load(partial / "topk.npy", mmap_mode="r+")
+    first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[2][0]
+    rows[np.load(partial / "offsets.npy")[first_missing]:] = 12345  # whatever a killed write left behind
+    rows.flush()
+    del rows
+    with pytest.raises(ValueError, match="unfinished build with other inputs"):
+        tc.build(teacher, math16, out, k=K + 1, batch_tokens=BATCH_TOKENS)
+    tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
+    assert not partial.exists()
+    assert files(out) == files(built)
+
+
+def corrupt(built, tmp_path, how):
+    bad = tmp_path / "bad"
+    shutil.copytree(built, bad)
+    how(bad)
+    return bad
+
+
+def set_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def truncate(path):
+    with open(path / "topk.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4 * K)
+
+
+def swap_one_token(path):
+    tokens = np.load(path / "tokens.npy")
+    tokens[-1] = (tokens[-1] + 1) % 300
+    np.save(path / "tokens.npy", tokens)
+
+
+@pytest.mark.parametrize("how, message", [
+    (lambda p: (p / "meta.json").unlink(), "not a complete teacher cache"),
+    (lambda p: (p / "topk.npy").unlink(), "truncated or unreadable"),
+    (truncate, "truncated or unreadable"),
+    (lambda p: np.save(p / "topk.npy", np.load(p / "topk.npy").astype(np.int64)), "is int64"),
+    (lambda p: set_meta(p, format="int32 ids + fp16 logprobs"), "storage format"),
+    (lambda p: set_meta(p, data_fingerprint="0" * 32), "was built on data"),
+    (lambda p: set_meta(p, sample_hashes=["0" * 16] * 16), "sample 0's token ids differ"),
+])
+def test_corrupt_or_foreign_caches_are_refused(built, math16, tmp_path, how, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        tc.TeacherCache(corrupt(built, tmp_path, how), math16, K)
+
+
+def test_other_data_k_or_token_ids_are_refused(built, math16, tok, tmp_path):
+    with pytest.raises(ValueError, match="holds top-16, but top-64"):
+        tc.TeacherCache(built, math16, 64)
+    other = data.tokenize_dataset(MATH16, tok, max_len=500, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="was built on data"):
+        tc.TeacherCache(built, other)
+    edited = data.TokenizedData(corrupt(math16.path, tmp_path, swap_one_token))
+    with pytest.raises(ValueError, match="sample 15's token ids differ"):
+        tc.TeacherCache(built, edited)
+
+
+def test_teacher_rows_line_up_with_packed_and_padded_label_positions(built, math16):
+    cache = tc.TeacherCache(built, math16, K)
+    sample_ids = [9, 2, 14]
+    expected_ids = torch.cat([cache[i][0] for i in sample_ids])
+    for batch in (data.pack(math16, sample_ids), data.pad_batch(math16, sample_ids)):
+        ids, logprobs = tc.teacher_rows(cache, batch, "cpu")
+        assert ids.dtype == torch.long and logprobs.dtype == torch.float32
+        assert torch.equal(ids, expected_ids)
+        assert len(ids) == (batch["labels"].view(-1) != -100).sum()
+        torch.testing.assert_close(logprobs, torch.cat([cache[i][1] for i in sample_ids]))
+    with pytest.raises(ValueError, match="label positions"):
+        tc.teacher_rows(cache, {**data.pack(math16, sample_ids), "sample_ids": [9, 2, 13]}, "cpu")
+
+
+def test_vocabularies_must_match():
+    with pytest.raises(ValueError, match="different vocabularies"):
+        tc.check_vocabularies(tiny.make_tokenizer(400), tiny.make_tokenizer(), 400)
+    with pytest.raises(ValueError, match="18-bit ids"):
+        tc.check_vocabularies(tiny.make_tokenizer(), tiny.make_tokenizer(), 300_000)
+
+
+def test_two_process_build_equals_one_process_build(tmp_path):
+    teacher = tiny.save_tiny(tmp_path / "teacher", seed=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*launcher, name):
+        subprocess.run([*launcher, str(ROOT / "teacher_cache.py"), "--teacher", str(teacher), "--data", str(MATH16),
+                        "--out", str(tmp_path / name), "--k", str(K), "--max-len", "512",
+                        "--batch-tokens", str(BATCH_TOKENS), "--cache-dir", str(tmp_path / f"tok-{name}")],
+                       check=True, env=env, cwd=tmp_path)
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    run(sys.executable, name="one")
+    run(torchrun, "--nproc_per_node", "2", name="two")
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    [tok_one], [tok_two] = (list((tmp_path / f"tok-{n}").iterdir()) for n in ("one", "two"))
+    assert files(tok_one) == files(tok_two)
