@@ -7,18 +7,8 @@ import torch
 
 import data
 import tiny
+from conftest import MATH16
 
-MATH16 = Path(__file__).parent / "data" / "math16.jsonl"  # 16 short MATH-500 problems and solutions
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def math16(tok, tmp_path_factory):
-    return data.tokenize_dataset(MATH16, tok, max_len=512, cache_dir=tmp_path_factory.mktemp("tok"))
 
 
 def write_jsonl(path, rows):

@@ -12,21 +12,11 @@ import torch
 import data
 import teacher_cache as tc
 import tiny
+from conftest import MATH16
 
 ROOT = Path(__file__).resolve().parent.parent
-MATH16 = Path(__file__).parent / "data" / "math16.jsonl"
 K = 16
 BATCH_TOKENS = 600  # several samples per batch, several batches
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def math16(tok, tmp_path_factory):
-    return data.tokenize_dataset(MATH16, tok, max_len=512, cache_dir=tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
