@@ -129,8 +129,9 @@ def export_hf(path, model, tokenizer, dtype):
     if rank == 0:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.config.architectures = [type(model).__mro__[1].__name__]  # FSDP2 subclasses the model class
         model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()}, safe_serialization=True)
+        model.config.dtype = dtype  # save_pretrained records the fp32 master weights' dtype; vLLM's "auto" reads it
+        model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
