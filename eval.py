@@ -39,6 +39,8 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 
 # name: (label in the paper's tables, suite, source, known row count). Order = the columns of Tables 1 and 2.
 # Math sources are hub datasets (test split); medical ones are keys of m1's eval file, matched leniently.
+# Medical sizes are those of HuatuoGPT-o1's and m1's sets (Table 2's base rows are k/size for GPQA, Lancet,
+# NEJM, MedBullets, MMLU-Pro); MedXpertQA's 2450 (its text test set) is unconfirmed for m1's copy.
 BENCHMARKS = {
     "minerva": ("Minerva Math", "math", "math-ai/minervamath", 272),
     "olympiadbench": ("Olympiad Bench", "math", "math-ai/olympiadbench", 675),
@@ -68,7 +70,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder (weights, tokenizer with chat template)")
     p.add_argument("--benchmarks", default="math", help="comma list: names, suites (math, medical), "
-                   "NAME=PATH (a local copy of a named set) or PATH.jsonl (fields problem/question, answer, options)")
+                   "NAME=PATH (a local copy of a named set) or PATH.jsonl (fields problem/question, answer, "
+                   "options)")
     p.add_argument("--out", default="runs/eval", help="results.json and generations.jsonl go here")
     p.add_argument("--n", type=int, default=16, help="samples per problem (Average@16 in the paper)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -517,6 +520,9 @@ def evaluate(args):
     if todo:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if tokenizer.chat_template is None:
+            sys.exit(f"error: {args.model} has no chat template; eval prompts the way training formats "
+                     "data, so save the trained model's tokenizer (with its template) into that folder")
         generate, pool = data_parallel_generator(args) if args.dp > 1 else (load_generator(args), None)
     for name, items in data.items():
         samples = generate([prompt_ids(tokenizer, item) for item in items])
@@ -525,10 +531,10 @@ def evaluate(args):
         truncated = np.array([[s[2] for s in row] for row in samples])
         results["benchmarks"][name] = metrics(correct, lengths, truncated, timed_out)
         results["suites"] = suite_averages(results["benchmarks"])
-        rows += [{"benchmark": name, "problem": i, "sample": j, "question": item["question"],
-                  "answer": item["answer"], "response": text, "tokens": length, "truncated": trunc,
-                  "correct": bool(correct[i, j]), "timeout": bool(timed_out[i, j])}
-                 for i, (item, row) in enumerate(zip(items, samples)) for j, (text, length, trunc) in enumerate(row)]
+        rows += [{"benchmark": name, "problem": i, "sample": j, **item, "response": text, "tokens": length,
+                  "truncated": trunc, "correct": bool(correct[i, j]), "timeout": bool(timed_out[i, j])}
+                 for i, (item, row) in enumerate(zip(items, samples))
+                 for j, (text, length, trunc) in enumerate(row)]
         # generations first: a crash between the two leaves the benchmark unfinished, so it is redone
         write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_atomic(out / "results.json", json.dumps(results, indent=1))
