@@ -111,6 +111,8 @@ def check_args(args):
                      f"({', '.join(SUITES)}), NAME=PATH or a path to a .jsonl file")
         if path is not None and not Path(path).is_file():
             sys.exit(f"error: benchmark file {path} does not exist")
+        if path is not None and not path.endswith(".jsonl") and spec(name)[1] != "medical":
+            sys.exit(f"error: {path}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
 
 
 def benchmark_specs(text):
@@ -126,6 +128,11 @@ def benchmark_specs(text):
     return sorted(dict(specs).items(), key=lambda spec: table_order(spec[0]))
 
 
+def spec(name):
+    """(label, suite, source, known size); a local file is its own label, in the 'local' suite."""
+    return BENCHMARKS.get(name, (name, "local", None, None))
+
+
 def table_order(name):
     """Column position in Tables 1-2; local benchmarks go last."""
     return list(BENCHMARKS).index(name) if name in BENCHMARKS else len(BENCHMARKS)
@@ -136,10 +143,10 @@ def table_order(name):
 
 def load_rows(name, path):
     """Raw rows of one benchmark: a local .jsonl/.json, m1's medical file or a hub dataset."""
-    source = BENCHMARKS.get(name, (None, None, None))[2]
+    _, suite, source, _ = spec(name)
     if path is not None and path.endswith(".jsonl"):
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if BENCHMARKS.get(name, ("", ""))[1] == "medical":
+    if suite == "medical":
         if path is None:
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(M1_EVAL[0], M1_EVAL[1], repo_type="dataset")
@@ -182,7 +189,7 @@ def to_item(row):
 
 def load_benchmark(name, path, limit=None):
     items = [to_item(row) for row in load_rows(name, path)]
-    known = BENCHMARKS.get(name, (None,) * 4)[3]
+    known = spec(name)[3]
     if known is not None and len(items) != known:
         print(f"warning: {name} has {len(items)} problems, the paper's set has {known}", file=sys.stderr)
     return items[:limit]
@@ -257,7 +264,7 @@ _GENERATE = None  # the engine of one data-parallel worker process
 
 def _init_dp_worker(gpu_groups, args):
     global _GENERATE
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_groups.get()
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_groups.get()  # a fresh spawned process: CUDA is not up yet
     _GENERATE = load_generator(args)
 
 
@@ -447,12 +454,12 @@ def suite_averages(benchmarks):
     """The tables' Avg. column: the unweighted mean of Average@n over each suite's benchmarks."""
     suites = {}
     for name, m in benchmarks.items():
-        suites.setdefault(BENCHMARKS.get(name, (0, "local"))[1], []).append(m["average"])
+        suites.setdefault(spec(name)[1], []).append(m["average"])
     return {suite: float(np.mean(v)) for suite, v in suites.items()}
 
 
 def label(name):
-    return BENCHMARKS.get(name, (name,))[0]
+    return spec(name)[0]
 
 
 def columns(runs):

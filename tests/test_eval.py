@@ -156,6 +156,7 @@ def test_benchmark_specs_expand_suites_in_table_order():
     (["--benchmarks", "math500=/nonexistent.jsonl"], "/nonexistent.jsonl does not exist"),
     (["--n", "0"], "--n must be >= 1"),
     (["--top-p", "0"], "0 < --top-p <= 1"),
+    (["--benchmarks", f"math500={DATA}/m1_eval_sample.json"], "local benchmark files are .jsonl"),
 ])
 def test_bad_input_fails_early_with_the_fix(tmp_path, argv, message):
     (tmp_path / "config.json").write_text("{}")
