@@ -3,18 +3,22 @@
     python bench.py loss                      # chunked Q-target loss vs naive full logits, CPU sizes
     python bench.py loss --paper              # paper scale: N=16384, H=1536, V=151936, bf16 (GPU)
     python bench.py cache                     # teacher-cache build vs a plain teacher forward; reader vs a step
+    python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
 """
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
+import eval as evaluation
 import loss as L
 import teacher_cache
 from tests import tiny
@@ -188,6 +192,45 @@ def bench_cache(args):
                           "cache_bytes": (work / f"cache-{vocab}" / "topk.npy").stat().st_size}))
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py grade: eval.py's grading pool against the time to generate the same answers
+
+def bench_grade(args):
+    """Grade problems x n math responses through eval.py's pool; compare with the time to generate them.
+
+    Responses are the reference solutions (reasoning ending in \\boxed{answer}); a share of them get another
+    problem's answer in the box, so both verdicts and math-verify's slower mismatch path are exercised."""
+    items = evaluation.load_benchmark("math500", args.data)
+    rng = np.random.default_rng(0)
+    samples, expected = [], []
+    for item, row in zip(items, evaluation.load_rows("math500", args.data)):
+        solution = row.get("solution") or f"\\boxed{{{item['answer']}}}"
+        wrong = rng.random(args.n) < args.wrong
+        others = rng.choice(len(items), args.n)
+        samples.append([(wrong_box(solution, items[j]["answer"]) if w else solution, 0, False)
+                        for w, j in zip(wrong, others)])
+        expected.append(~wrong)
+    start = time.perf_counter()
+    correct, timed_out = evaluation.grade_samples(items, samples, args.workers, args.timeout)
+    seconds = time.perf_counter() - start
+    answers = correct.size
+    generate = answers * args.tokens_per_response / args.gen_tokens_per_s
+    print(f"graded {len(items)} x {args.n} = {answers} answers with {args.workers} workers in {seconds:.1f} s: "
+          f"{answers / seconds:.0f} answers/s, {timed_out.sum()} timeouts, "
+          f"{100 * np.mean(correct == np.array(expected)):.1f}% graded as constructed")
+    print(f"generating them: {answers} x {args.tokens_per_response} tokens at {args.gen_tokens_per_s} tokens/s "
+          f"(assumed) = {generate:.0f} s, {generate / seconds:.1f}x the grading time")
+
+
+def wrong_box(solution, answer):
+    """The solution with its last \\boxed{} replaced by one holding another answer."""
+    content = evaluation.last_boxed(solution)
+    if content is None:
+        return solution + f" \\boxed{{{answer}}}"
+    start = solution.rfind("\\boxed{")
+    return solution[:start] + f"\\boxed{{{answer}}}" + solution[start + len(f"\\boxed{{{content}}}"):]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +247,17 @@ def main():
     cache.add_argument("--big-vocab", type=int, default=152064, help="Qwen2.5's vocabulary")
     cache.add_argument("--micro-batch-size", type=int, default=4)
     cache.set_defaults(run=bench_cache)
+    grade = commands.add_parser("grade", help="eval.py's grading throughput")
+    grade.add_argument("--data", help="math500.jsonl (default: the hub's HuggingFaceH4/MATH-500)")
+    grade.add_argument("--n", type=int, default=16, help="samples per problem")
+    grade.add_argument("--wrong", type=float, default=0.5, help="share of responses with a wrong boxed answer")
+    grade.add_argument("--workers", type=int, default=os.cpu_count())
+    grade.add_argument("--timeout", type=float, default=10.0)
+    grade.add_argument("--tokens-per-response", type=int, default=1000,
+                       help="mean response length for the generation estimate")
+    grade.add_argument("--gen-tokens-per-s", type=float, default=20000,
+                       help="assumed vLLM output throughput (a 1.5B model on one H100 at large batch)")
+    grade.set_defaults(run=bench_grade)
     args = parser.parse_args()
     args.run(args)
 

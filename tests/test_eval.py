@@ -1,0 +1,184 @@
+"""eval.py's graders, metrics, data loading and input checks, against hand-checked answers."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eval as evaluation
+
+DATA = Path(__file__).parent / "data"
+
+MATH_CASES = [  # (response, gold, correct), each checked by hand
+    ("so $x = \\frac{1}{2}$, i.e. \\boxed{0.5}", "\\frac{1}{2}", True),
+    ("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}", True),
+    ("\\boxed{\\frac{14}{3}}", "\\frac{3}{14}", False),
+    ("\\boxed{[0, 1)}", "[0,1)", True),
+    ("\\boxed{(0, 1]}", "[0,1)", False),
+    ("\\boxed{\\{3, 2, 1\\}}", "\\{1,2,3\\}", True),
+    ("\\boxed{\\{1, 2\\}}", "\\{1,2,3\\}", False),
+    ("first \\boxed{3}, then on reflection \\boxed{5}", "5", True),
+    ("first \\boxed{3}, then on reflection \\boxed{5}", "3", False),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3, \\frac{\\pi}{2})", True),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
+    ("\\boxed{\\text{Bob}}", "\\text{Evelyn}", False),
+    ("\\boxed{\\frac{1}{2n+2}}", "$\\frac{1}{2 n+2}$", True),  # OlympiadBench golds come wrapped in $
+    ("\\boxed{18.90}", "\\$18.90", True),  # an escaped dollar is not LaTeX math mode
+    ("\\boxed{x = 3}", "3", True),
+    ("\\fbox{27}", "27", True),
+    ("\\boxed{4}", "5", False),
+    ("\\boxed{}", "0", False),
+    ("\\boxed{  }", "0", False),
+    ("The answer is 5.", "5", False),  # no box, no credit
+    ("\\boxed{5", "5", False),  # never closed
+    ("", "5", False),
+]
+
+
+@pytest.mark.parametrize("response,gold,correct", MATH_CASES)
+def test_grade_math(response, gold, correct):
+    assert evaluation.grade_math(response, gold) is correct
+
+
+OPTIONS = {"A": "Ibuprofen", "B": "Aspirin", "C": "Warfarin", "D": "Insulin"}
+CHOICE_CASES = [  # (response, gold, options, correct)
+    ("\\boxed{B}", "B", None, True),
+    ("\\boxed{(b)}", "B", None, True),
+    ("\\boxed{\\text{C}}", "C", None, True),
+    ("\\boxed{C. Warfarin}", "C", OPTIONS, True),
+    ("\\boxed{C}", "B", None, False),
+    ("I guess \\boxed{A}; no, finally \\boxed{D}", "D", None, True),
+    ("I guess \\boxed{A}; no, finally \\boxed{D}", "A", None, False),
+    ("Thus the answer is (C).", "C", None, True),
+    ("Answer: B", "B", None, True),
+    ("the answer is a drug", "A", None, False),  # a lowercase word, not a letter choice
+    ("\\boxed{Aspirin}", "B", OPTIONS, True),
+    ("\\boxed{B}", "Aspirin", OPTIONS, True),  # gold given as the option text
+    ("Ibuprofen helps pain, but aspirin is what saves him here.", "B", OPTIONS, True),
+    ("Ibuprofen helps pain, but aspirin is what saves him here.", "A", OPTIONS, False),
+    ("I do not know.", "A", None, False),
+    ("", "A", None, False),
+]
+
+
+@pytest.mark.parametrize("response,gold,options,correct", CHOICE_CASES)
+def test_grade_choice(response, gold, options, correct):
+    assert evaluation.grade_choice(response, gold, options) is correct
+
+
+def test_grade_choice_without_a_stated_answer_picks_the_most_similar_option():
+    # HuatuoGPT's last resort: the option text closest to the response
+    assert evaluation.grade_choice("insulim", "D", OPTIONS)
+    assert not evaluation.grade_choice("insulim", "A", OPTIONS)
+
+
+def test_last_boxed_handles_nesting_and_picks_the_last():
+    assert evaluation.last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{\\sqrt{b}}} c") == "\\frac{a}{\\sqrt{b}}"
+    assert evaluation.last_boxed("no box") is None
+
+
+def test_grade_item_counts_a_timeout_as_wrong():
+    item = {"answer": "\\frac{\\sqrt{3}}{2}", "options": None}
+    response = "\\boxed{\\frac{\\sqrt{3}}{2}}"
+    assert evaluation.grade_item((response, item), timeout=10.0) == (True, False)
+    assert evaluation.grade_item((response, {**item, "answer": "\\sqrt{17}"}), timeout=1e-5) == (False, True)
+
+
+def test_grade_samples_pool_keeps_order_and_counts_timeouts():
+    items = [{"answer": "5", "options": None}, {"answer": "B", "options": OPTIONS}]
+    samples = [[("\\boxed{5}", 3, False), ("\\boxed{6}", 3, False)],
+               [("\\boxed{A}", 3, False), ("the answer is (B)", 5, False)]]
+    correct, timed_out = evaluation.grade_samples(items, samples, workers=2, timeout=10.0)
+    assert correct.tolist() == [[True, False], [False, True]]
+    assert not timed_out.any()
+    correct, timed_out = evaluation.grade_samples(items[:1], [samples[0]], workers=1, timeout=1e-5)
+    assert timed_out.all() and not correct.any()
+
+
+def test_pass_at_k_and_average_by_hand():
+    correct = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
+    # pass@1 = 7/16; pass@2 = mean(1 - C(4-c,2)/C(4,2)) = (1/2 + 5/6 + 0 + 1)/4; pass@4 = 3/4
+    assert evaluation.pass_at_k(correct, 1) == pytest.approx(100 * 7 / 16)
+    assert evaluation.pass_at_k(correct, 2) == pytest.approx(100 * (1 / 2 + 5 / 6 + 1) / 4)
+    assert evaluation.pass_at_k(correct, 4) == pytest.approx(75.0)
+    lengths = np.arange(1, 17).reshape(4, 4)
+    truncated = lengths == 16
+    m = evaluation.metrics(correct, lengths, truncated, np.zeros_like(correct))
+    assert m["average"] == pytest.approx(43.75)  # the whole matrix; the first sample alone would give 75
+    assert m["pass@k"] == pytest.approx({"1": 43.75, "2": 100 * (1 / 2 + 5 / 6 + 1) / 4, "4": 75.0})
+    assert (m["length_mean"], m["length_p25"], m["length_p75"]) == (8.5, 4.75, 12.25)  # numpy's linear rule
+    assert m["truncated"] == pytest.approx(100 / 16) and m["timeouts"] == 0
+
+
+def test_pass_at_k_matches_the_combinatorial_formula():
+    correct = np.random.default_rng(0).random((50, 16)) < 0.3
+    for k in (1, 3, 8, 16):
+        expected = np.mean([1 - math.comb(16 - c, k) / math.comb(16, k) for c in correct.sum(1)])
+        assert evaluation.pass_at_k(correct, k) == pytest.approx(100 * expected)
+
+
+@pytest.mark.parametrize("name,answers", [
+    ("math500", ["\\left( 3, \\frac{\\pi}{2} \\right)", "p - q", "\\frac{14}{3}"]),
+    ("minerva", ["1.6", "4.5e33", "41.8"]),  # the last \boxed of the solution
+    ("olympiadbench", ["2", "$\\frac{1}{2 n+2}$", "$2^{1009}$"]),  # final_answer is a list
+    ("aime24", ["204", "113", "371"]),
+    ("amc23", ["27", "36", "45"]),  # stored as 27.0
+])
+def test_load_benchmark_finds_question_and_gold(name, answers):
+    items = evaluation.load_benchmark(name, str(DATA / f"{name}.jsonl"))
+    assert [item["answer"] for item in items] == answers
+    assert all(item["question"] and item["options"] is None for item in items)
+
+
+def test_load_benchmark_warns_on_a_row_count_mismatch(capsys):
+    evaluation.load_benchmark("aime24", str(DATA / "aime24.jsonl"))
+    assert "aime24 has 3 problems, the paper's set has 30" in capsys.readouterr().err
+
+
+def test_m1_sources_match_leniently_and_grade_by_letter():
+    items = evaluation.load_benchmark("medqa", str(DATA / "m1_eval_sample.json"))
+    assert [item["answer"] for item in items] == ["B", "C"]
+    assert evaluation.user_message(items[0]).endswith("\nA. Ibuprofen\nB. Aspirin\nC. Warfarin\nD. Insulin")
+    assert len(evaluation.load_benchmark("medbullets5", str(DATA / "m1_eval_sample.json"))[0]["options"]) == 5
+    with pytest.raises(SystemExit, match="0 sources match 'nejm'"):
+        evaluation.load_benchmark("nejm", str(DATA / "m1_eval_sample.json"))
+
+
+def test_benchmark_specs_expand_suites_in_table_order():
+    specs = evaluation.benchmark_specs("math500, mine.jsonl, math, amc23=/tmp/a.jsonl")
+    assert specs == [("minerva", None), ("olympiadbench", None), ("aime24", None), ("amc23", "/tmp/a.jsonl"),
+                     ("math500", None), ("mine", "mine.jsonl")]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--benchmarks", "math501"], "unknown benchmark 'math501'"),
+    (["--benchmarks", "math500=/nonexistent.jsonl"], "/nonexistent.jsonl does not exist"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--top-p", "0"], "0 < --top-p <= 1"),
+    (["--benchmarks", f"math500={DATA}/m1_eval_sample.json"], "local benchmark files are .jsonl"),
+])
+def test_bad_input_fails_early_with_the_fix(tmp_path, argv, message):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=message):
+        evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path)] + argv))
+
+
+def test_missing_model_dir_fails_early(tmp_path):
+    with pytest.raises(SystemExit, match="not a model folder"):
+        evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path / "nope")]))
+
+
+def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
+    for run, benchmarks in {"sft": {"math500": 50.0, "aime24": 10.0}, "target": {"math500": 70.0}}.items():
+        (tmp_path / run).mkdir()
+        results = {"benchmarks": {k: {"average": v} for k, v in benchmarks.items()}}
+        (tmp_path / run / "results.json").write_text(evaluation.json.dumps(results))
+    plot = tmp_path / "cmp.png"
+    evaluation.main(["--compare", str(tmp_path / "sft/results.json"), str(tmp_path / "target/results.json"),
+                     "--plot", str(plot)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["AIME24", "Math500", "Avg."]  # Table 1's column order
+    assert lines[1].split() == ["sft", "10.00", "50.00", "30.00"]
+    assert lines[2].split() == ["target", "-", "70.00", "70.00"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
