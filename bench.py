@@ -4,18 +4,23 @@
     python bench.py loss --paper              # paper scale: N=16384, H=1536, V=151936, bf16 (GPU)
     python bench.py cache                     # teacher-cache build vs a plain teacher forward; reader vs a step
     python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
+    python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
+    python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
 """
 import argparse
 import json
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import data
 import eval as evaluation
@@ -231,6 +236,54 @@ def wrong_box(solution, answer):
     return solution[:start] + f"\\boxed{{{answer}}}" + solution[start + len(f"\\boxed{{{content}}}"):]
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py train: train.py end to end, the target loss against sft, on a Qwen2.5-1.5B-shaped random model
+
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+
+
+def write_random_model(path, shape):
+    """Random weights in the given shape (nothing downloads), with the tiny tokenizer: its ids are a subset
+    of the vocabulary, so the lm_head and the loss still see every one of the V logits."""
+    tokenizer = tiny.make_tokenizer()
+    config = Qwen2Config(**shape, max_position_embeddings=32768, bos_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B on a CPU is slow
+        Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def bench_train(args):
+    shape = dict(QWEN25_15B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=4096) if args.tiny else QWEN25_15B
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    write_random_model(work / "model", shape)
+    words = MATH16.read_text().split()
+    rows = [{"prompt": " ".join(words[i:i + 40]), "response": " ".join((words * 50)[i:i + args.seq_len])}
+            for i in range(args.samples)]  # at least a token a word: --truncate cuts each to seq-len tokens
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--data", str(work / "train.jsonl"), "--max-len", str(args.seq_len), "--truncate",
+              "--data-cache", str(work / "tokenized")]
+    subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
+                    str(work / "cache"), *common], check=True)
+    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
+          f"{args.samples} samples of {args.seq_len} tokens, micro-batch {args.micro_batch_size}")
+    step_seconds = {}
+    for variant in ("sft", "target"):
+        out = work / f"run-{variant}"
+        subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
+                        "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps),
+                        "--global-batch-size", str(args.micro_batch_size * args.accumulation),
+                        "--micro-batch-size", str(args.micro_batch_size), *common], check=True)
+        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # no warm-up
+        step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
+        tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
+        mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
+        print(f"{variant:7} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  step {step_seconds[variant]:.2f} s")
+    print(f"target / sft step time: {step_seconds['target'] / step_seconds['sft']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +311,14 @@ def main():
     grade.add_argument("--gen-tokens-per-s", type=float, default=20000,
                        help="assumed vLLM output throughput (a 1.5B model on one H100 at large batch)")
     grade.set_defaults(run=bench_grade)
+    train = commands.add_parser("train", help="train.py tokens/s and MFU, target vs sft")
+    train.add_argument("--tiny", action="store_true", help="a tiny model, to check the script on a CPU")
+    train.add_argument("--seq-len", type=int, default=3072)
+    train.add_argument("--samples", type=int, default=64)
+    train.add_argument("--steps", type=int, default=4)
+    train.add_argument("--micro-batch-size", type=int, default=4)
+    train.add_argument("--accumulation", type=int, default=2)
+    train.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
 

@@ -238,7 +238,7 @@ def main():
     p.add_argument("--system-prompt", default=data_lib.SYSTEM_PROMPT)
     p.add_argument("--truncate", action="store_true", help="truncate over-length samples instead of dropping")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
-    p.add_argument("--cache-dir", default="cache/tokenized", help="tokenisation cache")
+    p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     args = p.parse_args()
     if "WORLD_SIZE" in os.environ:
@@ -249,7 +249,7 @@ def main():
     check_vocabularies(AutoTokenizer.from_pretrained(args.teacher), student_tok,
                        AutoConfig.from_pretrained(args.teacher).vocab_size)
     data = data_lib.tokenize_dataset(args.data, student_tok, max_len=args.max_len,
-                                     system_prompt=args.system_prompt, cache_dir=args.cache_dir,
+                                     system_prompt=args.system_prompt, cache_dir=args.data_cache,
                                      truncate=args.truncate, skip_bad=args.skip_bad)
     build(load_teacher(args.teacher, device), data, args.out, k=args.k, batch_tokens=args.batch_tokens,
           teacher_name=args.teacher, tokenizer_fingerprint=data_lib.tokenizer_fingerprint(student_tok))

@@ -72,6 +72,10 @@ parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
 parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py)")
+parser.add_argument("--system-prompt", default=data.SYSTEM_PROMPT, help="data options: pass teacher_cache.py "
+                    "the same ones, or the cache is refused as built on other token ids")
+parser.add_argument("--truncate", action="store_true", help="cut over-long samples instead of dropping them")
+parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
 args = parser.parse_args()
 
@@ -201,7 +205,8 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
-tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, cache_dir=args.data_cache)
+tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
+                              cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
 sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
 steps_per_epoch = len(tokens) // args.global_batch_size
@@ -299,7 +304,7 @@ while step < stop:
 
     elapsed = time.perf_counter() - started
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": label_tokens,
-               "tokens_per_s": all_tokens / elapsed}
+               "tokens_per_s": all_tokens / elapsed, "seconds": elapsed}
     logged = ("p_label", "trust", "residual") + (("in_topk",) if cache is not None else ())
     metrics.update({key: value / stat_sums[0] for key, value in zip(logged, stat_sums[1:])})
     if peak_flops:  # model flops (6N per token plus attention), activation recompute not counted

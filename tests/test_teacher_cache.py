@@ -176,7 +176,7 @@ def test_two_process_build_equals_one_process_build(tmp_path):
     def run(*launcher, name):
         subprocess.run([*launcher, str(ROOT / "teacher_cache.py"), "--teacher", str(teacher), "--data", str(MATH16),
                         "--out", str(tmp_path / name), "--k", str(K), "--max-len", "512",
-                        "--batch-tokens", str(BATCH_TOKENS), "--cache-dir", str(tmp_path / f"tok-{name}")],
+                        "--batch-tokens", str(BATCH_TOKENS), "--data-cache", str(tmp_path / f"tok-{name}")],
                        check=True, env=env, cwd=tmp_path)
 
     torchrun = str(Path(sys.executable).parent / "torchrun")

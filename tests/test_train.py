@@ -95,6 +95,9 @@ def test_two_processes_train_export_and_match_one_process(setup, one_process):
     exported = setup / "two" / "hf"
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     model = AutoModelForCausalLM.from_pretrained(exported)
+    same_run_one_process = AutoModelForCausalLM.from_pretrained(setup / "one" / "hf").state_dict()
+    for name, tensor in model.state_dict().items():  # equal gradients every step give equal weights
+        torch.testing.assert_close(tensor, same_run_one_process[name], rtol=1e-4, atol=1e-6)
     initial = AutoModelForCausalLM.from_pretrained(setup / "student")
     assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -143,6 +146,18 @@ def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
     (step,) = metrics(setup, out)
     assert step["step"] == 1 and step["loss"] == step["loss"] and step["grad_norm"] > 0
     assert ("in_topk" in step) == (variant in qloss.NEEDS_TEACHER)
+
+
+def test_tied_embeddings_train_through_the_shared_weight(setup, monkeypatch):
+    """With tie_word_embeddings the lm_head is the embedding: the loss's grad_weight must reach it."""
+    tied = tiny.save_tiny(setup / "tied_student", tie=True)
+    run_in_process(train_args(setup, "tied", "--model", str(tied), "--loss", "sft", "--micro-batch-size", "8",
+                              "--max-steps", "2"), monkeypatch)
+    before = AutoModelForCausalLM.from_pretrained(tied)
+    after = AutoModelForCausalLM.from_pretrained(setup / "tied" / "hf")
+    assert after.config.tie_word_embeddings and after.lm_head.weight is after.model.embed_tokens.weight
+    changed = (after.lm_head.weight - before.lm_head.weight).abs().sum(-1) > 0
+    assert changed.sum() > 100  # rows of tokens never in the input change only through the lm_head gradient
 
 
 @pytest.mark.parametrize("variant, flag", [("target", "--teacher-cache"), ("distill", "--teacher-cache"),
