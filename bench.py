@@ -148,7 +148,7 @@ def bench_cache(args):
     ds = data.tokenize_dataset(work / "rows.jsonl", tok, max_len=512, cache_dir=work / "tok")
     batches = teacher_cache.fixed_batches(ds, args.batch_tokens)
     tokens = sum(len(ds.input_ids(i)) for i in range(len(ds)))
-    labels = int(teacher_cache.label_counts(ds).sum())
+    labels = int(ds.label_counts().sum())
     print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), {len(batches)} packed batches of "
           f"<= {args.batch_tokens} tokens, k={args.k}")
     for vocab in (len(tok), args.big_vocab):

@@ -133,8 +133,9 @@ class TokenizedData:
         labels[self.prompt_lens[i] - 1:-1] = ids[self.prompt_lens[i]:]
         return labels
 
-    def num_labels(self, i):
-        return int(self.offsets[i + 1] - self.offsets[i] - self.prompt_lens[i])
+    def label_counts(self):
+        """Label positions per sample: the response tokens, whose predictions the loss trains."""
+        return np.diff(self.offsets) - self.prompt_lens
 
 
 def tokenize_dataset(source, tokenizer, *, max_len=3072, system_prompt=SYSTEM_PROMPT,

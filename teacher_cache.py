@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data as data_lib
 
-FORMAT = "int32: token_id << 14 | fp16 bits of -logprob / 256"
+FORMAT = "int32 v2: token_id << 14 | fp16 bits of -logprob / 256"
 ID_BITS, VALUE_BITS = 18, 14
 LOGPROB_SCALE = 256.0  # -logprob / 256 < 1 has fp16 bits below 0x3C00: 14 bits keep fp16's full precision
 LOGPROB_FLOOR = -255.9  # e^-255.9 is 0 to every loss; lower logprobs are stored as this
@@ -39,7 +39,9 @@ LOGPROB_FLOOR = -255.9  # e^-255.9 is 0 to every loss; lower logprobs are stored
 def pack_topk(ids, logprobs):
     """ids [N, k] long and logprobs [N, k] float -> int32 [N, k]: 18-bit id, 14-bit value (relative error
     <= 2^-11, as fp16; absolute <= 2^-17 near logprob 0)."""
-    bits = (-logprobs.clamp(min=LOGPROB_FLOOR) / LOGPROB_SCALE).half().view(torch.int16).to(torch.int32)
+    # the mask drops the sign bit of -0.0 (a top-1 logprob of exactly 0): sign-extended, it would wipe the id
+    value = (-logprobs.clamp(LOGPROB_FLOOR, 0) / LOGPROB_SCALE).half().view(torch.int16).to(torch.int32)
+    bits = value & ((1 << VALUE_BITS) - 1)
     return (ids.to(torch.int32) << VALUE_BITS) | bits
 
 
@@ -54,10 +56,6 @@ def sample_hash(data, i):
     ids = np.ascontiguousarray(data.input_ids(i), dtype=np.int32)
     return hashlib.blake2b(ids.tobytes() + int(data.prompt_lens[i]).to_bytes(8, "little"),
                            digest_size=8).hexdigest()
-
-
-def label_counts(data):
-    return np.diff(data.offsets) - data.prompt_lens
 
 
 class TeacherCache:
@@ -103,7 +101,7 @@ class TeacherCache:
             raise ValueError(f"{self.path} was built on data {self.meta['data_fingerprint']}, training data is "
                              f"{data.fingerprint} (another source, tokenizer, template, system prompt or "
                              "max_len); rebuild the cache with the training run's data options")
-        if len(self) != len(data) or not np.array_equal(np.diff(self.offsets), label_counts(data)):
+        if len(self) != len(data) or not np.array_equal(np.diff(self.offsets), data.label_counts()):
             raise ValueError(f"{self.path}: label counts differ from the data's; rebuild the cache")
         for i, h in enumerate(self.meta["sample_hashes"]):
             if sample_hash(data, i) != h:
@@ -165,7 +163,7 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     batches = fixed_batches(data, batch_tokens)
-    counts = label_counts(data)
+    counts = data.label_counts()
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "data_fingerprint": data.fingerprint,
             "tokenizer_fingerprint": tokenizer_fingerprint, "samples": len(data), "labels": int(offsets[-1]),

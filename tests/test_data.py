@@ -32,7 +32,7 @@ def test_ids_are_the_chat_template_and_labels_the_shifted_response(tok, math16):
         assert tok.decode(learnt) == row["response"] + "<|im_end|>"
         assert (labels[:len(prompt) - 1] == -100).all() and labels[-1] == -100
         assert (labels[len(prompt) - 1:-1] == ids[len(prompt):]).all()
-        assert math16.num_labels(i) == len(learnt)
+        assert math16.label_counts()[i] == len(learnt)
 
 
 def test_cache_is_reused_and_keyed_by_every_input(tok, tmp_path):
@@ -58,7 +58,7 @@ def test_over_length_is_dropped_or_truncated(tok, math16, tmp_path):
     assert len(cut) == len(math16)
     for i in range(len(cut)):
         assert (cut.input_ids(i) == math16.input_ids(i)[:max_len]).all()
-        assert cut.labels(i)[-1] == -100 and cut.num_labels(i) == min(lengths[i], max_len) - math16.prompt_lens[i]
+        assert cut.labels(i)[-1] == -100 and cut.label_counts()[i] == min(lengths[i], max_len) - math16.prompt_lens[i]
 
 
 @pytest.mark.parametrize("bad, problem", [({"prompt": "x", "response": ""}, "response is empty"),

@@ -44,7 +44,7 @@ def test_cached_topk_is_the_teachers_topk_at_label_positions(built, math16, teac
         with torch.no_grad():
             direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].float(), -1)
         direct = direct[torch.from_numpy(math16.labels(i)) != -100]
-        assert ids.shape == logprobs.shape == (math16.num_labels(i), K)
+        assert ids.shape == logprobs.shape == (math16.label_counts()[i], K)
         tol = 1e-5 + direct.abs().max() * 2.0 ** -11  # fp16 precision
         torch.testing.assert_close(logprobs, direct.gather(1, ids), atol=tol, rtol=0)
         kth_next = direct.topk(K + 1, -1).values[:, -1:]
@@ -66,6 +66,17 @@ def test_storage_error_on_renormalised_probabilities():
     error = (torch.softmax(got_values, -1) - torch.softmax(values, -1)).abs().max().item()
     print(f"max abs error on renormalised top-64 probabilities: {error:.2e}")
     assert 0 < error < 2e-4
+
+
+def test_a_certain_teacher_keeps_its_ids():
+    """An instruct teacher is often sure: log_softmax then gives exactly 0 for its top-1 (stored as -0.0)."""
+    logits = torch.tensor([[30.0, 5.0, 0.0], [200.0, 0.0, -5.0]])
+    values, ids = torch.log_softmax(logits, -1).topk(3, -1)
+    assert values[0, 0] == 0 and values[1, 0] == 0
+    ids = ids + torch.tensor([[0], [(1 << 18) - 3]])
+    got_ids, got_values = tc.unpack_topk(tc.pack_topk(ids, values))
+    assert torch.equal(got_ids, ids)
+    assert torch.allclose(got_values, values.clamp(min=tc.LOGPROB_FLOOR), rtol=1e-3)
 
 
 def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path):
