@@ -91,7 +91,7 @@ def encode(tokenizer, pairs, system_prompt):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not with_response)
 
     out = []
-    bar = tqdm(total=len(pairs), desc="tokenize", unit="rows")
+    bar = tqdm(total=len(pairs), desc="tokenize", unit="rows", disable=len(pairs) < 100)
     for start in range(0, len(pairs), 1000):
         chunk = pairs[start:start + 1000]
         prompts = tokenizer([render(p, False) for p in chunk], add_special_tokens=False)["input_ids"]
@@ -107,6 +107,11 @@ def encode(tokenizer, pairs, system_prompt):
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def end_of_turn_id(tokenizer, system_prompt=SYSTEM_PROMPT):
+    """The token that closes the assistant's turn (the last label of every response): generation stops there."""
+    return encode(tokenizer, [("1 + 1?", "2")], system_prompt)[0][1][-1]
 
 
 class TokenizedData:

@@ -179,6 +179,11 @@ def default_chunk_size(num_rows, vocab_size, budget_bytes=2 * 2**30):
     return max(1, min(budget_bytes // (12 * vocab_size), math.ceil(num_rows / 8)))
 
 
+def trust(q: Target):
+    """Table 5's gamma: a for token weighting (b = 0) and GEM's signed residual, else a / (a + b)."""
+    return torch.where(q.b > 0, q.a / (q.a + q.b.clamp(min=0)), q.a)
+
+
 def accumulate(stats, **sums):
     """Adds tensor sums (no .item(): a host sync per chunk would stall the GPU)."""
     for key, value in sums.items():
@@ -210,8 +215,8 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             total += value.sum()
             if stats is not None:
                 in_topk = {} if teacher is None else {"in_topk": (teacher[0] == y[:, None]).any(-1)}
-                accumulate(stats, tokens=torch.ones_like(lse), p_label=logp_y.exp(), trust=q.a, residual=q.b,
-                           **in_topk)
+                accumulate(stats, tokens=torch.ones_like(lse), p_label=logp_y.exp(), trust=trust(q),
+                           residual=q.b, **in_topk)
             if want_hidden or want_weight:
                 grad = logit_gradient_(z, lse, y, q).div_(normalizer).to(weight.dtype)  # z is consumed here
                 if want_hidden:
@@ -219,13 +224,16 @@ class ChunkedQTargetLoss(torch.autograd.Function):
                 if want_weight and grad.dtype == grad_weight.dtype:
                     grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary per chunk
                 elif want_weight:
-                    grad_weight += grad.T @ h  # bf16 matmul (fp32 accumulate inside), then fp32 sum over chunks
+                    grad_weight += grad.T @ h  # a [V, H] bf16 product per chunk, summed over chunks in fp32
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.used = weight.dtype, False
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("q_target_loss builds its gradients in the forward pass: one backward per forward")
+        ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: a [V, H] copy would double the peak
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
@@ -243,13 +251,15 @@ def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=Non
     teacher's (for kl/asft the reference model's) top-k ids and log-probabilities over the full vocabulary.
     Leading dimensions beyond N are flattened. normalizer defaults to the number of labelled tokens;
     train.py passes the global count of an optimiser step. stats, if a dict, gains this call's sums of
-    tokens, p_label, trust (a), residual (b) and in_topk, so a step's means need no second pass.
+    tokens, p_label, trust (gamma of Table 5), residual (b) and in_topk: a step's means need no second pass.
     """
     hyper = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
     if loss in NEEDS_TEACHER and (teacher_ids is None or teacher_logprobs is None):
         raise ValueError(f"loss={loss!r} needs teacher_ids and teacher_logprobs (train.py: --teacher-cache, "
                          "or --ref-cache for kl and asft)")
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if not torch.is_grad_enabled():  # evaluation: no gradients built in the forward
+        hidden, weight = hidden.detach(), weight.detach()
     if teacher_ids is not None:
         teacher_ids = teacher_ids.reshape(labels.numel(), -1)
         teacher_logprobs = teacher_logprobs.reshape(labels.numel(), -1)

@@ -66,6 +66,8 @@ parser.add_argument("--stop-after", type=int, default=None, help="exit after thi
 parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (master weights "
                     "and gradient reduction stay fp32)")
 parser.add_argument("--no-activation-checkpointing", action="store_true")
+parser.add_argument("--no-packing", action="store_true", help="right-padded micro-batches, for attention "
+                    "implementations that cannot keep packed sequences apart")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save-every", type=int, default=0, help="steps between sharded checkpoints (0: none)")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -105,21 +107,34 @@ def save_checkpoint(out, step, model, optimizer, extra):
     dist.barrier()
 
 
-def load_checkpoint(path, model, optimizer):
-    """Model and optimiser shards in place; returns this rank's trainer state. Refuses what would load wrongly."""
+RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb"}  # may change on resume
+
+
+def read_trainer_state(path):
+    """This rank's trainer state, read before the model loads. Refuses what would resume wrongly."""
     written_by = len(list(path.glob("trainer_rank*.pt")))
     if written_by != world_size:
         raise SystemExit(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
                          "dealt per rank, so resume with the same world size")
     extra = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
-    if extra["model"] != model_identity(args.model, model.config):
-        raise SystemExit(f"{path} is a checkpoint of {extra['model']}, not of --model {args.model}; "
+    if extra["args"]["model"] != args.model:
+        raise SystemExit(f"{path} is a checkpoint of {extra['args']['model']}, not of --model {args.model}; "
                          "point --out elsewhere or drop --resume")
+    changed = {k: (v, vars(args)[k]) for k, v in extra["args"].items() if k not in RUN_CONTROL and vars(args)[k] != v}
+    if changed:
+        raise SystemExit(f"{path} was trained with other settings {changed} (checkpoint, now): resuming would not "
+                         "continue the same run; use the checkpoint's settings or another --out")
+    return extra
+
+
+def load_checkpoint(path, model, optimizer, extra):
+    """Model and optimiser shards in place."""
+    if extra["model"] != model_identity(args.model, model.config):
+        raise SystemExit(f"{path} holds {extra['model']}, not --model {args.model} as that folder is now")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return extra
 
 
 def model_identity(name, config):
@@ -133,6 +148,11 @@ def export_hf(path, model, tokenizer, dtype):
     if rank == 0:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        # a base model's eos is often <|endoftext|>, but training taught it to end its turn with the template's
+        # end-of-turn token: vLLM and generate() must stop at that too
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        model.generation_config.eos_token_id = sorted(set(eos) | {data.end_of_turn_id(tokenizer, args.system_prompt)})
         model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()}, safe_serialization=True)
         model.config.dtype = dtype  # save_pretrained records the fp32 master weights' dtype; vLLM's "auto" reads it
         model.config.save_pretrained(tmp)
@@ -161,7 +181,8 @@ def plot_metrics(metrics_path, png_path):
 def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
     """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
     an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
-    hidden = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)[0]
+    hidden = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                        attention_mask=batch.get("attention_mask"), use_cache=False)[0]
     labels = batch["labels"].view(-1)
     rows = labels != data.IGNORE_INDEX
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
@@ -201,7 +222,15 @@ per_rank, remainder = divmod(args.global_batch_size, world_size * args.micro_bat
 if remainder or per_rank == 0:
     parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size} x "
                  f"--micro-batch-size {args.micro_batch_size}")
+if args.keep < 1:
+    parser.error("--keep must be at least 1")
 out = Path(args.out)
+if checkpoint_dirs(out) and not args.resume:
+    parser.error(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
+resume_from = checkpoint_dirs(out)[-1] if args.resume and checkpoint_dirs(out) else None
+trainer_state = read_trainer_state(resume_from) if resume_from else None
+if args.resume and resume_from is None and rank == 0:
+    print(f"--resume: no checkpoint in {out}, starting from step 0")
 out.mkdir(parents=True, exist_ok=True)
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -231,18 +260,17 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.
 scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
 
 step = 0
-if args.resume and checkpoint_dirs(out):
-    resumed = checkpoint_dirs(out)[-1]
-    extra = load_checkpoint(resumed, model, optimizer)
-    step = extra["step"]
-    scheduler.load_state_dict(extra["scheduler"])
-    sampler.load_state_dict(extra["sampler"])
-    torch.set_rng_state(extra["rng"])
+if trainer_state:
+    load_checkpoint(resume_from, model, optimizer, trainer_state)
+    step = trainer_state["step"]
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    sampler.load_state_dict(trainer_state["sampler"])
+    torch.set_rng_state(trainer_state["rng"])
     if rank == 0:
         kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
         (out / "metrics.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
-        print(f"resumed from {resumed} at step {step}")
+        print(f"resumed from {resume_from} at step {step}")
 elif rank == 0:
     (out / "metrics.jsonl").write_text("")
 if rank == 0:
@@ -264,10 +292,10 @@ stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
     started = time.perf_counter()
     sample_ids = sampler.take(args.global_batch_size // world_size)
-    batches = [data.pack(tokens, sample_ids[i:i + args.micro_batch_size])
+    batches = [(data.pad_batch if args.no_packing else data.pack)(tokens, sample_ids[i:i + args.micro_batch_size])
                for i in range(0, len(sample_ids), args.micro_batch_size)]
     counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches),
-                           sum(b["input_ids"].numel() for b in batches),
+                           sum(len(tokens.input_ids(i)) for i in sample_ids),
                            sum(len(tokens.input_ids(i)) ** 2 for i in sample_ids)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     label_tokens, all_tokens, squared_lengths = counts.tolist()
@@ -317,10 +345,11 @@ while step < stop:
             wandb.log(metrics, step=step)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         progress.update()
-    if args.save_every and (step % args.save_every == 0 or step == stop):
+    stopping_early = step == stop < total_steps  # --stop-after: the checkpoint is what --resume continues
+    if (args.save_every and (step % args.save_every == 0 or step == stop)) or stopping_early:
         save_checkpoint(out, step, model, optimizer, {
             "step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-            "rng": torch.get_rng_state(), "model": model_identity(args.model, model.config)})
+            "rng": torch.get_rng_state(), "model": model_identity(args.model, model.config), "args": vars(args)})
         if args.export_on_save:
             export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype)
 progress.close()

@@ -269,6 +269,28 @@ def test_stats_are_means_of_the_paper_quantities():
     assert float(stats["in_topk"]) == int(in_topk)
 
 
+@pytest.mark.parametrize("variant, gamma", [("kl", lambda p_y: 1 / 1.1 + 0 * p_y), ("asft", lambda p_y: p_y / (p_y + 0.1)),
+                                            ("gem", lambda p_y: 1 + 0 * p_y), ("dft", lambda p_y: p_y)])
+def test_logged_trust_is_table5_gamma(variant, gamma):
+    hidden, weight, labels, t_ids, t_logp = make_batch(seed=12)
+    stats = {}
+    L.q_target_loss(hidden, weight, labels, t_ids, t_logp, loss=variant, chunk_size=6, stats=stats)
+    valid = labels != -100
+    p_y = (hidden @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
+    assert math.isclose(float(stats["trust"]), float(gamma(p_y).sum()), rel_tol=1e-5)
+
+
+def test_no_gradients_are_built_without_grad_mode_and_one_backward_only():
+    hidden, weight, labels, t_ids, t_logp = make_batch()
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    with torch.no_grad():
+        assert not L.q_target_loss(h, w, labels, t_ids, t_logp).requires_grad
+    value = L.q_target_loss(h, w, labels, t_ids, t_logp)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        value.backward()
+
+
 def test_default_chunk_size_bounds_memory():
     assert L.default_chunk_size(16384, 151936) * 151936 * 12 <= 2 * 2**30
     assert math.ceil(2048 / L.default_chunk_size(2048, 65536)) >= 8

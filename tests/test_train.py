@@ -106,8 +106,15 @@ def test_two_processes_train_export_and_match_one_process(setup, one_process):
     assert torch.isfinite(model(ids).logits).all()
 
 
+def test_padded_micro_batches_match_packed_ones(setup, one_process, monkeypatch):
+    run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--no-packing"), monkeypatch)
+    for packed, padded in zip(one_process, metrics(setup, "padded")):
+        assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+
+
 def test_resume_continues_exactly(setup, one_process):
-    run(train_args(setup, "resumed", "--micro-batch-size", "8", "--save-every", "2", "--stop-after", "2"))
+    run(train_args(setup, "resumed", "--micro-batch-size", "8", "--stop-after", "2"))  # saves as it stops
     assert len(metrics(setup, "resumed")) == 2 and not (setup / "resumed" / "hf").exists()
     run(train_args(setup, "resumed", "--micro-batch-size", "8", "--save-every", "2", "--resume"))
     resumed = metrics(setup, "resumed")
@@ -118,7 +125,7 @@ def test_resume_continues_exactly(setup, one_process):
     assert sorted(p.name for p in (setup / "resumed" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
 
 
-def test_checkpoints_of_another_model_or_world_size_are_refused(setup, monkeypatch):
+def test_checkpoints_that_would_resume_wrongly_are_refused(setup, monkeypatch, capsys):
     run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--save-every", "1", "--stop-after", "1"),
                    monkeypatch)
     checkpoint = setup / "refused" / "checkpoints" / "step_00000001"
@@ -126,6 +133,12 @@ def test_checkpoints_of_another_model_or_world_size_are_refused(setup, monkeypat
     tokenizer = tiny.make_tokenizer()
     tiny.make_model(tokenizer, layers=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
+    with pytest.raises(SystemExit):
+        run_in_process(train_args(setup, "refused", "--micro-batch-size", "8"), monkeypatch)
+    assert "pass --resume to continue it, or another --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"other settings \{'lr': \(0.003, 0.001\)\}"):
+        run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--resume", "--lr", "1e-3"),
+                       monkeypatch)
     with pytest.raises(SystemExit, match="not of --model"):
         run_in_process(train_args(setup, "refused", "--model", str(other), "--micro-batch-size", "8", "--resume"),
                        monkeypatch)
@@ -146,6 +159,21 @@ def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
     (step,) = metrics(setup, out)
     assert step["step"] == 1 and step["loss"] == step["loss"] and step["grad_norm"] > 0
     assert ("in_topk" in step) == (variant in qloss.NEEDS_TEACHER)
+
+
+def test_export_stops_generation_at_the_end_of_turn(setup, monkeypatch):
+    """A base model's eos is <|endoftext|>; SFT taught it to close its turn with <|im_end|>: both must stop."""
+    base = tiny.save_tiny(setup / "base_student")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(base)
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": tokenizer.eos_token_id}))
+    run_in_process(train_args(setup, "base", "--model", str(base), "--loss", "sft", "--micro-batch-size", "8",
+                              "--max-steps", "1"), monkeypatch)
+    exported = json.loads((setup / "base" / "hf" / "generation_config.json").read_text())
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sorted(exported["eos_token_id"]) == sorted([tokenizer.eos_token_id, end_of_turn])
 
 
 def test_tied_embeddings_train_through_the_shared_weight(setup, monkeypatch):
