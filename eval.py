@@ -467,8 +467,11 @@ def columns(runs):
 
 
 def run_average(results, names):
-    """The Avg. column: the mean over the benchmarks this run has."""
-    return float(np.mean([results["benchmarks"][n]["average"] for n in names if n in results["benchmarks"]]))
+    """The Avg. column: the mean over every column, or nan for a run that lacks one (its mean over fewer
+    benchmarks would not compare with the others')."""
+    if any(n not in results["benchmarks"] for n in names):
+        return float("nan")
+    return float(np.mean([results["benchmarks"][n]["average"] for n in names]))
 
 
 def table(runs):
@@ -479,7 +482,7 @@ def table(runs):
     lines = ["".ljust(row_w) + "".join(label(n).rjust(width) for n in names) + "Avg.".rjust(width)]
     for run, r in runs:
         cells = [f"{r['benchmarks'][n]['average']:.2f}" if n in r["benchmarks"] else "-" for n in names]
-        avg = f"{run_average(r, names):.2f}"
+        avg = "-" if math.isnan(run_average(r, names)) else f"{run_average(r, names):.2f}"
         lines.append(run.ljust(row_w) + "".join(c.rjust(width) for c in cells) + avg.rjust(width))
     return "\n".join(lines)
 

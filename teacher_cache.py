@@ -1,8 +1,12 @@
 """Offline teacher top-k (Appendix A: "we cache all teacher logits before training ... truncated to the
 top-64 tokens"), computed on exactly data.py's token ids, stored only at label positions.
 
-    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B-Instruct --data numina67k --out cache/teacher
+    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B-Instruct --tokenizer Qwen/Qwen2.5-Math-1.5B \
+        --data numina67k --out cache/teacher
     torchrun --nproc_per_node 8 teacher_cache.py ...        # shards batches over GPUs (gloo on CPU)
+
+--tokenizer is the student's: the cache lines up with the token ids train.py sees (an instruct teacher's chat
+template usually differs from its base model's). Data options must match train.py's (same flag names).
 
 Format (DIR/): topk.npy, int32 [labels, k], each entry `token_id << 14 | fp16 bits of -logprob / 256`
 (4 bytes per entry, 256 bytes per token at k=64; ids up to 2^18, so a 152k vocabulary fits); offsets.npy,
@@ -20,6 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +245,7 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     args = p.parse_args()
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)

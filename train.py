@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -212,7 +213,8 @@ if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same co
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
                           MASTER_PORT=str(s.getsockname()[1]))
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
-dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+# ranks wait at barriers while rank 0 tokenises a dataset or writes the export: NCCL's 10 minutes are too few
+dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=1))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")
 if device_type == "cuda":

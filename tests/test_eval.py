@@ -180,5 +180,5 @@ def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["AIME24", "Math500", "Avg."]  # Table 1's column order
     assert lines[1].split() == ["sft", "10.00", "50.00", "30.00"]
-    assert lines[2].split() == ["target", "-", "70.00", "70.00"]
+    assert lines[2].split() == ["target", "-", "70.00", "-"]  # no Avg. over fewer benchmarks
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,7 +97,8 @@ def test_two_processes_train_export_and_match_one_process(setup, one_process):
     model = AutoModelForCausalLM.from_pretrained(exported)
     same_run_one_process = AutoModelForCausalLM.from_pretrained(setup / "one" / "hf").state_dict()
     for name, tensor in model.state_dict().items():  # equal gradients every step give equal weights
-        torch.testing.assert_close(tensor, same_run_one_process[name], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): where a gradient is ~0, summation-order noise moves the update by up to ~lr
+        torch.testing.assert_close(tensor, same_run_one_process[name], rtol=1e-4, atol=3e-4)
     initial = AutoModelForCausalLM.from_pretrained(setup / "student")
     assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
     tokenizer = AutoTokenizer.from_pretrained(exported)
