@@ -147,6 +147,10 @@ def tokenize_dataset(source, tokenizer, *, max_len=3072, system_prompt=SYSTEM_PR
                      cache_dir="cache/tokenized", truncate=False, skip_bad=False):
     """The tokenised dataset, from the on-disk cache when the key is unchanged. Under torch.distributed,
     rank 0 builds and the other ranks wait for it."""
+    if not tokenizer.chat_template:
+        raise ValueError(f"{tokenizer.name_or_path} has no chat template, and prompts are templated with the "
+                         "student's (some base models ship none): add one to the model folder, e.g. the instruct "
+                         "model's chat_template.jinja")
     rows = load_rows(str(source))
     key = {"source": str(source), "source_hash": source_fingerprint(str(source), rows),
            "tokenizer": tokenizer_fingerprint(tokenizer), "system_prompt": system_prompt, "max_len": max_len,

@@ -128,3 +128,11 @@ def test_packing_and_padding_leak_nothing(tok, math16):
             assert (padded["labels"][row, n:] == -100).all() and padded["attention_mask"][row].sum() == n
             start += n
     assert start == packed["input_ids"].shape[1]
+
+
+def test_a_tokenizer_without_chat_template_is_refused_before_any_work(tmp_path):
+    tok = tiny.make_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        data.tokenize_dataset(MATH16, tok, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())

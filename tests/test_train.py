@@ -220,3 +220,13 @@ def test_bf16_export_generates_with_vllm(setup, monkeypatch):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((setup / "bf16-eval" / "results.json").read_text())
     assert results["backend"] == "vllm" and results["benchmarks"]["math500"]["length_mean"] > 0
+
+
+def test_out_of_memory_names_the_fix(setup, monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", out_of_memory)
+    with pytest.raises(SystemExit, match="out of memory at step 1 with --micro-batch-size 4 .* try a smaller"):
+        run_in_process(train_args(setup, "oom", "--micro-batch-size", "4"), monkeypatch)
