@@ -47,7 +47,8 @@ def prompt_response(source, row):
     if source == "openr1-15k":
         user = [m["content"] for m in row["prompt"] if m["role"] == "user"]
         response = row["target"][0]["content"]
-        return (user[0] if user else None), (response.removeprefix("<think>\n") if isinstance(response, str) else response)
+        response = response.removeprefix("<think>\n") if isinstance(response, str) else response
+        return (user[0] if user else None), response
     if source == "m23k":
         return row.get("prompt"), f"{row['reasoning']}\n\n{row['distilled_answer_string']}"
     if "messages" in row:

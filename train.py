@@ -108,7 +108,9 @@ def save_checkpoint(out, step, model, optimizer, extra):
     dist.barrier()
 
 
-RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb"}  # may change on resume
+# may change on resume: they steer the run or name where things are (the caches are validated on their own)
+RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "no_activation_checkpointing",
+               "data_cache", "teacher_cache", "ref_cache"}
 
 
 def read_trainer_state(path):

@@ -79,7 +79,8 @@ def test_messages_rows_and_unknown_sources(tok, tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "1+1?"},
                                                                {"role": "assistant", "content": "2"}]}])
     chat = data.tokenize_dataset(path, tok, cache_dir=tmp_path)
-    assert tok.decode(chat.input_ids(0)).endswith("<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>")
+    expected_end = "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>"
+    assert tok.decode(chat.input_ids(0)).endswith(expected_end)
     with pytest.raises(ValueError, match="unknown data source 'numina'.*numina67k"):
         data.tokenize_dataset("numina", tok, cache_dir=tmp_path)
 

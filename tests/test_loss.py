@@ -269,8 +269,8 @@ def test_stats_are_means_of_the_paper_quantities():
     assert float(stats["in_topk"]) == int(in_topk)
 
 
-@pytest.mark.parametrize("variant, gamma", [("kl", lambda p_y: 1 / 1.1 + 0 * p_y), ("asft", lambda p_y: p_y / (p_y + 0.1)),
-                                            ("gem", lambda p_y: 1 + 0 * p_y), ("dft", lambda p_y: p_y)])
+@pytest.mark.parametrize("variant, gamma", [("kl", lambda p_y: 1 / 1.1 + 0 * p_y), ("gem", lambda p_y: 1 + 0 * p_y),
+                                            ("asft", lambda p_y: p_y / (p_y + 0.1)), ("dft", lambda p_y: p_y)])
 def test_logged_trust_is_table5_gamma(variant, gamma):
     hidden, weight, labels, t_ids, t_logp = make_batch(seed=12)
     stats = {}
