@@ -314,7 +314,7 @@ while step < stop:
             # FSDP averages gradients over ranks, so each rank divides by the global count / world size:
             # the step's gradient is then that of (sum of token losses) / (global label count)
             value, stats = model.loss_forward(batch, *teacher, normalizer=label_tokens / world_size)
-            value.backward()
+            value.backward()  # reduce-scatters now: sharded fp32 grads accumulate, unsharded ones would be bf16
             step_stats = {key: total + stats.get(key, 0.0) for key, total in step_stats.items()}
             step_loss += value.detach() / world_size
     except torch.OutOfMemoryError as e:
