@@ -169,14 +169,15 @@ def logit_gradient_(z, lse, y, q: Target):
     if q.res_ids is not None:
         grad.scatter_add_(1, q.res_ids, -q.b[:, None] * q.res)
     elif q.res is not None:
-        grad.sub_(q.b[:, None] * q.res)
+        grad.addcmul_(q.b[:, None], q.res, value=-1)  # in place: a dense residual is already [n, V]
     return grad
 
 
 def default_chunk_size(num_rows, vocab_size, budget_bytes=2 * 2**30):
-    """Rows per chunk: about 12 bytes of fp32 logits, gradient and temporaries per vocabulary entry within
-    the budget, and at least 8 chunks so the chunk stays a small share of the full [N, V] logits."""
-    return max(1, min(budget_bytes // (12 * vocab_size), math.ceil(num_rows / 8)))
+    """Rows per chunk: at most 16 bytes per vocabulary entry (fp32 logits turned in place into the gradient,
+    a softmax temporary, and GEM's dense residual, the largest rule) within the budget, and at least 8 chunks
+    so a chunk stays a small share of the full [N, V] logits."""
+    return max(1, min(budget_bytes // (16 * vocab_size), math.ceil(num_rows / 8)))
 
 
 def trust(q: Target):
@@ -206,7 +207,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             h, y = hidden[chunk], labels[chunk]
             teacher = None if teacher_ids is None else (teacher_ids[chunk].long(),
                                                         teacher_logprobs[chunk].to(acc_dtype))
-            z = (h @ weight.T).to(acc_dtype)
+            z = (h @ weight.T).to(acc_dtype)  # under bf16 the logits carry bf16 rounding, as HF's lm_head's do
             z -= z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
             lse = torch.logsumexp(z, dim=-1)
             q = rule(z, lse, y, teacher, **hyper)

@@ -109,8 +109,9 @@ def save_checkpoint(out, step, model, optimizer, extra):
 
 
 # may change on resume: they steer the run or name where things are (the caches are validated on their own)
+# (micro-batching and packing too: the normaliser is the step's global label count, so the maths is unchanged)
 RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "no_activation_checkpointing",
-               "data_cache", "teacher_cache", "ref_cache"}
+               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "no_packing"}
 
 
 def read_trainer_state(path):
@@ -285,7 +286,9 @@ if rank == 0:
         import wandb
         wandb.init(project=args.wandb, config=vars(args), dir=str(out))
 
-n_params = sum(p.numel() for p in model.parameters())
+# parameters that do matmul work: an untied input embedding is a lookup
+n_params = sum(p.numel() for p in model.parameters()) - (
+    0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
 attention_flops = 6 * model.config.num_hidden_layers * model.config.hidden_size  # x sequence length^2, causal
 peak_flops = next((f for name, f in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A6000": 155e12}.items()
                    if device_type == "cuda" and name in torch.cuda.get_device_name()), None)

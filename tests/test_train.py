@@ -149,6 +149,9 @@ def test_checkpoints_that_would_resume_wrongly_are_refused(setup, monkeypatch, c
             run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--resume"), monkeypatch)
     finally:
         (checkpoint / "trainer_rank1.pt").unlink()
+    # what an out-of-memory message asks for: the same run, resumed with smaller micro-batches
+    run_in_process(train_args(setup, "refused", "--micro-batch-size", "2", "--resume"), monkeypatch)
+    assert [m["step"] for m in metrics(setup, "refused")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("variant", sorted(set(qloss.RULES) - {"p"}))
