@@ -11,6 +11,7 @@ Baselines: --loss sft, --loss dft, --loss distill --c 0.8 (Table 1); others: see
 runs the same code in one process, CPU included (gloo). --resume continues the last checkpoint in --out.
 """
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -230,9 +231,10 @@ if remainder or per_rank == 0:
 if args.keep < 1:
     parser.error("--keep must be at least 1")
 out = Path(args.out)
-if checkpoint_dirs(out) and not args.resume:
+checkpoints = checkpoint_dirs(out)
+if checkpoints and not args.resume:
     parser.error(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
-resume_from = checkpoint_dirs(out)[-1] if args.resume and checkpoint_dirs(out) else None
+resume_from = checkpoints[-1] if args.resume and checkpoints else None
 trainer_state = read_trainer_state(resume_from) if resume_from else None
 if args.resume and resume_from is None and rank == 0:
     print(f"--resume: no checkpoint in {out}, starting from step 0")
@@ -258,8 +260,7 @@ policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.floa
 for layer in model.model.layers:
     fully_shard(layer, mesh=mesh, mp_policy=policy)
 # the root's inputs include the teacher's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
-fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
-                                                              cast_forward_inputs=False))
+fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
 model.loss_forward = loss_forward.__get__(model)
 register_fsdp_forward_method(model, "loss_forward")
 model.train()
@@ -303,12 +304,12 @@ while step < stop:
     sample_ids = sampler.take(args.global_batch_size // world_size)
     batches = [(data.pad_batch if args.no_packing else data.pack)(tokens, sample_ids[i:i + args.micro_batch_size])
                for i in range(0, len(sample_ids), args.micro_batch_size)]
-    counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches),
-                           sum(len(tokens.input_ids(i)) for i in sample_ids),
-                           sum(len(tokens.input_ids(i)) ** 2 for i in sample_ids)], dtype=torch.float64, device=device)
+    lengths = [len(tokens.input_ids(i)) for i in sample_ids]
+    counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches), sum(lengths),
+                           sum(n ** 2 for n in lengths)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     label_tokens, all_tokens, squared_lengths = counts.tolist()
-    step_stats = dict.fromkeys(("tokens", "p_label", "trust", "residual", "in_topk"), 0.0)
+    step_stats = dict.fromkeys(("p_label", "trust", "residual", "in_topk"), 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for batch in batches:
@@ -325,13 +326,13 @@ while step < stop:
                          f"(packed rows of up to {args.micro_batch_size * args.max_len} tokens): try a smaller "
                          "--micro-batch-size") from e
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
                                       for v in step_stats.values()])
     dist.all_reduce(sums)
     step_loss, stat_sums = sums[0].item(), sums[1:].tolist()
-    if not (math.isfinite(step_loss) and math.isfinite(grad_norm.item())):
-        raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm.item()} is not finite "
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite "
                          f"(rank {rank}'s samples {sample_ids}); the run stops before the update")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -340,10 +341,10 @@ while step < stop:
     step += 1
 
     elapsed = time.perf_counter() - started
-    metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": label_tokens,
+    metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
                "tokens_per_s": all_tokens / elapsed, "seconds": elapsed}
     logged = ("p_label", "trust", "residual") + (("in_topk",) if cache is not None else ())
-    metrics.update({key: value / stat_sums[0] for key, value in zip(logged, stat_sums[1:])})
+    metrics.update({key: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:  # model flops (6N per token plus attention), activation recompute not counted
         flops = 6 * n_params * all_tokens + attention_flops * squared_lengths
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
