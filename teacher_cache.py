@@ -261,9 +261,10 @@ def main():
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's); the ids train.py sees")
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=3072)
-    p.add_argument("--system-prompt", default=data_lib.SYSTEM_PROMPT)
-    p.add_argument("--truncate", action="store_true", help="truncate over-length samples instead of dropping")
+    p.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
+    p.add_argument("--system-prompt", default=None, help="default: the recipe's")
+    p.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="truncate (or drop) over-length "
+                   "samples whatever the recipe does")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
     p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")

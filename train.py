@@ -60,7 +60,7 @@ parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimiser step")
 parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward, packed in one row")
-parser.add_argument("--max-len", type=int, default=3072)
+parser.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--max-steps", type=int, default=None, help="cap on the schedule's length (default: epochs)")
 parser.add_argument("--stop-after", type=int, default=None, help="exit after this step, e.g. to fit a time "
@@ -76,9 +76,10 @@ parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
 parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py)")
-parser.add_argument("--system-prompt", default=data.SYSTEM_PROMPT, help="data options: pass teacher_cache.py "
+parser.add_argument("--system-prompt", default=None, help="default: the recipe's; data options: pass teacher_cache.py "
                     "the same ones, or the cache is refused as built on other token ids")
-parser.add_argument("--truncate", action="store_true", help="cut over-long samples instead of dropping them")
+parser.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut over-long samples (or, with "
+                    "--no-truncate, drop them) whatever the recipe does")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
 args = parser.parse_args()
