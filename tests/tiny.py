@@ -28,7 +28,7 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def make_tokenizer(vocab_size: int = 384, corpus=CORPUS) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"),
@@ -37,7 +37,7 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(corpus * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
 
@@ -56,9 +56,13 @@ def make_model(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, kv
 
 def save_tiny(path, tie: bool = False, seed: int = 0) -> Path:
     """Write a loadable model folder (weights, config, tokenizer, generation config) and return it."""
-    path = Path(path)
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer, tie=tie, seed=seed)
+    return save_model(path, tokenizer, make_model(tokenizer, tie=tie, seed=seed))
+
+
+def save_model(path, tokenizer, model) -> Path:
+    """The model and its tokenizer as one folder transformers and vLLM load; generation stops at eos."""
+    path = Path(path)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)

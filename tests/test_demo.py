@@ -1,0 +1,157 @@
+"""demo.py: the toy world against plain integer arithmetic, and `--quick` end to end through the real scripts
+(every stage's artifact checked, a rerun that redoes nothing, the refusals before any work)."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import data
+import demo
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = ["Base", "SFT", "SFT (p)", "Distill", "TARGET-SFT", "Teacher (reference)"]
+
+
+def column_sums(response):
+    """(x, y, carry_in, written sum) per chain-of-thought line, read back from the text."""
+    return [(int(m[1]), int(m[2]), bool(m[3]), int(m[4])) for m in demo.COLUMN.finditer(response)]
+
+
+def test_clean_chain_of_thought_is_column_addition():
+    rng = random.Random(1)
+    for _ in range(300):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        text = demo.response(a, b)
+        assert text.endswith(f"\\boxed{{{a + b}}}")
+        carry = 0
+        for column, (x, y, carried, total) in enumerate(column_sums(text)):
+            assert (x, y) == (a // 10 ** column % 10, b // 10 ** column % 10)
+            assert carried == bool(carry) and total == x + y + carry
+            carry = total // 10
+
+
+def test_noise_rates_and_the_answer_survive_noise():
+    rng = random.Random(2)
+    lines = wrong = fillers = 0
+    for _ in range(2000):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        text = demo.response(a, b, rng, filler=0.3, wrong=0.2)
+        assert text.endswith(f"\\boxed{{{a + b}}}")  # the noise is in the reasoning, not the answer
+        clean = column_sums(demo.response(a, b))
+        noisy = column_sums(text)
+        assert [c[:3] for c in noisy] == [c[:3] for c in clean]
+        wrong += sum(n[3] != c[3] for n, c in zip(noisy, clean))
+        fillers += sum(text.count(f"{f},") for f in demo.FILLERS)
+        lines += len(clean)
+    assert wrong / lines == pytest.approx(0.2, abs=0.02)
+    assert fillers / lines == pytest.approx(0.3, abs=0.02)
+
+
+def test_sample_pair_kinds():
+    rng = random.Random(3)
+    for kind in ("none", "all"):
+        for _ in range(100):
+            a, b = demo.sample_pair(rng, 3, kind)
+            columns = [(a // 10 ** c % 10) + (b // 10 ** c % 10) for c in range(3)]
+            carries, carry = [], 0
+            for s in columns:
+                carry = (s + carry) // 10
+                carries.append(carry)
+            assert all(carries) if kind == "all" else not any(carries)
+
+
+def test_quadrants_hand_checked():
+    p_student = np.array([0.1, 0.1, 0.9, 0.9, 0.5, 0.2])
+    p_teacher = np.array([0.9, 0.1, 0.9, 0.1, 0.5, 0.7])
+    assert demo.quadrant_of(p_student, p_teacher).tolist() == [0, 1, 2, 3, 2, 0]
+    assert list(demo.quadrants(p_student, p_teacher).values()) == pytest.approx([2 / 6, 1 / 6, 2 / 6, 1 / 6])
+
+
+def test_parse_loss():
+    assert demo.parse_loss("target --eta 1.0") == ["--loss", "target", "--eta", "1.0"]
+    assert demo.parse_loss("beyond-log") == ["--loss", "beyond-log"]
+    for bad, message in (("targt", "unknown loss 'targt'"), ("target --eta 2", "outside [0, 1]"),
+                         ("sft --eta 0.5", "takes no hyperparameters"), ("dft --eta", "pairs of")):
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            demo.parse_loss(bad)
+
+
+def demo_cmd(out, *extra):
+    return [sys.executable, "demo.py", "--quick", "--backend", "hf", "--out", str(out), *extra]
+
+
+def test_bad_input_refused_before_work(tmp_path):
+    proc = subprocess.run(demo_cmd(tmp_path / "a", "--losses", "sft,nope --c 1"), cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown loss 'nope'" in proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    proc = subprocess.run(demo_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_artifacts(quick):
+    out, stdout = quick
+    world = demo.WORLDS["quick"]
+    meta = json.loads((out / "cache" / "teacher" / "meta.json").read_text())
+    assert meta["k"] == demo.TOP_K and meta["samples"] == world["sft"]
+    for name, steps in [("base", world["base_steps"]), ("teacher", world["teacher_steps"])] + [
+            (demo.run_name(spec, 0), world["sft_steps"]) for spec in demo.TABLE1]:
+        metrics = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+        assert all(np.isfinite(m["loss"]) for m in metrics)
+        assert AutoModelForCausalLM.from_pretrained(out / "runs" / name / "hf") is not None
+        assert f"train.py --model" in stdout and f"runs/{name}" in stdout  # every command is printed
+    for name in ["base", "teacher"] + [demo.run_name(spec, 0) for spec in demo.TABLE1]:
+        results = json.loads((out / "eval" / name / "results.json").read_text())
+        for split in demo.SPLITS:
+            assert results["benchmarks"][split]["n"] == world["n"]
+            assert results["benchmarks"][split]["problems"] == world["eval"]
+    for png in ("results.png", "figure4.png", "figure3.png", "runs/base/metrics.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tokens.html").read_text().count("<span") > world["sft"] // 32
+    table = (out / "summary.md").read_text()
+    for row in ROWS:
+        assert f"| {row} |" in table
+    assert "| TARGET-SFT (after) |" in table
+
+
+def test_quick_label_probs_match_an_unpacked_forward(quick):
+    """analysis/base.npy (packed batches) against the base student run on sample 0 alone, and the printed
+    Base quadrant shares against those recomputed from the saved probabilities."""
+    out, stdout = quick
+    base = out / "runs" / "base" / "hf"
+    tokens = data.tokenize_dataset(out / "world" / "sft.jsonl", AutoTokenizer.from_pretrained(base),
+                                   max_len=demo.MAX_LEN, cache_dir=out / "cache" / "tokenized")
+    ids = torch.tensor(np.asarray(tokens.input_ids(0), dtype=np.int64))[None]
+    labels = torch.from_numpy(tokens.labels(0))
+    with torch.no_grad():
+        logp = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits[0].double().log_softmax(-1)
+    expected = logp[labels != -100].gather(1, labels[labels != -100, None])[:, 0].exp().numpy()
+    p_base = np.load(out / "analysis" / "base.npy")
+    assert len(p_base) == tokens.label_counts().sum()
+    np.testing.assert_allclose(p_base[:len(expected)], expected, rtol=1e-4, atol=1e-6)
+    shares = demo.quadrants(p_base, np.load(out / "analysis" / "teacher.npy"))
+    base_row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| Base (before)"))
+    assert base_row.split("|")[2:6] == [f" {s:.1%} " for s in shares.values()]
+
+
+def test_quick_rerun_redoes_nothing_and_other_config_is_refused(quick):
+    out, _ = quick
+    proc = subprocess.run(demo_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert all("loss.py --plot" in c for c in commands), commands
+    other = subprocess.run(demo_cmd(out, "--seed", "1"), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "another configuration" in other.stderr and "'seed': (0, 1)" in other.stderr
