@@ -43,7 +43,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF id or local folder of the student")
 parser.add_argument("--data", default="numina67k", help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet")
 parser.add_argument("--teacher-cache", default=None, help="teacher top-k cache (teacher_cache.py): target, distill")
-parser.add_argument("--ref-cache", default=None, help="reference-model top-k cache, same format: kl, asft")
+parser.add_argument("--ref-cache", default=None, help="reference-model cache, same format, from the starting model: "
+                    "kl, asft, psft (its label log-probs are psft's pi_old)")
 parser.add_argument("--out", default="runs/default")
 parser.add_argument("--loss", default="target", choices=sorted(qloss.RULES))
 parser.add_argument("--eta", type=float, default=0.5, help="target: teacher intensity in the residual (Sec. 6)")
@@ -54,6 +55,11 @@ parser.add_argument("--tau", type=float, default=None, help="profit (default 0.1
 parser.add_argument("--eaft-k", type=int, default=None, help="eaft: top-k of the entropy (default 20)")
 parser.add_argument("--lam", type=float, default=None, help="ls, kl, asft (default 0.1)")
 parser.add_argument("--beta", type=float, default=None, help="gem (default 0.7)")
+parser.add_argument("--eps", type=float, default=None, help="psft: clip range 1 +- eps (default 0.2)")
+parser.add_argument("--quadrant-threshold", type=float, default=0.5, help="with a cache: p_theta(y) and p_T(y) at "
+                    "or above it count as high in the logged Figure 4 quadrant shares")
+parser.add_argument("--loss-chunk-size", type=int, default=None, help="rows per chunk of the loss (default: sized "
+                    "from free device memory)")
 parser.add_argument("--lr", type=float, default=5e-5)
 parser.add_argument("--warmup-ratio", type=float, default=0.1)
 parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -113,7 +119,8 @@ def save_checkpoint(out, step, model, optimizer, extra):
 # may change on resume: they steer the run or name where things are (the caches are validated on their own)
 # (micro-batching and packing too: the normaliser is the step's global label count, so the maths is unchanged)
 RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "no_activation_checkpointing",
-               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "no_packing"}
+               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "no_packing", "loss_chunk_size",
+               "quadrant_threshold"}
 
 
 def read_trainer_state(path):
@@ -184,7 +191,7 @@ def plot_metrics(metrics_path, png_path):
     fig.savefig(png_path, dpi=120)
 
 
-def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
+def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
     """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
     an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
     hidden = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
@@ -192,9 +199,11 @@ def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
     labels = batch["labels"].view(-1)
     rows = labels != data.IGNORE_INDEX
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
+    token_weights = batch["token_weights"].view(-1)[rows] if "token_weights" in batch else None
     value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1])[rows], self.lm_head.weight, labels[rows],
-                                teacher_ids, teacher_logprobs, loss=args.loss, eta=args.eta, c=args.c,
-                                normalizer=normalizer, stats=stats, **variant_kwargs)
+                                teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights, loss=args.loss,
+                                eta=args.eta, c=args.c, chunk_size=args.loss_chunk_size, normalizer=normalizer,
+                                stats=stats, quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
     return value, stats
 
 
@@ -202,13 +211,14 @@ def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
 # Setup: checks first, then distributed, data, teacher cache, model, optimiser
 
 variant_kwargs = {name: value for name, value in {"alpha": args.alpha, "tau": args.tau, "k": args.eaft_k,
-                                                   "lam": args.lam, "beta": args.beta}.items() if value is not None}
+                                                   "lam": args.lam, "beta": args.beta, "eps": args.eps}.items()
+                  if value is not None}
 try:
     qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
 except ValueError as e:
     parser.error(str(e))
-cache_flag = "--ref-cache" if args.loss in ("kl", "asft") else "--teacher-cache"
-cache_path = args.ref_cache if args.loss in ("kl", "asft") else args.teacher_cache
+cache_flag = "--ref-cache" if args.loss in qloss.REFERENCE_LOSSES else "--teacher-cache"
+cache_path = args.ref_cache if args.loss in qloss.REFERENCE_LOSSES else args.teacher_cache
 if args.loss in qloss.NEEDS_TEACHER and cache_path is None:
     parser.error(f"--loss {args.loss} needs {cache_flag} DIR (build it with teacher_cache.py)")
 
@@ -243,7 +253,8 @@ out.mkdir(parents=True, exist_ok=True)
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
-                              cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad)
+                              cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad,
+                              weights=args.loss in qloss.NEEDS_WEIGHTS)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
 sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
 steps_per_epoch = len(tokens) // args.global_batch_size
@@ -298,6 +309,9 @@ peak_flops = next((f for name, f in {"H100": 989e12, "H200": 989e12, "A100": 312
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
 
+# the step's means of loss.py's statistics; with a cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
+logged = ("p_label", "trust", "residual") + (("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high",
+                                              "q4_student_high") if cache is not None else ())
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
@@ -310,11 +324,11 @@ while step < stop:
                            sum(n ** 2 for n in lengths)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     label_tokens, all_tokens, squared_lengths = counts.tolist()
-    step_stats = dict.fromkeys(("p_label", "trust", "residual", "in_topk"), 0.0)
+    step_stats = dict.fromkeys(logged, 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for batch in batches:
-            teacher = teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None, None)
+            teacher = teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None, None, None)
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             # FSDP averages gradients over ranks, so each rank divides by the global count / world size:
             # the step's gradient is then that of (sum of token losses) / (global label count)
@@ -344,7 +358,6 @@ while step < stop:
     elapsed = time.perf_counter() - started
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
                "tokens_per_s": all_tokens / elapsed, "seconds": elapsed}
-    logged = ("p_label", "trust", "residual") + (("in_topk",) if cache is not None else ())
     metrics.update({key: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:  # model flops (6N per token plus attention), activation recompute not counted
         flops = 6 * n_params * all_tokens + attention_flops * squared_lengths
