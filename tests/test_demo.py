@@ -13,71 +13,72 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import demo
+import loss as qloss
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ["Base", "SFT", "SFT (p)", "Distill", "TARGET-SFT", "Teacher (reference)"]
 
 
-def column_sums(response):
-    """(x, y, carry_in, written sum) per chain-of-thought line, read back from the text."""
-    return [(int(m[1]), int(m[2]), bool(m[3]), int(m[4])) for m in demo.COLUMN.finditer(response)]
+def chain_lines(response):
+    """(value, step, written sum) per chain-of-thought line, read back from the text."""
+    return [tuple(map(int, m.groups())) for m in demo.LINE.finditer(response)]
 
 
-def test_clean_chain_of_thought_is_column_addition():
+def test_clean_chain_is_repeated_addition():
     rng = random.Random(1)
     for _ in range(300):
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
-        text = demo.response(a, b)
-        assert text.endswith(f"\\boxed{{{a + b}}}")
-        carry = 0
-        for column, (x, y, carried, total) in enumerate(column_sums(text)):
-            assert (x, y) == (a // 10 ** column % 10, b // 10 ** column % 10)
-            assert carried == bool(carry) and total == x + y + carry
-            carry = total // 10
+        start, step = demo.sample_problem(rng, "any")
+        text = demo.response(start, step)
+        assert demo.question(start, step) == f"What is {start}+{step}+{step}+{step}?"
+        assert text.endswith(f"\\boxed{{{start + 3 * step}}}")
+        assert chain_lines(text) == [(start + i * step, step, start + (i + 1) * step) for i in range(3)]
+        assert all(len(str(v)) == 3 for line in chain_lines(text) for v in (line[0], line[2]))
 
 
 def test_noise_rates_and_the_answer_survive_noise():
     rng = random.Random(2)
     lines = wrong = fillers = 0
     for _ in range(2000):
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
-        text = demo.response(a, b, rng, filler=0.3, wrong=0.2)
-        assert text.endswith(f"\\boxed{{{a + b}}}")  # the noise is in the reasoning, not the answer
-        clean = column_sums(demo.response(a, b))
-        noisy = column_sums(text)
-        assert [c[:3] for c in noisy] == [c[:3] for c in clean]
-        wrong += sum(n[3] != c[3] for n, c in zip(noisy, clean))
+        start, step = demo.sample_problem(rng, "any")
+        text = demo.response(start, step, rng, filler=0.3, wrong=0.2)
+        assert text.endswith(f"\\boxed{{{start + 3 * step}}}")  # the noise is in the reasoning, not the answer
+        clean, noisy = chain_lines(demo.response(start, step)), chain_lines(text)
+        assert [n[:2] for n in noisy] == [c[:2] for c in clean]  # a slip does not carry into the next line
+        wrong += sum(n[2] != c[2] for n, c in zip(noisy, clean))
         fillers += sum(text.count(f"{f},") for f in demo.FILLERS)
         lines += len(clean)
     assert wrong / lines == pytest.approx(0.2, abs=0.02)
     assert fillers / lines == pytest.approx(0.3, abs=0.02)
 
 
-def test_sample_pair_kinds():
+def test_problem_kinds_by_the_tens_digit():
     rng = random.Random(3)
     for kind in ("none", "all"):
-        for _ in range(100):
-            a, b = demo.sample_pair(rng, 3, kind)
-            columns = [(a // 10 ** c % 10) + (b // 10 ** c % 10) for c in range(3)]
-            carries, carry = [], 0
-            for s in columns:
-                carry = (s + carry) // 10
-                carries.append(carry)
-            assert all(carries) if kind == "all" else not any(carries)
+        for _ in range(200):
+            start, step = demo.sample_problem(rng, kind)
+            values = [start + i * step for i in range(4)]
+            tens_changes = [a // 10 != b // 10 for a, b in zip(values, values[1:])]
+            assert all(tens_changes) if kind == "all" else not any(tens_changes)
+            assert 100 <= start and values[-1] <= 999
 
 
-def test_quadrants_hand_checked():
+def test_quadrants_hand_checked_and_as_loss_py_logs_them():
     p_student = np.array([0.1, 0.1, 0.9, 0.9, 0.5, 0.2])
     p_teacher = np.array([0.9, 0.1, 0.9, 0.1, 0.5, 0.7])
     assert demo.quadrant_of(p_student, p_teacher).tolist() == [0, 1, 2, 3, 2, 0]
     assert list(demo.quadrants(p_student, p_teacher).values()) == pytest.approx([2 / 6, 1 / 6, 2 / 6, 1 / 6])
+    p_student, p_teacher = np.random.default_rng(0).random((2, 1000))
+    stats = {}
+    qloss.quadrant_sums(stats, torch.from_numpy(p_student), torch.from_numpy(p_teacher), demo.THRESHOLD)
+    logged = [float(stats[key]) / 1000 for key in ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")]
+    assert list(demo.quadrants(p_student, p_teacher).values()) == pytest.approx(logged)
 
 
 def test_parse_loss():
     assert demo.parse_loss("target --eta 1.0") == ["--loss", "target", "--eta", "1.0"]
     assert demo.parse_loss("beyond-log") == ["--loss", "beyond-log"]
     for bad, message in (("targt", "unknown loss 'targt'"), ("target --eta 2", "outside [0, 1]"),
-                         ("sft --eta 0.5", "takes no hyperparameters"), ("dft --eta", "pairs of")):
+                         ("sft --c 0.5", "not of .sft."), ("dft --alpha 2", "takes no hyperparameters"), ("dft --eta", "pairs of")):
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             demo.parse_loss(bad)
 
