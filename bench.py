@@ -24,10 +24,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import data
+import demo
 import eval as evaluation
 import loss as L
 import teacher_cache
-from tests import tiny
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ MATH16 = Path(__file__).parent / "tests" / "data" / "math16.jsonl"
 
 def bench_cache(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = tiny.make_tokenizer()
+    tok = demo.make_tokenizer()
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     rows = MATH16.read_text() * args.repeat
     (work / "rows.jsonl").write_text(rows)
@@ -192,7 +192,7 @@ def bench_cache(args):
     print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), {len(batches)} packed batches of "
           f"<= {args.batch_tokens} tokens, k={args.k}")
     for vocab in (len(tok), args.big_vocab):
-        model = tiny.make_model(tok, seed=1).to(device)
+        model = demo.make_model(tok, seed=1).to(device)
         if vocab != len(tok):
             model.resize_token_embeddings(vocab)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -286,7 +286,7 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 def write_random_model(path, shape):
     """Random weights in the given shape (nothing downloads), with the tiny tokenizer: its ids are a subset
     of the vocabulary, so the lm_head and the loss still see every one of the V logits."""
-    tokenizer = tiny.make_tokenizer()
+    tokenizer = demo.make_tokenizer()
     config = Qwen2Config(**shape, max_position_embeddings=32768, bos_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B on a CPU is slow

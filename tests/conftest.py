@@ -7,14 +7,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data  # noqa: E402
-import tiny  # noqa: E402
+import demo  # noqa: E402
 
 MATH16 = Path(__file__).parent / "data" / "math16.jsonl"  # 16 short MATH-500 problems and solutions
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny.make_tokenizer()
+    return demo.make_tokenizer()
 
 
 @pytest.fixture(scope="module")

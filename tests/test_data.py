@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import tiny
+import demo
 from conftest import MATH16
 
 
@@ -43,7 +43,7 @@ def test_cache_is_reused_and_keyed_by_every_input(tok, tmp_path):
     assert again.path == first.path and (again.path / "tokens.npy").stat().st_mtime_ns == stamp
     others = [data.tokenize_dataset(MATH16, tok, max_len=400, cache_dir=tmp_path),
               data.tokenize_dataset(MATH16, tok, max_len=512, system_prompt="Be brief.", cache_dir=tmp_path),
-              data.tokenize_dataset(MATH16, tiny.make_tokenizer(vocab_size=400), max_len=512, cache_dir=tmp_path)]
+              data.tokenize_dataset(MATH16, demo.make_tokenizer(vocab_size=400), max_len=512, cache_dir=tmp_path)]
     changed = write_jsonl(tmp_path / "changed.jsonl", [{"prompt": "1+1?", "response": "2"}])
     others.append(data.tokenize_dataset(changed, tok, cache_dir=tmp_path))
     assert len({d.fingerprint for d in [first] + others}) == 5
@@ -107,7 +107,7 @@ def test_sampler_shards_evenly_and_resumes():
 
 
 def test_packing_and_padding_leak_nothing(tok, math16):
-    model = tiny.make_model(tok, seed=0)
+    model = demo.make_model(tok, seed=0)
     ids = [3, 0, 7, 12]
     packed = data.pack(math16, ids)
     assert packed["sample_ids"] == ids
@@ -133,7 +133,7 @@ def test_packing_and_padding_leak_nothing(tok, math16):
 
 
 def test_a_tokenizer_without_chat_template_is_refused_before_any_work(tmp_path):
-    tok = tiny.make_tokenizer()
+    tok = demo.make_tokenizer()
     tok.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):
         data.tokenize_dataset(MATH16, tok, cache_dir=tmp_path)
@@ -150,7 +150,7 @@ M23K_ROW = {"prompt": "Which drug?\nA. Aspirin\nB. Insulin", "reasoning": "It lo
             "distilled_answer_string": "The answer is \\boxed{B}.", "answer_letter": "B", "answer_string": "Insulin"}
 QWEN_MATH_TEMPLATE = (  # as Qwen2.5-Math's: a default system turn when none is given
     "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nPlease reason step by step, and put your "
-    "final answer within \\\\boxed{}.<|im_end|>\\n' }}{% endif %}" + tiny.CHAT_TEMPLATE)
+    "final answer within \\\\boxed{}.<|im_end|>\\n' }}{% endif %}" + demo.CHAT_TEMPLATE)
 
 
 def hub_set(monkeypatch, rows):
@@ -167,7 +167,7 @@ def recipe_meta(ds):
 
 
 def test_numina_recipe_is_lis_the_templates_default_system_and_right_truncation(monkeypatch, tmp_path):
-    tok = tiny.make_tokenizer()
+    tok = demo.make_tokenizer()
     tok.chat_template = QWEN_MATH_TEMPLATE
     hub_set(monkeypatch, [NUMINA_ROW])
     ds = data.tokenize_dataset("numina67k", tok, cache_dir=tmp_path)
@@ -210,7 +210,7 @@ def test_m23k_recipe_is_lis_qwen_prompt_and_the_answer_alone(monkeypatch, tmp_pa
 
 
 def test_m23k_recipe_uses_lis_llama_layout_for_llama3_tokenizers(monkeypatch, tmp_path):
-    tok = tiny.make_tokenizer()
+    tok = demo.make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
                                                           "<|end_header_id|>", "<|eot_id|>"]})
     hub_set(monkeypatch, [M23K_ROW])
@@ -262,7 +262,7 @@ def test_the_same_spans_on_another_tokenizer_mark_the_same_characters(tok, tmp_p
     rows = [{"prompt": "Area?", "response": response, "weight": 0, "weight_spans": [[start, start + 4, 1]]}]
     path = write_jsonl(tmp_path / "w.jsonl", rows)
     for vocab in (300, 500):
-        other = tiny.make_tokenizer(vocab)
+        other = demo.make_tokenizer(vocab)
         tokens = data.tokenize_dataset(path, other, cache_dir=tmp_path / f"c{vocab}", weights=True)
         labels, weights = tokens.labels(0), tokens.label_weights(0)
         marked = other.decode(labels[(labels != -100) & (weights == 1)])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import data
+import demo
 import eval as evaluation
-import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -21,7 +21,7 @@ BENCHMARKS = f"math500={DATA}/math500.jsonl,amc23={DATA}/amc23.jsonl,medqa={DATA
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return str(tiny.save_tiny(tmp_path_factory.mktemp("tiny")))
+    return str(demo.save_tiny(tmp_path_factory.mktemp("tiny")))
 
 
 def check_outputs(out, n, max_tokens, problems):
@@ -97,7 +97,7 @@ def test_data_parallel_shards_keep_problem_order(model, tmp_path):
 
 
 def test_a_model_without_chat_template_fails_before_generation(tmp_path):
-    model = tiny.save_tiny(tmp_path / "tiny")
+    model = demo.save_tiny(tmp_path / "tiny")
     (model / "chat_template.jinja").unlink()
     with pytest.raises(SystemExit, match="has no chat template"):
         evaluation.main(["--model", str(model), "--backend", "hf", "--out", str(tmp_path / "run"),

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import data
+import demo
 import teacher_cache as tc
-import tiny
 from conftest import MATH16
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ BATCH_TOKENS = 600  # several samples per batch, several batches
 
 @pytest.fixture(scope="module")
 def teacher(tok):
-    return tiny.make_model(tok, seed=1)
+    return demo.make_model(tok, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +195,13 @@ def test_top64_cache_fits_272_bytes_per_label_token(math16, teacher, tmp_path):
 
 def test_vocabularies_must_match():
     with pytest.raises(ValueError, match="different vocabularies"):
-        tc.check_vocabularies(tiny.make_tokenizer(400), tiny.make_tokenizer(), 400)
+        tc.check_vocabularies(demo.make_tokenizer(400), demo.make_tokenizer(), 400)
     with pytest.raises(ValueError, match="18-bit ids"):
-        tc.check_vocabularies(tiny.make_tokenizer(), tiny.make_tokenizer(), 300_000)
+        tc.check_vocabularies(demo.make_tokenizer(), demo.make_tokenizer(), 300_000)
 
 
 def test_two_process_build_equals_one_process_build(tmp_path):
-    teacher = tiny.save_tiny(tmp_path / "teacher", seed=1)
+    teacher = demo.save_tiny(tmp_path / "teacher", seed=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*launcher, name):

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
+import demo
 import loss as qloss
 import teacher_cache
-import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
@@ -25,7 +25,7 @@ TRAIN = str(ROOT / "train.py")
 def setup(tmp_path_factory):
     """A student, a teacher (another seed), 32 arithmetic samples of varied length, the teacher's top-8."""
     root = tmp_path_factory.mktemp("train")
-    student, teacher = tiny.save_tiny(root / "student", seed=0), tiny.save_tiny(root / "teacher", seed=1)
+    student, teacher = demo.save_tiny(root / "student", seed=0), demo.save_tiny(root / "teacher", seed=1)
     rng = random.Random(0)
     lines = []
     for _ in range(32):
@@ -133,8 +133,8 @@ def test_checkpoints_that_would_resume_wrongly_are_refused(setup, monkeypatch, c
                    monkeypatch)
     checkpoint = setup / "refused" / "checkpoints" / "step_00000001"
     other = setup / "other_student"
-    tokenizer = tiny.make_tokenizer()
-    tiny.make_model(tokenizer, layers=1).save_pretrained(other)
+    tokenizer = demo.make_tokenizer()
+    demo.make_model(tokenizer, layers=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
     with pytest.raises(SystemExit):
         run_in_process(train_args(setup, "refused", "--micro-batch-size", "8"), monkeypatch)
@@ -197,7 +197,7 @@ def test_weighted_loss_reads_the_datas_weights(setup, monkeypatch):
 
 def test_export_stops_generation_at_the_end_of_turn(setup, monkeypatch):
     """A base model's eos is <|endoftext|>; SFT taught it to close its turn with <|im_end|>: both must stop."""
-    base = tiny.save_tiny(setup / "base_student")
+    base = demo.save_tiny(setup / "base_student")
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.eos_token = "<|endoftext|>"
     tokenizer.save_pretrained(base)
@@ -212,7 +212,7 @@ def test_export_stops_generation_at_the_end_of_turn(setup, monkeypatch):
 
 def test_tied_embeddings_train_through_the_shared_weight(setup, monkeypatch):
     """With tie_word_embeddings the lm_head is the embedding: the loss's grad_weight must reach it."""
-    tied = tiny.save_tiny(setup / "tied_student", tie=True)
+    tied = demo.save_tiny(setup / "tied_student", tie=True)
     run_in_process(train_args(setup, "tied", "--model", str(tied), "--loss", "sft", "--micro-batch-size", "8",
                               "--max-steps", "2"), monkeypatch)
     before = AutoModelForCausalLM.from_pretrained(tied)
