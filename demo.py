@@ -7,8 +7,8 @@
 The toy world is repeated addition with a chain of thought ("What is 345+8+8+8?": "345+8=353", "353+8=361",
 "361+8=369", then the answer in \\boxed{}). The base student is pretrained (train.py --loss sft) on sums without
 carries, so it has never seen a carry; the "instruct" teacher is that base trained further on clean sums with
-carries, so it knows them. The SFT set has carries (tokens the student lacks and the teacher knows: Figure 4's Q1, rescue) and
-noise neither of them supports (filler words and wrong intermediate digits: Q2, filter). Then
+carries, so it knows them. The SFT set has carries (tokens the student lacks and the teacher knows: Figure 4's
+Q1, rescue) and noise neither of them supports (filler words and wrong intermediate digits: Q2, filter). Then
 teacher_cache.py, train.py and eval.py run as subprocesses, each command printed, exactly as a user types
 them; a rerun with the same arguments skips every finished stage.
 """
@@ -23,15 +23,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 import data
 import loss as qloss
+import teacher_cache
 
 # ----------------------------------------------------------------------------------------------------
 # Tiny Qwen2 models and an in-process byte-level BPE tokenizer: the toy world's, and what tests and bench.py
@@ -100,7 +103,7 @@ def save_model(path, tokenizer, model) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The toy world: column addition with a chain of thought, deterministic by seed
+# The toy world: repeated addition with a chain of thought, deterministic by seed
 
 FILLERS = ["hmm", "ok so", "well", "wait", "right"]  # idiosyncratic words no model of this world predicts
 STEPS = 3  # additions per problem
@@ -209,6 +212,7 @@ FLAGS = {"--eta": ("eta", float), "--c": ("c", float), "--alpha": ("alpha", floa
          "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float),
          "--eps": ("eps", float)}  # train.py's loss flags
 THRESHOLD = 0.5  # Figure 4's quadrant boundary on p_theta and p_T
+SPLITS = ("in-dist", "all-carry")  # held-out: problems like the SFT set's, and ones where every addition carries
 
 
 def parse_loss(spec):
@@ -267,21 +271,25 @@ def run(args):
     args = [shown(a) if isinstance(a, Path) else str(a) for a in args]
     env = {key: value for key, value in ENV.items() if key not in os.environ}
     print("$ " + shlex.join([*(f"{k}={v}" for k, v in env.items()), "python", *args]), flush=True)
+    started = time.perf_counter()
     subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env}, check=True)
+    print(f"[{time.perf_counter() - started:.0f} s: {args[0]}]", flush=True)
 
 
 def data_flags(out, split):
     """The data options train.py and teacher_cache.py must share, or the cache is refused."""
-    return ["--data", out / "world" / f"{split}.jsonl", "--max-len", MAX_LEN, "--data-cache", out / "cache" / "tokenized"]
+    return ["--data", out / "world" / f"{split}.jsonl", "--max-len", MAX_LEN,
+            "--data-cache", out / "cache" / "tokenized"]
 
 
-def train(out, name, model, split, steps, lr, loss_args, seed=0, teacher_cache=None):
+def train(out, name, model, split, steps, lr, loss_args, seed=0, cache=None):
     """One train.py run; a killed one continues from its last checkpoint (--resume with --save-every)."""
     run_dir = out / "runs" / name
+    cache_flag = "--ref-cache" if loss_args[1] in qloss.REFERENCE_LOSSES else "--teacher-cache"
     if not (run_dir / "hf" / "config.json").is_file():
         samples = sum(1 for _ in (out / "world" / f"{split}.jsonl").open())
         run(["train.py", "--model", model, *data_flags(out, split), *loss_args,
-             *(["--teacher-cache", teacher_cache] if teacher_cache else []), "--out", run_dir,
+             *([cache_flag, cache] if cache else []), "--out", run_dir,
              "--max-steps", steps, "--epochs", -(-steps * BATCH // samples), "--lr", lr, "--seed", seed,
              "--global-batch-size", BATCH, "--micro-batch-size", MICRO_BATCH, "--dtype", "fp32",
              "--no-activation-checkpointing", "--save-every", 25, "--keep", 1, "--resume"])
@@ -307,17 +315,12 @@ def evaluate(out, name, model, world, backend):
     return json.loads(result.read_text())
 
 
-SPLITS = ("in-dist", "all-carry")
-
-
 # ----------------------------------------------------------------------------------------------------
 # The mechanism: p_theta(y_t) and p_T(y_t) on the SFT set's label tokens, Figure 4's quadrants
 
 @torch.no_grad()
 def label_probs(model_dir, tokens, path):
     """p(y_t) at every label position of `tokens` (the cache's order), computed once and kept in `path`."""
-    from transformers import AutoModelForCausalLM
-    import teacher_cache
     if not path.is_file():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         probs = []
@@ -376,16 +379,15 @@ def figure4(p_student, p_teacher, png, bins=20):
 def tokens_html(base_dir, tokens, cache, p_student, p_teacher, path, count=4):
     """Appendix G's view: SFT responses with each label token coloured by quadrant; hovering shows p_theta,
     p_T, gamma_t and the top of TARGET-SFT's residual Q_t (loss.py's own rule on the base student's logits)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     offsets = np.concatenate([[0], np.cumsum(tokens.label_counts())])
     colours = dict(zip(QUADRANTS, ("#9be09b", "#f4a3a3", "#ffffff", "#a8c8f0")))
     quadrant = quadrant_of(p_student, p_teacher)
     counts = [np.bincount(quadrant[offsets[i]:offsets[i + 1]], minlength=4) for i in range(len(tokens))]
-    # samples with both rescue and filter tokens first, then the most of them
-    shown_samples = sorted(range(len(tokens)), key=lambda i: (-(counts[i][0] > 0) - (counts[i][1] > 0),
-                                                               -counts[i][0] - counts[i][1]))[:count]
+    # samples with both rescue and filter tokens, the most rescue tokens first
+    shown_samples = sorted(range(len(tokens)), key=lambda i: (-int(counts[i][0] > 0) - int(counts[i][1] > 0),
+                                                               -counts[i][0]))[:count]
     blocks = []
     for i in shown_samples:
         ids = torch.from_numpy(np.asarray(tokens.input_ids(i), dtype=np.int64))
@@ -446,22 +448,23 @@ def results_png(results, curves, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (bars, loss_ax, p_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    colour = {label: f"C{i}" for i, label in enumerate(results)}
     x = np.arange(len(SPLITS) + 1)
     width = 0.8 / len(results)
     for i, (label, runs) in enumerate(results.items()):
         values = np.array([[r["benchmarks"][s]["average"] for s in SPLITS] for r in runs])
         values = np.concatenate([values, values.mean(1, keepdims=True)], axis=1)
         bars.bar(x + i * width, values.mean(0), width, yerr=values.std(0, ddof=1) if len(runs) > 1 else None,
-                 label=label)
+                 label=label, color=colour[label])
     bars.set_xticks(x + width * (len(results) - 1) / 2, [*SPLITS, "Avg."])
     bars.set_ylabel("Average@n (%)")
     bars.legend(fontsize=8)
     for label, run_dirs in curves.items():
         for j, run_dir in enumerate(run_dirs):
             rows = metrics_rows(run_dir)
-            colour = loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows],
-                                  label=label if j == 0 else None, alpha=0.8)[0].get_color()
-            p_ax.plot([r["step"] for r in rows], [r["p_label"] for r in rows], color=colour, alpha=0.8)
+            loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=colour[label],
+                         label=label if j == 0 else None, alpha=0.8)
+            p_ax.plot([r["step"] for r in rows], [r["p_label"] for r in rows], color=colour[label], alpha=0.8)
     loss_ax.set(title="training loss (each method's own objective)", xlabel="step")
     p_ax.set(title="mean p_θ(y_t) on the training batch", xlabel="step")
     loss_ax.legend(fontsize=8)
@@ -512,6 +515,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = parse_args(argv)
     world = WORLDS["quick" if args.quick else "default"]
     try:
@@ -526,7 +530,8 @@ def main(argv=None):
                  ["--loss", "sft"]) / "hf"
     # the "instruct" teacher is the base trained further on clean sums with carries (as Qwen2.5-Math-Instruct
     # is its base model's instruct version, Appendix A): it knows what the student lacks, and is not perfect
-    teacher = train(out, "teacher", base, "teacher", world["teacher_steps"], world["teacher_lr"], ["--loss", "sft"]) / "hf"
+    teacher = train(out, "teacher", base, "teacher", world["teacher_steps"], world["teacher_lr"],
+                    ["--loss", "sft"]) / "hf"
     cache = build_cache(out, teacher, "teacher")
     # kl, asft and psft read a reference model's cache: the base student's own (the model before SFT)
     needs_ref = any(a[1] in qloss.REFERENCE_LOSSES for a in args.runs.values())
@@ -540,12 +545,11 @@ def main(argv=None):
                                            for run_dir in run_dirs]
     results["Teacher (reference)"] = [evaluate(out, "teacher", teacher, world, args.backend)]
     report(out, args, base, teacher, cache, runs, results)
+    print(f"{time.perf_counter() - started:.0f} s in all")
 
 
 def report(out, args, base, teacher, cache_dir, runs, results):
     """The figures and the summary, recomputed from the stages' artifacts on every run (seconds)."""
-    from transformers import AutoTokenizer
-    import teacher_cache
     tokens = data.tokenize_dataset(out / "world" / "sft.jsonl", AutoTokenizer.from_pretrained(base), max_len=MAX_LEN,
                                    cache_dir=out / "cache" / "tokenized")
     cache = teacher_cache.TeacherCache(cache_dir, data=tokens)

@@ -2,6 +2,7 @@
 (every stage's artifact checked, a rerun that redoes nothing, the refusals before any work)."""
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import data
 import demo
 import loss as qloss
+import teacher_cache
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ["Base", "SFT", "SFT (p)", "Distill", "TARGET-SFT", "Teacher (reference)"]
@@ -78,8 +80,9 @@ def test_parse_loss():
     assert demo.parse_loss("target --eta 1.0") == ["--loss", "target", "--eta", "1.0"]
     assert demo.parse_loss("beyond-log") == ["--loss", "beyond-log"]
     for bad, message in (("targt", "unknown loss 'targt'"), ("target --eta 2", "outside [0, 1]"),
-                         ("sft --c 0.5", "not of .sft."), ("dft --alpha 2", "takes no hyperparameters"), ("dft --eta", "pairs of")):
-        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+                         ("sft --c 0.5", "not of 'sft'"), ("dft --alpha 2", "takes no hyperparameters"),
+                         ("dft --eta", "pairs of"), ("weighted", "label weights")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             demo.parse_loss(bad)
 
 
@@ -143,8 +146,10 @@ def test_quick_label_probs_match_an_unpacked_forward(quick):
     p_base = np.load(out / "analysis" / "base.npy")
     assert len(p_base) == tokens.label_counts().sum()
     np.testing.assert_allclose(p_base[:len(expected)], expected, rtol=1e-4, atol=1e-6)
-    shares = demo.quadrants(p_base, np.load(out / "analysis" / "teacher.npy"))
-    base_row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| Base (before)"))
+    p_teacher = np.exp(teacher_cache.TeacherCache(out / "cache" / "teacher", data=tokens).label_logprobs)
+    shares = demo.quadrants(p_base, p_teacher)
+    summary = (out / "summary.md").read_text().splitlines()
+    base_row = next(line for line in summary if line.startswith("| Base (before)"))
     assert base_row.split("|")[2:6] == [f" {s:.1%} " for s in shares.values()]
 
 
