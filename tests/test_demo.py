@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -115,29 +116,41 @@ def test_quick_artifacts(quick):
         metrics = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == list(range(1, steps + 1))
         assert all(np.isfinite(m["loss"]) for m in metrics)
-        assert AutoModelForCausalLM.from_pretrained(out / "runs" / name / "hf") is not None
-        assert f"train.py --model" in stdout and f"runs/{name}" in stdout  # every command is printed
-    for name in ["base", "teacher"] + [demo.run_name(spec, 0) for spec in demo.TABLE1]:
+        assert AutoModelForCausalLM.from_pretrained(out / "runs" / name / "hf").config.model_type == "qwen2"
+    commands = [line.split()[line.split().index("python") + 1] for line in stdout.splitlines() if line.startswith("$ ")]
+    assert {script: commands.count(script) for script in set(commands)} == {
+        "train.py": 6, "teacher_cache.py": 1, "eval.py": 6, "loss.py": 1}  # every stage's command is printed
+    summary = (out / "summary.md").read_text().splitlines()
+    for row, name in zip(ROWS, ["base", *(demo.run_name(spec, 0) for spec in demo.TABLE1), "teacher"]):
         results = json.loads((out / "eval" / name / "results.json").read_text())
         for split in demo.SPLITS:
             assert results["benchmarks"][split]["n"] == world["n"]
             assert results["benchmarks"][split]["problems"] == world["eval"]
+        cells = next(line for line in summary if line.startswith(f"| {row} |")).split("|")[2:5]
+        averages = [results["benchmarks"][split]["average"] for split in demo.SPLITS]
+        assert [float(c) for c in cells] == pytest.approx([*averages, np.mean(averages)], abs=0.006)
     for png in ("results.png", "figure4.png", "figure3.png", "runs/base/metrics.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "tokens.html").read_text().count("<span") > world["sft"] // 32
-    table = (out / "summary.md").read_text()
-    for row in ROWS:
-        assert f"| {row} |" in table
-    assert "| TARGET-SFT (after) |" in table
+        assert min(plt.imread(out / png).shape[:2]) > 100
+    html = (out / "tokens.html").read_text()
+    labels = sft_tokens(out).label_counts()
+    shown = re.findall(r"<h3>sample (\d+): rescue · \d+, filter · \d+, response · (\d+) tokens</h3>", html)
+    assert len(shown) == 4 and all(int(n) == labels[int(i)] for i, n in shown)
+    assert html.count("<span style") == 4 + sum(int(n) for _, n in shown)  # the legend, then a span per label
+    assert any(line.startswith("| TARGET-SFT (after) |") for line in summary)
+
+
+def sft_tokens(out):
+    tokenizer = AutoTokenizer.from_pretrained(out / "runs" / "base" / "hf")
+    return data.tokenize_dataset(out / "world" / "sft.jsonl", tokenizer, max_len=demo.MAX_LEN,
+                                 cache_dir=out / "cache" / "tokenized")
 
 
 def test_quick_label_probs_match_an_unpacked_forward(quick):
     """analysis/base.npy (packed batches) against the base student run on sample 0 alone, and the printed
-    Base quadrant shares against those recomputed from the saved probabilities."""
+    Base quadrant shares against those recomputed from it and the cache's label log-probs."""
     out, stdout = quick
     base = out / "runs" / "base" / "hf"
-    tokens = data.tokenize_dataset(out / "world" / "sft.jsonl", AutoTokenizer.from_pretrained(base),
-                                   max_len=demo.MAX_LEN, cache_dir=out / "cache" / "tokenized")
+    tokens = sft_tokens(out)
     ids = torch.tensor(np.asarray(tokens.input_ids(0), dtype=np.int64))[None]
     labels = torch.from_numpy(tokens.labels(0))
     with torch.no_grad():
