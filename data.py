@@ -3,9 +3,11 @@
 tokenize_dataset() turns a source (a paper set's name, or a local .jsonl/.parquet) into prompt+response
 token ids through the student's chat template, and caches them on disk as a memory-mapped token array
 plus offsets, keyed by a fingerprint of everything that decides the ids. Sampler shards samples over
-ranks; pack() and pad_batch() build micro-batches.
+ranks; balanced_micro_batches() deals a step's samples to ranks and micro-batches, which pack() and
+pad_batch() build.
 """
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -230,20 +232,27 @@ class Sampler:
         return self.num_samples // self.world_size
 
     def epoch_order(self):
+        """[world_size, samples per rank]: row r is rank r's deal of this epoch's shuffle."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        return order[:len(self) * self.world_size][self.rank::self.world_size]
+        return order[:len(self) * self.world_size].reshape(len(self), self.world_size).T
 
-    def take(self, count):
-        """The next `count` sample ids of this rank, continuing into the next epoch when one ends."""
-        out = []
-        while len(out) < count:
+    def take_global(self, count):
+        """The next `count` sample ids of every rank ([rank][count]), continuing into the next epoch when one
+        ends. Every rank computes the same lists, so a step's micro-batches can be balanced over all its samples."""
+        out = [[] for _ in range(self.world_size)]
+        while len(out[0]) < count:
             order = self.epoch_order()
-            step = min(count - len(out), len(order) - self.position)
-            out += order[self.position:self.position + step].tolist()
+            step = min(count - len(out[0]), order.shape[1] - self.position)
+            for rank_ids, row in zip(out, order):
+                rank_ids += row[self.position:self.position + step].tolist()
             self.position += step
-            if self.position == len(order):
+            if self.position == order.shape[1]:
                 self.epoch, self.position = self.epoch + 1, 0
         return out
+
+    def take(self, count):
+        """The next `count` sample ids of this rank."""
+        return self.take_global(count)[self.rank]
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
@@ -254,16 +263,22 @@ class Sampler:
 
 def pack(data, sample_ids):
     """One padding-free row. position_ids restart at 0 per sequence, which is what makes flash-attn varlen
-    and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart."""
+    and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart. The sequence
+    boundaries come along as flash-attn's varlen arguments (int32 offsets, Python int maxima): given them,
+    transformers does not re-derive them from position_ids in every layer, with a host sync each time."""
     ids = [np.asarray(data.input_ids(i), dtype=np.int64) for i in sample_ids]
+    lengths = [len(x) for x in ids]
+    cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
-            "position_ids": torch.from_numpy(np.concatenate([np.arange(len(x)) for x in ids]))[None],
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
             "labels": torch.from_numpy(np.concatenate([data.labels(i) for i in sample_ids]))[None],
-            "sample_ids": list(sample_ids)}
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths), "max_length_k": max(lengths), "sample_ids": list(sample_ids)}
 
 
 def pad_batch(data, sample_ids):
-    """Right-padded [B, T] fallback for attention backends without packed-sequence support."""
+    """Right-padded [B, T]. Causal attention never lets a real token see the padding after it, so the model
+    needs no attention_mask: sdpa then runs its causal flash kernel instead of a dense-mask one."""
     width = max(len(data.input_ids(i)) for i in sample_ids)
     input_ids = torch.zeros(len(sample_ids), width, dtype=torch.long)
     attention_mask = torch.zeros(len(sample_ids), width, dtype=torch.long)
@@ -275,3 +290,76 @@ def pad_batch(data, sample_ids):
         labels[row, :n] = torch.from_numpy(data.labels(i))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "sample_ids": list(sample_ids)}
+
+
+def micro_batch_cost(lengths, padded):
+    """Tokens a micro-batch computes on: packed, the sum of lengths; right-padded, rows x the longest."""
+    return len(lengths) * max(lengths) if padded else sum(lengths)
+
+
+def balanced_micro_batches(sample_ids, lengths, world_size, token_budget, padded=False):
+    """One step's samples (every rank's; lengths[i] is sample i's token count) dealt as [rank][slot] micro-batches of at most token_budget tokens
+    (micro_batch_cost), the same number of slots on every rank, slot j costing about the same on every rank.
+
+    FSDP's collectives make every rank wait for the slowest in each micro-batch, so a slot costs its most
+    expensive rank. Packed: longest-first onto the least loaded of world_size x slots bins (LPT). Right-padded:
+    length-sorted runs, so rows have similar lengths, with the smallest cost cap that gives enough runs.
+    Either way the fewest slots that fit the budget, then bins sorted by cost and dealt slot by slot."""
+    if len(sample_ids) % world_size:
+        raise ValueError(f"{len(sample_ids)} samples cannot be shared equally by {world_size} ranks")
+    longest = max(lengths[i] for i in sample_ids)
+    if longest > token_budget:
+        raise ValueError(f"a {longest}-token sample exceeds the micro-batch token budget {token_budget}: "
+                         "raise --micro-batch-tokens to at least --max-len")
+    by_length = sorted(((lengths[i], i) for i in sample_ids), key=lambda pair: -pair[0])
+    for slots in range(1, len(sample_ids) // world_size + 1):
+        bins = (padded_runs if padded else longest_first_bins)(by_length, world_size * slots, token_budget)
+        if bins is not None:
+            break
+    bins.sort(key=lambda b: -micro_batch_cost([n for n, _ in b], padded))
+    return [[[i for _, i in bins[slot * world_size + rank]] for slot in range(slots)] for rank in range(world_size)]
+
+
+def longest_first_bins(by_length, count, budget):
+    """(length, id) pairs, longest first, each onto the least loaded of `count` bins; None if one overflows."""
+    heap = [(0, b) for b in range(count)]
+    bins = [[] for _ in range(count)]
+    for pair in by_length:
+        load, b = heapq.heappop(heap)
+        if load + pair[0] > budget:
+            return None
+        bins[b].append(pair)
+        heapq.heappush(heap, (load + pair[0], b))
+    return bins
+
+
+def padded_runs(by_length, count, budget):
+    """Exactly `count` runs of consecutive (length, id) pairs, longest first, with the smallest cap on
+    rows x longest that needs at most `count` runs; None if the budget needs more runs."""
+    def runs_under(cap):
+        runs = []
+        for pair in by_length:
+            if runs and (len(runs[-1]) + 1) * runs[-1][0][0] <= cap:
+                runs[-1].append(pair)
+            else:
+                runs.append([pair])
+        return runs
+
+    if len(runs_under(budget)) > count:
+        return None
+    low, high = by_length[0][0], budget
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(runs_under(mid)) <= count else (mid + 1, high)
+    runs = runs_under(low)
+    while len(runs) < count:  # split the costliest run of several rows: every rank needs a micro-batch per slot
+        run = max((r for r in runs if len(r) > 1), key=lambda r: len(r) * r[0][0])
+        at = runs.index(run)
+        runs[at:at + 1] = [run[:len(run) // 2], run[len(run) // 2:]]
+    return runs
+
+
+def balance(plan, lengths, padded):
+    """Mean over slots of (mean cost / max cost across ranks): 1 when no rank waits for another."""
+    costs = np.array([[micro_batch_cost([lengths[i] for i in ids], padded) for ids in rank] for rank in plan])
+    return float(np.mean(costs.mean(0) / costs.max(0)))

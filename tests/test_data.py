@@ -137,3 +137,100 @@ def test_a_tokenizer_without_chat_template_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="has no chat template"):
         data.tokenize_dataset(MATH16, tok, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_take_global_is_every_ranks_take_and_resumes():
+    n, world = 23, 3
+    everyone = data.Sampler(n, seed=5, world_size=world)
+    steps = [everyone.take_global(4) for _ in range(3)]  # 12 per rank: crosses into epoch 1
+    for r in range(world):
+        alone = data.Sampler(n, seed=5, rank=r, world_size=world)
+        assert [alone.take(4) for _ in range(3)] == [step[r] for step in steps]
+    resumed = data.Sampler(n, seed=5, world_size=world)
+    resumed.take_global(4)
+    again = data.Sampler(n, seed=5, world_size=world)
+    again.load_state_dict(resumed.state_dict())
+    assert [again.take_global(4) for _ in range(2)] == steps[1:]
+
+
+def test_longest_first_and_length_sorted_deals_by_hand():
+    lengths = {10: 5, 11: 4, 12: 3, 13: 3, 14: 2, 15: 1}
+    # longest first onto the least loaded bin: 5 4 | 3 on 4 | 3 on 5 | 2 on 7 | 1 on 8
+    assert data.balanced_micro_batches(list(lengths), lengths, 2, 10) == [[[10, 13, 15]], [[11, 12, 14]]]
+    # budget 5: one slot overflows (4 + 3), two fit: 5 | 4 | 3 | 3, then 2 on a 3 and 1 on the other 3
+    assert data.balanced_micro_batches(list(lengths), lengths, 2, 5) == [[[10], [11]], [[12, 14], [13, 15]]]
+    padded = {0: 8, 1: 4, 2: 8, 3: 4}  # rows x longest <= 16: [8, 8] and [4, 4]; mixing would pad 4s to 8
+    assert data.balanced_micro_batches([0, 1, 2, 3], padded, 2, 16, padded=True) == [[[0, 2]], [[1, 3]]]
+    assert data.balance([[[0, 2]], [[1, 3]]], padded, padded=True) == 0.75
+    with pytest.raises(ValueError, match="5-token sample exceeds the micro-batch token budget 4.*--micro-batch"):
+        data.balanced_micro_batches(list(lengths), lengths, 2, 4)
+    with pytest.raises(ValueError, match="5 samples cannot be shared equally by 2 ranks"):
+        data.balanced_micro_batches(list(lengths)[:5], lengths, 2, 10)
+
+
+@pytest.mark.parametrize("world", [8, 64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_balanced_micro_batches_deal_every_sample_within_budget_and_beat_fixed_counts(world, padded):
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.normal(700, 400, 4096), 64, 3072).astype(int)  # numina-like
+    sampler = data.Sampler(len(lengths), seed=0, world_size=world)
+    for _ in range(3):
+        dealt = sampler.take_global(256 // world)
+        ids = sum(dealt, [])
+        plan = data.balanced_micro_batches(ids, lengths, world, 4 * 3072, padded=padded)
+        assert sorted(sum(sum(plan, []), [])) == sorted(ids)
+        assert len({len(slots) for slots in plan}) == 1 and all(all(slots) for slots in plan)
+        costs = [data.micro_batch_cost([lengths[i] for i in mb], padded) for slots in plan for mb in slots]
+        assert max(costs) <= 4 * 3072
+        fixed = [[rank[i:i + 4] for i in range(0, len(rank), 4)] for rank in dealt]
+        assert data.balance(plan, lengths, padded) > data.balance(fixed, lengths, padded) + 0.1
+        # what a step costs: per slot, the costliest rank
+        step = sum(max(data.micro_batch_cost([lengths[i] for i in rank[s]], padded) for rank in plan)
+                   for s in range(len(plan[0])))
+        fixed_step = sum(max(data.micro_batch_cost([lengths[i] for i in rank[s]], padded) for rank in fixed)
+                         for s in range(len(fixed[0])))
+        assert step < fixed_step
+
+
+def test_right_padded_rows_need_no_attention_mask(tok, math16):
+    """Causal attention keeps the padding after a sequence out of it: without a mask (sdpa's causal kernel)
+    the logits of every row's real tokens equal the sequence run alone."""
+    model = tiny.make_model(tok, seed=0)
+    ids = [5, 1, 9]
+    padded = data.pad_batch(math16, ids)
+    with torch.no_grad():
+        logits = model(input_ids=padded["input_ids"], use_cache=False).logits
+        for row, i in enumerate(ids):
+            alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None]
+            torch.testing.assert_close(logits[row, :alone.shape[1]], model(input_ids=alone, use_cache=False).logits[0],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_carry_flash_attention_varlen_arguments(math16):
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    packed = data.pack(math16, [4, 11, 2])
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(packed["position_ids"])
+    assert packed["cu_seq_lens_q"].dtype == torch.int32 and packed["cu_seq_lens_q"].tolist() == cu_q.tolist()
+    assert packed["cu_seq_lens_k"].tolist() == cu_k.tolist()
+    assert packed["max_length_q"] == packed["max_length_k"] == int(max_q) == int(max_k)
+    assert type(packed["max_length_q"]) is int  # a tensor would cost flash-attn a host sync per layer
+
+
+def test_flash_attention_packed_logits_equal_each_sequence_alone(tok, math16):
+    pytest.importorskip("flash_attn")
+    if not torch.cuda.is_available():
+        pytest.skip("flash-attn runs on a GPU")
+    model = tiny.make_model(tok, seed=0).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "flash_attention_2"
+    ids = [3, 0, 7, 12]
+    packed = data.pack(math16, ids)
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items() if k not in ("labels", "sample_ids")}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[0].float()
+        model.config._attn_implementation = "sdpa"
+        start = 0
+        for i in ids:
+            alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None].cuda()
+            reference = model(input_ids=alone, use_cache=False).logits[0].float()
+            torch.testing.assert_close(logits[start:start + alone.shape[1]], reference, atol=2e-2, rtol=2e-2)
+            start += alone.shape[1]
