@@ -6,6 +6,7 @@
     python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
     python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
+    python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
 """
 import argparse
 import json
@@ -284,6 +285,54 @@ def bench_train(args):
     print(f"target / sft step time: {step_seconds['target'] / step_seconds['sft']:.3f}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py batching: how long ranks wait for each other, fixed sample counts against token-balanced micro-batches
+
+LENGTHS = {"numina-like": (700, 400), "openr1-like": (1800, 700)}  # assumed (mean, sd) tokens, max-len 3072
+
+
+def sample_lengths(mean, sd, count, max_len, rng):
+    """Lognormal lengths with the given mean and sd, kept to [64, max_len]."""
+    sigma2 = np.log(1 + (sd / mean) ** 2)
+    return np.clip(rng.lognormal(np.log(mean) - sigma2 / 2, np.sqrt(sigma2), count), 64, max_len).astype(int)
+
+
+def step_cost(plan, lengths, padded):
+    """Tokens of compute time per step: in every slot, all ranks wait for the costliest."""
+    return sum(max(data.micro_batch_cost([lengths[i] for i in rank[slot]], padded) for rank in plan)
+               for slot in range(len(plan[0])))
+
+
+def bench_batching(args):
+    rng = np.random.default_rng(args.seed)
+    print(f"{args.steps} steps of {args.global_batch_size} samples, max-len {args.max_len}; fixed: "
+          f"{args.micro_batch_size} samples per micro-batch; balanced: {args.micro_batch_tokens} tokens")
+    print("useful = real tokens / (ranks x the step's cost), the share of rank time not spent waiting or on padding")
+    print(f"{'lengths':12} {'ranks':>5} {'layout':7} {'balance fixed':>13} {'balanced':>9} {'useful fixed':>12} "
+          f"{'balanced':>9} {'step x':>7} {'slots':>5}")
+    for name, (mean, sd) in LENGTHS.items():
+        lengths = sample_lengths(mean, sd, args.samples, args.max_len, rng)
+        for world in (8, 64):
+            for padded in (False, True):
+                sampler = data.Sampler(len(lengths), args.seed, world_size=world)
+                results = {"fixed": [], "balanced": []}
+                for _ in range(args.steps):
+                    dealt = sampler.take_global(args.global_batch_size // world)
+                    plans = {"fixed": [[ids[i:i + args.micro_batch_size] for i in range(0, len(ids),
+                                                                                         args.micro_batch_size)]
+                                       for ids in dealt],
+                             "balanced": data.balanced_micro_batches(sum(dealt, []), lengths, world,
+                                                                     args.micro_batch_tokens, padded)}
+                    real = sum(lengths[i] for ids in dealt for i in ids)
+                    for kind, plan in plans.items():
+                        results[kind].append((data.balance(plan, lengths, padded),
+                                              real / (world * step_cost(plan, lengths, padded)),
+                                              step_cost(plan, lengths, padded), len(plan[0])))
+                fixed, balanced = (np.mean(results[k], axis=0) for k in ("fixed", "balanced"))
+                print(f"{name:12} {world:5} {'padded' if padded else 'packed':7} {fixed[0]:13.3f} {balanced[0]:9.3f} "
+                      f"{fixed[1]:12.1%} {balanced[1]:9.1%} {fixed[2] / balanced[2]:7.2f} {balanced[3]:5.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +368,15 @@ def main():
     train.add_argument("--micro-batch-size", type=int, default=4)
     train.add_argument("--accumulation", type=int, default=2)
     train.set_defaults(run=bench_train)
+    batching = commands.add_parser("batching", help="micro-batch balance across ranks, fixed counts vs balanced")
+    batching.add_argument("--samples", type=int, default=67_000, help="synthetic dataset size")
+    batching.add_argument("--steps", type=int, default=20)
+    batching.add_argument("--global-batch-size", type=int, default=256)
+    batching.add_argument("--micro-batch-size", type=int, default=4, help="samples per micro-batch, fixed")
+    batching.add_argument("--micro-batch-tokens", type=int, default=4 * 3072, help="token budget, balanced")
+    batching.add_argument("--max-len", type=int, default=3072)
+    batching.add_argument("--seed", type=int, default=0)
+    batching.set_defaults(run=bench_batching)
     args = parser.parse_args()
     args.run(args)
 
