@@ -264,16 +264,15 @@ class Sampler:
 def pack(data, sample_ids):
     """One padding-free row. position_ids restart at 0 per sequence, which is what makes flash-attn varlen
     and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart. The sequence
-    boundaries come along as flash-attn's varlen arguments (int32 offsets, Python int maxima): given them,
-    transformers does not re-derive them from position_ids in every layer, with a host sync each time."""
+    boundaries come along as flash-attn's varlen offsets (int32): given them, transformers does not re-derive
+    them from position_ids in every layer, with a host sync each time."""
     ids = [np.asarray(data.input_ids(i), dtype=np.int64) for i in sample_ids]
     lengths = [len(x) for x in ids]
     cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
             "position_ids": torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
             "labels": torch.from_numpy(np.concatenate([data.labels(i) for i in sample_ids]))[None],
-            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max(lengths), "max_length_k": max(lengths), "sample_ids": list(sample_ids)}
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "sample_ids": list(sample_ids)}
 
 
 def pad_batch(data, sample_ids):
@@ -298,8 +297,9 @@ def micro_batch_cost(lengths, padded):
 
 
 def balanced_micro_batches(sample_ids, lengths, world_size, token_budget, padded=False):
-    """One step's samples (every rank's; lengths[i] is sample i's token count) dealt as [rank][slot] micro-batches of at most token_budget tokens
-    (micro_batch_cost), the same number of slots on every rank, slot j costing about the same on every rank.
+    """One step's samples (every rank's; lengths[i] is sample i's token count) dealt as [rank][slot]
+    micro-batches of at most token_budget tokens (micro_batch_cost), the same number of slots on every rank,
+    slot j costing about the same on every rank.
 
     FSDP's collectives make every rank wait for the slowest in each micro-batch, so a slot costs its most
     expensive rank. Packed: longest-first onto the least loaded of world_size x slots bins (LPT). Right-padded:

@@ -19,19 +19,21 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 import data
 import loss as qloss
@@ -59,7 +61,11 @@ parser.add_argument("--warmup-ratio", type=float, default=0.1)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimiser step")
-parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward, packed in one row")
+micro_batching = parser.add_mutually_exclusive_group()
+micro_batching.add_argument("--micro-batch-tokens", type=int, default=None, help="token budget of a micro-batch "
+                            "(default 4 x --max-len); each step's samples are balanced over ranks and micro-batches")
+micro_batching.add_argument("--micro-batch-size", type=int, default=None, help="instead, a fixed number of "
+                            "sequences per micro-batch, in the sampler's order (ranks then wait for each other)")
 parser.add_argument("--max-len", type=int, default=3072)
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--max-steps", type=int, default=None, help="cap on the schedule's length (default: epochs)")
@@ -67,9 +73,14 @@ parser.add_argument("--stop-after", type=int, default=None, help="exit after thi
                     "limit; --resume continues exactly")
 parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (master weights "
                     "and gradient reduction stay fp32)")
-parser.add_argument("--no-activation-checkpointing", action="store_true")
-parser.add_argument("--no-packing", action="store_true", help="right-padded micro-batches, for attention "
-                    "implementations that cannot keep packed sequences apart")
+parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer's activations "
+                    "in backward: less memory, about a third more compute (not needed for 1.5B on 80 GB)")
+parser.add_argument("--accumulate-unsharded", action="store_true", help="keep gradients unsharded over a step's "
+                    "micro-batches and reduce-scatter once: fewer collectives, but a full fp32 gradient per GPU "
+                    "(4 bytes x parameters: 6 GB at 1.5B, 30 GB at 7B)")
+parser.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"], help="micro-batch layout: "
+                    "packed rows (flash-attn's varlen kernel) or right-padded rows without an attention mask "
+                    "(sdpa's causal flash kernel); auto: packed with flash-attn installed, else padded")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save-every", type=int, default=0, help="steps between sharded checkpoints (0: none)")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -111,8 +122,9 @@ def save_checkpoint(out, step, model, optimizer, extra):
 
 # may change on resume: they steer the run or name where things are (the caches are validated on their own)
 # (micro-batching and packing too: the normaliser is the step's global label count, so the maths is unchanged)
-RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "no_activation_checkpointing",
-               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "no_packing"}
+RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "activation_checkpointing",
+               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "micro_batch_tokens", "layout",
+               "accumulate_unsharded"}
 
 
 def read_trainer_state(path):
@@ -183,17 +195,53 @@ def plot_metrics(metrics_path, png_path):
     fig.savefig(png_path, dpi=120)
 
 
+# no attention_mask: right padding follows each sequence, and causal attention never looks ahead
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def prepare(sample_ids):
+    """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
+    where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
+    batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
+    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None, None)
+    labels = batch["labels"].view(-1)
+    positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
+    batch = {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "label_positions": positions,
+             "label_ids": labels[positions]}
+    if "cu_seq_lens_q" in batch:  # flash-attn's maxima as Python ints: tensors would cost a host sync per layer
+        batch["max_length_q"] = batch["max_length_k"] = int(batch["cu_seq_lens_q"].diff().max())
+    pin = device_type == "cuda"
+    return ({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()},
+            tuple(t.pin_memory() if pin and t is not None else t for t in teacher))
+
+
+def to_device(value):
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+
+
+def load_pretrained(model):
+    """Rank 0 reads the weights once and broadcasts them into every rank's shards: host RAM holds one full
+    fp32 copy, not one per GPU (8 x 30 GB at 7B)."""
+    full = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32) if rank == 0 else None
+    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # not in the state dict (rotary inv_freq), left empty by to_empty
+        if rank == 0:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+    if rank == 0:
+        model.generation_config = full.generation_config  # export_hf (rank 0) writes it
+
+
 def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
     """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
     an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
-    hidden = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-                        attention_mask=batch.get("attention_mask"), use_cache=False)[0]
-    labels = batch["labels"].view(-1)
-    rows = labels != data.IGNORE_INDEX
+    hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)[0]
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
-    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1])[rows], self.lm_head.weight, labels[rows],
-                                teacher_ids, teacher_logprobs, loss=args.loss, eta=args.eta, c=args.c,
-                                normalizer=normalizer, stats=stats, **variant_kwargs)
+    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
+                                self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
+                                loss=args.loss, eta=args.eta, c=args.c, normalizer=normalizer, stats=stats,
+                                **variant_kwargs)
     return value, stats
 
 
@@ -216,6 +264,8 @@ if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same co
         s.bind(("localhost", 0))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
                           MASTER_PORT=str(s.getsockname()[1]))
+# before CUDA's allocator starts: micro-batches of varying shapes otherwise fragment its fixed-size segments
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
 # ranks wait at barriers while rank 0 tokenises a dataset or writes the export: NCCL's 10 minutes are too few
 dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=1))
@@ -224,10 +274,15 @@ device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type
 if device_type == "cuda":
     torch.cuda.set_device(device)
 torch.manual_seed(args.seed + rank)
-per_rank, remainder = divmod(args.global_batch_size, world_size * args.micro_batch_size)
+if args.micro_batch_size is None and args.micro_batch_tokens is None:
+    args.micro_batch_tokens = 4 * args.max_len
+per_rank, remainder = divmod(args.global_batch_size, world_size * (args.micro_batch_size or 1))
 if remainder or per_rank == 0:
-    parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size} x "
-                 f"--micro-batch-size {args.micro_batch_size}")
+    parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size}" +
+                 (f" x --micro-batch-size {args.micro_batch_size}" if args.micro_batch_size else ""))
+if args.micro_batch_tokens is not None and args.micro_batch_tokens < args.max_len:
+    parser.error(f"--micro-batch-tokens {args.micro_batch_tokens} is less than --max-len {args.max_len}: a "
+                 "longest sample would fit no micro-batch")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
 out = Path(args.out)
@@ -245,14 +300,23 @@ tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, syste
                               cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
 sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
+lengths, label_counts = np.diff(tokens.offsets), tokens.label_counts()
 steps_per_epoch = len(tokens) // args.global_batch_size
 total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 if total_steps == 0:
     parser.error(f"{len(tokens)} samples make no step of --global-batch-size {args.global_batch_size}")
 
 attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=attention)
-if not args.no_activation_checkpointing:
+layout = args.layout if args.layout != "auto" else "packed" if attention == "flash_attention_2" else "padded"
+if rank == 0:
+    print(f"attention: {attention} on {layout} micro-batches" + (
+        " (sdpa keeps packed sequences apart with a dense [T, T] mask: slow)" if (attention, layout) == (
+            "sdpa", "packed") else "") + (f", {args.micro_batch_size} sequences each" if args.micro_batch_size
+                                          else f" of <= {args.micro_batch_tokens} tokens, balanced over ranks"))
+with torch.device("meta"):  # the structure only; load_pretrained fills the shards
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32,
+                                             attn_implementation=attention)
+if args.activation_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 mesh = init_device_mesh(device_type, (world_size,))
 compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -261,6 +325,8 @@ for layer in model.model.layers:
     fully_shard(layer, mesh=mesh, mp_policy=policy)
 # the root's inputs include the teacher's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
 fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
+model.to_empty(device=device)
+load_pretrained(model)
 model.loss_forward = loss_forward.__get__(model)
 register_fsdp_forward_method(model, "loss_forward")
 model.train()
@@ -287,12 +353,17 @@ if rank == 0:
         import wandb
         wandb.init(project=args.wandb, config=vars(args), dir=str(out))
 
-# parameters that do matmul work: an untied input embedding is a lookup
+# parameters that do matmul work: an untied input embedding is a lookup; the lm_head works on label rows only
 n_params = sum(p.numel() for p in model.parameters()) - (
     0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+lm_head_params = model.config.vocab_size * model.config.hidden_size
 attention_flops = 6 * model.config.num_hidden_layers * model.config.hidden_size  # x sequence length^2, causal
-peak_flops = next((f for name, f in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A6000": 155e12}.items()
+# dense bf16 peaks; names as torch reports them ("NVIDIA H100 80GB HBM3" is the SXM part): the first match wins
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+              "A100": 312e12, "A6000": 155e12}
+peak_flops = next((f for name, f in PEAK_FLOPS.items()
                    if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
+prepare_next = ThreadPoolExecutor(1)  # builds the next micro-batch on the host while the current one runs
 
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
@@ -301,30 +372,39 @@ progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args
 stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
     started = time.perf_counter()
-    sample_ids = sampler.take(args.global_batch_size // world_size)
-    batches = [(data.pad_batch if args.no_packing else data.pack)(tokens, sample_ids[i:i + args.micro_batch_size])
-               for i in range(0, len(sample_ids), args.micro_batch_size)]
-    lengths = [len(tokens.input_ids(i)) for i in sample_ids]
-    counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches), sum(lengths),
-                           sum(n ** 2 for n in lengths)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    label_tokens, all_tokens, squared_lengths = counts.tolist()
+    dealt = sampler.take_global(args.global_batch_size // world_size)  # every rank's samples of this step
+    step_ids = sum(dealt, [])
+    plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
+            if args.micro_batch_tokens else [[ids[i:i + args.micro_batch_size]
+                                              for i in range(0, len(ids), args.micro_batch_size)] for ids in dealt])
+    label_tokens, all_tokens = int(label_counts[step_ids].sum()), int(lengths[step_ids].sum())
+    squared_lengths = int((lengths[step_ids] ** 2).sum())
     step_stats = dict.fromkeys(("p_label", "trust", "residual", "in_topk"), 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    micro_batches = plan[rank]
+    upcoming = prepare_next.submit(prepare, micro_batches[0])
     try:
-        for batch in batches:
-            teacher = teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None, None)
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+        for j in range(len(micro_batches)):
+            batch, teacher = upcoming.result()
+            if j + 1 < len(micro_batches):
+                upcoming = prepare_next.submit(prepare, micro_batches[j + 1])
+            batch, teacher = {k: to_device(v) for k, v in batch.items()}, [to_device(t) for t in teacher]
+            if args.accumulate_unsharded:
+                model.set_requires_gradient_sync(j == len(micro_batches) - 1)
             # FSDP averages gradients over ranks, so each rank divides by the global count / world size:
             # the step's gradient is then that of (sum of token losses) / (global label count)
             value, stats = model.loss_forward(batch, *teacher, normalizer=label_tokens / world_size)
-            value.backward()  # reduce-scatters now: sharded fp32 grads accumulate, unsharded ones would be bf16
+            # reduce-scatters now, leaving each rank its fp32 shard; with --accumulate-unsharded only the last
+            # micro-batch does, and until then FSDP2 accumulates full gradients upcast to fp32 (reduce_dtype)
+            value.backward()
             step_stats = {key: total + stats.get(key, 0.0) for key, total in step_stats.items()}
             step_loss += value.detach() / world_size
     except torch.OutOfMemoryError as e:
-        raise SystemExit(f"out of memory at step {step + 1} with --micro-batch-size {args.micro_batch_size} "
-                         f"(packed rows of up to {args.micro_batch_size * args.max_len} tokens): try a smaller "
-                         "--micro-batch-size") from e
+        flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
+                         f"{args.micro_batch_size * args.max_len} tokens)") if args.micro_batch_size
+                        else ("--micro-batch-tokens", str(args.micro_batch_tokens)))
+        raise SystemExit(f"out of memory at step {step + 1} with {flag} {budget}: try a smaller {flag}" +
+                         ("" if args.activation_checkpointing else " or --activation-checkpointing")) from e
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
@@ -333,7 +413,7 @@ while step < stop:
     step_loss, stat_sums = sums[0].item(), sums[1:].tolist()
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
         raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite "
-                         f"(rank {rank}'s samples {sample_ids}); the run stops before the update")
+                         f"(rank {rank}'s samples {sum(micro_batches, [])}); the run stops before the update")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -341,13 +421,19 @@ while step < stop:
     step += 1
 
     elapsed = time.perf_counter() - started
+    # model flops: 6 per parameter and token, the lm_head's only on label rows (the loss computes no other
+    # logits), plus causal attention; activation recompute not counted
+    flops = (6 * (n_params - lm_head_params) * all_tokens + 6 * lm_head_params * label_tokens
+             + attention_flops * squared_lengths)
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
-               "tokens_per_s": all_tokens / elapsed, "seconds": elapsed}
+               "tokens_per_s": all_tokens / elapsed, "seconds": elapsed, "tflops": flops / elapsed / world_size / 1e12,
+               "balance": data.balance(plan, lengths, layout == "padded")}
     logged = ("p_label", "trust", "residual") + (("in_topk",) if cache is not None else ())
     metrics.update({key: value / label_tokens for key, value in zip(logged, stat_sums)})
-    if peak_flops:  # model flops (6N per token plus attention), activation recompute not counted
-        flops = 6 * n_params * all_tokens + attention_flops * squared_lengths
+    if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
+    if device_type == "cuda":
+        metrics["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")

@@ -108,7 +108,7 @@ def test_two_processes_train_export_and_match_one_process(setup, one_process):
 
 
 def test_padded_micro_batches_match_packed_ones(setup, one_process, monkeypatch):
-    run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--no-packing"), monkeypatch)
+    run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--layout", "packed"), monkeypatch)
     for packed, padded in zip(one_process, metrics(setup, "padded")):
         assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
         assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
@@ -242,3 +242,62 @@ def test_out_of_memory_names_the_fix(setup, monkeypatch):
     monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", out_of_memory)
     with pytest.raises(SystemExit, match="out of memory at step 1 with --micro-batch-size 4 .* try a smaller"):
         run_in_process(train_args(setup, "oom", "--micro-batch-size", "4"), monkeypatch)
+
+
+def test_token_balanced_micro_batches_on_two_ranks_match_one_process(setup, one_process):
+    """Each step's 8 samples dealt over 2 ranks by token cost, gradients reduce-scattered once per step: the
+    same losses and gradients as one rank with one micro-batch of 8."""
+    run(train_args(setup, "balanced", "--micro-batch-tokens", "256", "--accumulate-unsharded"), nproc=2)
+    balanced = metrics(setup, "balanced")
+    for a, b in zip(one_process, balanced):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert 0.5 < b["balance"] <= 1
+    assert one_process[0]["balance"] == 1  # one rank waits for nobody
+
+
+def test_resume_continues_exactly_with_packed_token_budgets(setup, one_process, monkeypatch):
+    run_in_process(train_args(setup, "budget", "--layout", "packed", "--micro-batch-tokens", "256",
+                              "--stop-after", "2"), monkeypatch)
+    run_in_process(train_args(setup, "budget", "--layout", "packed", "--micro-batch-tokens", "600", "--resume"),
+                   monkeypatch)
+    for a, b in zip(one_process, metrics(setup, "budget")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_first_step_loss_is_the_pretrained_models_cross_entropy(setup, monkeypatch, capsys):
+    """The model is built on the meta device and rank 0's weights broadcast into it (buffers included): its
+    first loss must be that of the checkpoint loaded plainly, over the step's samples."""
+    run_in_process(train_args(setup, "meta", "--loss", "sft", "--max-steps", "1"), monkeypatch)
+    assert "attention: sdpa on padded micro-batches of <= 1024 tokens, balanced over ranks" in capsys.readouterr().out
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    model = AutoModelForCausalLM.from_pretrained(setup / "student")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in data.Sampler(len(tokens), seed=0).take(8):
+            logits = model(torch.from_numpy(tokens.input_ids(i).astype("int64"))[None]).logits[0].double()
+            labels = torch.from_numpy(tokens.labels(i))
+            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            count += int((labels != -100).sum())
+    (step,) = metrics(setup, "meta")
+    assert step["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_model_flops_charge_the_lm_head_to_label_tokens_only(setup, one_process):
+    config = AutoModelForCausalLM.from_pretrained(setup / "student").config
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k+v, o, MLP, two norms
+    body = layers * per_layer + h  # the final norm; the untied input embedding is a lookup
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    sampler = data.Sampler(len(tokens), seed=0)
+    for step in one_process:
+        ids = sampler.take(8)
+        lengths = [len(tokens.input_ids(j)) for j in ids]
+        labels = sum(int((tokens.labels(j) != -100).sum()) for j in ids)
+        flops = 6 * body * sum(lengths) + 6 * v * h * labels + 6 * layers * h * sum(n * n for n in lengths)
+        assert step["tflops"] * 1e12 * step["seconds"] == pytest.approx(flops, rel=1e-9)
