@@ -1,10 +1,10 @@
 """From a dataset to training tensors: one token stream for train.py and teacher_cache.py.
 
 tokenize_dataset() turns a source (a paper set's name, or a local .jsonl/.parquet) into prompt+response
-token ids through the student's chat template, and caches them on disk as a memory-mapped token array
-plus offsets, keyed by a fingerprint of everything that decides the ids. Sampler shards samples over
-ranks; balanced_micro_batches() deals a step's samples to ranks and micro-batches, which pack() and
-pad_batch() build.
+token ids through the student's chat template, as the source's recipe (RECIPES) says, and caches them on
+disk as a memory-mapped token array plus offsets, keyed by a fingerprint of everything that decides the ids.
+Sampler shards samples over ranks; balanced_micro_batches() deals a step's samples to ranks and micro-batches,
+which pack() and pad_batch() build.
 """
 import hashlib
 import heapq
@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import datasets
 import numpy as np
@@ -20,14 +21,50 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's default
+HELPFUL_SYSTEM = "You are a helpful assistant."
+BOXED_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+# Li et al.'s layout for Llama-3 base models (their sft_dataset.py, and the Qwen2.5-Math harness's prompt
+# "llama-base-boxed-with-bos"): headers, each turn closed by <|eot_id|> and a newline, BOS written once.
+LLAMA_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 IGNORE_INDEX = -100
 OPENR1_SAMPLES = 15_000  # Appendix A: "we sample 15k from OpenR1-Math-46k-8192" (after the length filter)
 OPENR1_SEED = 0
 
 
+class Recipe(NamedTuple):
+    """How one source becomes (prompt, response) token ids."""
+    system: Optional[str]  # None: no system message, so the chat template writes its own default
+    user_suffix: str  # appended to the question
+    prompt: str  # field holding the question (a dotted path into nested dicts, or a messages list)
+    response: tuple  # fields joined by a blank line
+    max_len: int
+    over_length: str  # "drop" the row, or "truncate" it on the right (verl's `truncation: right`)
+    llama_form: bool = False  # LLAMA_TEMPLATE instead of the model's own for Llama-3 tokenizers
+    strip_prefix: str = ""  # removed from the start of the response
+
+
+RECIPES = {
+    # Li et al., data/data_process_math.py + scripts/training/math: the bare question under the model's own
+    # template and default system turn (for Qwen2.5-Math that is SYSTEM_PROMPT), max_length 3072, verl's
+    # default `truncation: right`.
+    "numina67k": Recipe(None, "", "extra_info.question", ("extra_info.answer",), 3072, "truncate"),
+    # Appendix A: the responses that fit 3072 tokens, then a seeded 15k sample (build_cache).
+    "openr1-15k": Recipe(SYSTEM_PROMPT, "", "prompt", ("target",), 3072, "drop", strip_prefix="<think>\n"),
+    # Li et al., data/data_process_medical.py + scripts/training/medical: "qwen_prompt" (system "You are a
+    # helpful assistant.", the boxed instruction after the question) and "qwen_reponse_no_thinking" (the
+    # distilled answer alone), max_length 800; their Llama runs use LLAMA_TEMPLATE with the same turns.
+    "m23k": Recipe(HELPFUL_SYSTEM, BOXED_SUFFIX, "prompt", ("distilled_answer_string",), 800, "truncate",
+                   llama_form=True),
+    # m1's setting (Huang et al.): the reasoning, then the answer.
+    "m23k-reasoning": Recipe(SYSTEM_PROMPT, "", "prompt", ("reasoning", "distilled_answer_string"), 3072, "drop"),
+}
+LOCAL_RECIPE = Recipe(SYSTEM_PROMPT, "", "prompt", ("response",), 3072, "drop")  # .jsonl/.parquet files
 HF_SOURCES = {"numina67k": "gaotang/numina-cot-subset-67k", "openr1-15k": "Elliott/Openr1-Math-46k-8192",
-              "m23k": "UCSC-VLAA/m23k-tokenized"}
+              "m23k": "UCSC-VLAA/m23k-tokenized", "m23k-reasoning": "UCSC-VLAA/m23k-tokenized"}
 
 
 def load_rows(source):
@@ -41,24 +78,52 @@ def load_rows(source):
                                  split="train")
 
 
-def prompt_response(source, row):
-    """The (prompt, response) of a row as Appendix A describes each set, unchecked."""
-    if source == "numina67k":
-        extra = row.get("extra_info") or {}
-        return extra.get("question"), extra.get("answer")
-    if source == "openr1-15k":
-        user = [m["content"] for m in row["prompt"] if m["role"] == "user"]
-        response = row["target"][0]["content"]
-        response = response.removeprefix("<think>\n") if isinstance(response, str) else response
-        return (user[0] if user else None), response
-    if source == "m23k":
-        return row.get("prompt"), f"{row['reasoning']}\n\n{row['distilled_answer_string']}"
-    if "messages" in row:
-        turns = row["messages"] or []
-        user = [m.get("content") for m in turns if m.get("role") == "user"]
-        assistant = [m.get("content") for m in turns if m.get("role") == "assistant"]
-        return (user[0] if user else None), (assistant[-1] if assistant else None)
-    return row.get("prompt"), row.get("response")
+def recipe_for(source, columns=(), **overrides):
+    """The source's recipe, with the explicitly given options (not None) in place of its own."""
+    recipe = RECIPES.get(source, LOCAL_RECIPE)
+    if source not in RECIPES and "messages" in columns:
+        recipe = recipe._replace(prompt="messages", response=("messages",))
+    return recipe._replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def field(row, path, role):
+    """row's value at a dotted path; a list of chat turns gives the content of its first turn of `role`
+    (the prompt) or its last (the response)."""
+    value = row
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, list):
+        turns = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == role]
+        value = (turns[0] if role == "user" else turns[-1]) if turns else None
+    return value
+
+
+def prompt_response(recipe, row):
+    """The (prompt, response) of a row as its recipe reads it, unchecked."""
+    prompt = field(row, recipe.prompt, "user")
+    parts = [field(row, path, "assistant") for path in recipe.response]
+    bad = [p for p in parts if not isinstance(p, str)]
+    response = bad[0] if bad else "\n\n".join(parts).removeprefix(recipe.strip_prefix)
+    return (prompt + recipe.user_suffix if isinstance(prompt, str) else prompt), response
+
+
+def is_llama3(tokenizer):
+    return "<|start_header_id|>" in tokenizer.get_vocab()
+
+
+def chat_template(tokenizer, llama_form):
+    """The template prompts are rendered with: a recipe's Llama form for Llama-3 tokenizers, else the model's."""
+    return LLAMA_TEMPLATE if llama_form and is_llama3(tokenizer) else tokenizer.chat_template
+
+
+def render(tokenizer, template, system, user, response=None):
+    """Chat-templated text: the prompt with the assistant header, or the whole exchange with its response."""
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + \
+        [{"role": "user", "content": user}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=response is None)
 
 
 def source_fingerprint(source, rows):
@@ -84,21 +149,17 @@ def bad_row_reason(prompt, response):
     return None
 
 
-def encode(tokenizer, pairs, system_prompt):
+def encode(tokenizer, pairs, system_prompt, template=None):
     """Prompt ids and response ids per pair. The response is what the template adds for the assistant
     turn up to and including its end-of-turn token; the whitespace the template puts after it is dropped."""
-    def render(pair, with_response):
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": pair[0]}]
-        if with_response:
-            messages.append({"role": "assistant", "content": pair[1]})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not with_response)
-
     out = []
     bar = tqdm(total=len(pairs), desc="tokenize", unit="rows", disable=len(pairs) < 100)
     for start in range(0, len(pairs), 1000):
         chunk = pairs[start:start + 1000]
-        prompts = tokenizer([render(p, False) for p in chunk], add_special_tokens=False)["input_ids"]
-        fulls = tokenizer([render(p, True) for p in chunk], add_special_tokens=False)["input_ids"]
+        prompts = tokenizer([render(tokenizer, template, system_prompt, p) for p, _ in chunk],
+                            add_special_tokens=False)["input_ids"]
+        fulls = tokenizer([render(tokenizer, template, system_prompt, p, r) for p, r in chunk],
+                          add_special_tokens=False)["input_ids"]
         for j, (prompt, full) in enumerate(zip(prompts, fulls)):
             if full[:len(prompt)] != prompt:
                 raise ValueError(f"row {start + j}: the chat template's prompt is not a token prefix of "
@@ -112,9 +173,9 @@ def encode(tokenizer, pairs, system_prompt):
     return out
 
 
-def end_of_turn_id(tokenizer, system_prompt=SYSTEM_PROMPT):
+def end_of_turn_id(tokenizer, system_prompt=SYSTEM_PROMPT, template=None):
     """The token that closes the assistant's turn (the last label of every response): generation stops there."""
-    return encode(tokenizer, [("1 + 1?", "2")], system_prompt)[0][1][-1]
+    return encode(tokenizer, [("1 + 1?", "2")], system_prompt, template)[0][1][-1]
 
 
 class TokenizedData:
@@ -146,33 +207,37 @@ class TokenizedData:
         return np.diff(self.offsets) - self.prompt_lens
 
 
-def tokenize_dataset(source, tokenizer, *, max_len=3072, system_prompt=SYSTEM_PROMPT,
-                     cache_dir="cache/tokenized", truncate=False, skip_bad=False):
-    """The tokenised dataset, from the on-disk cache when the key is unchanged. Under torch.distributed,
-    rank 0 builds and the other ranks wait for it."""
-    if not tokenizer.chat_template:
+def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cache_dir="cache/tokenized",
+                     truncate=None, skip_bad=False):
+    """The tokenised dataset, from the on-disk cache when the key is unchanged. max_len, system_prompt and
+    truncate left at None take the source's recipe (RECIPES). Under torch.distributed, rank 0 builds and
+    the other ranks wait for it."""
+    template = chat_template(tokenizer, RECIPES.get(str(source), LOCAL_RECIPE).llama_form)
+    if not template:
         raise ValueError(f"{tokenizer.name_or_path} has no chat template, and prompts are templated with the "
                          "student's (some base models ship none): add one to the model folder, e.g. the instruct "
                          "model's chat_template.jinja")
     rows = load_rows(str(source))
+    over_length = None if truncate is None else ("truncate" if truncate else "drop")
+    recipe = recipe_for(str(source), rows.column_names, system=system_prompt, max_len=max_len,
+                        over_length=over_length)
     key = {"source": str(source), "source_hash": source_fingerprint(str(source), rows),
-           "tokenizer": tokenizer_fingerprint(tokenizer), "system_prompt": system_prompt, "max_len": max_len,
-           "truncate": truncate, "skip_bad": skip_bad}
+           "tokenizer": tokenizer_fingerprint(tokenizer), "recipe": recipe._asdict(), "template": template,
+           "skip_bad": skip_bad}
     fingerprint = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir) / fingerprint
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and dist.get_rank() != 0:
         dist.barrier()
     if not (path / "meta.json").exists():
-        pairs = [prompt_response(str(source), row) for row in rows]
-        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, max_len, system_prompt,
-                    truncate, skip_bad)
+        pairs = [prompt_response(recipe, row) for row in rows]
+        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad)
     if distributed and dist.get_rank() == 0:
         dist.barrier()
     return TokenizedData(path)
 
 
-def build_cache(path, source, pairs, tokenizer, key, fingerprint, max_len, system_prompt, truncate, skip_bad):
+def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, template, skip_bad):
     bad = [(i, bad_row_reason(*p)) for i, p in enumerate(pairs)]
     bad = [(i, reason) for i, reason in bad if reason]
     if bad and not skip_bad:
@@ -181,8 +246,8 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, max_len, syste
                          "skip_bad=True (--skip-bad) to skip and count them")
     bad_rows = {i for i, _ in bad}
     kept_rows = [i for i in range(len(pairs)) if i not in bad_rows]
-    encoded = encode(tokenizer, [pairs[i] for i in kept_rows], system_prompt)
-    drop_long = not truncate or source == "openr1-15k"  # Appendix A keeps only OpenR1 responses that fit
+    encoded = encode(tokenizer, [pairs[i] for i in kept_rows], recipe.system, template)
+    max_len, drop_long = recipe.max_len, recipe.over_length == "drop"
     samples, too_long = [], 0
     for prompt, response in encoded:
         if len(prompt) + len(response) > max_len and drop_long:

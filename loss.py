@@ -10,8 +10,8 @@ chunk of tokens, returns the stop-gradient weights of the two CE branches (Eq. 3
     loss_t = a_t * CE(onehot(y_t), pi) + b_t * CE(res_t, pi),     dloss_t/dz = (a+b) p - a onehot - b res,
 
 which is Q-target training with gamma = a / (a + b) up to the scale a + b (Corollary 2). Token-weighted
-variants (DFT, beyond-log, ProFiT, EAFT) have b = 0: their residual is sg(pi) and gives no gradient
-(Corollary 1). The rules below are Table 5 written as code.
+variants (DFT, beyond-log, ProFiT, EAFT, iw-SFT/CFT as `weighted`, Proximal SFT) have b = 0: their residual is
+sg(pi) and gives no gradient (Corollary 1). The rules below are Table 5 written as code.
 
 Three ways to compute the same loss live here:
 - `reference_q_target_loss`: Table 4's formulas on full logits with autograd, written to be read.
@@ -19,8 +19,10 @@ Three ways to compute the same loss live here:
   built in the forward pass, from which grad_hidden and grad_weight follow (as Liger-Kernel's fused linear
   cross-entropy does for plain CE); backward only scales them.
 - `induced_target`: Eq. 6, Q = p - dloss/dz by autograd, for any loss: the lens itself.
-tests/test_loss.py proves the three agree.
+tests/test_loss.py proves the three agree. `python loss.py` prints Table 5 computed on a worked example;
+`python loss.py --plot FILE.png` draws Figure 3 for every variant.
 """
+import argparse
 import inspect
 import math
 from typing import NamedTuple, Optional
@@ -41,6 +43,15 @@ class Target(NamedTuple):
     value: Optional[Tensor] = None  # [n] the paper's token loss, where it is not a*NLL + b*CE(res, pi)
 
 
+class Side(NamedTuple):
+    """What a rule reads besides the student: a cache's rows (the teacher's; for kl, asft and psft the
+    reference model's) and the data's label weights. Rules name it after what it holds (teacher, ref, data)."""
+    ids: Optional[Tensor] = None             # [n, k] the cached model's top-k ids
+    logprobs: Optional[Tensor] = None        # [n, k] their log-probabilities over the full vocabulary
+    label_logprobs: Optional[Tensor] = None  # [n] its log-probability of the observed label y_t
+    weights: Optional[Tensor] = None         # [n] label trust read from the data (weighted)
+
+
 def logprob_at(z, lse, ids):
     """log pi(ids) from fp32 logits z [n, V] and their logsumexp lse [n]; ids [n] or [n, k]."""
     if ids.dim() == 1:
@@ -48,38 +59,54 @@ def logprob_at(z, lse, ids):
     return z.gather(1, ids) - lse[:, None]
 
 
-def sft(z, lse, y, teacher):
+def self_residual(a):
+    """Token weighting (Corollary 1): gamma = a, residual sg(pi), no residual gradient."""
+    return Target(a, torch.zeros_like(a), None, None)
+
+
+def sft(z, lse, y, side):
     """Standard SFT: gamma = 1, the one-hot target (Eq. 13)."""
-    one = torch.ones_like(lse)
-    return Target(one, torch.zeros_like(one), None, None)
+    return self_residual(torch.ones_like(lse))
 
 
-def dft(z, lse, y, teacher):
+def dft(z, lse, y, side):
     """DFT / p-loss, -sg(p_y) log p_y: gamma = p_y with the self-residual sg(pi) (Eq. 14-16)."""
-    p_y = logprob_at(z, lse, y).exp()
-    return Target(p_y, torch.zeros_like(p_y), None, None)
+    return self_residual(logprob_at(z, lse, y).exp())
 
 
-def beyond_log(z, lse, y, teacher, alpha=1.0):
+def beyond_log(z, lse, y, side, alpha=1.0):
     """Beyond-log, (1 - p_y^alpha) / alpha: its gradient p_y^alpha (p - onehot) is gamma = p_y^alpha."""
     p_alpha = logprob_at(z, lse, y).mul(alpha).exp()
-    return Target(p_alpha, torch.zeros_like(p_alpha), None, None, value=(1 - p_alpha) / alpha)
+    return self_residual(p_alpha)._replace(value=(1 - p_alpha) / alpha)
 
 
-def profit(z, lse, y, teacher, tau=0.1):
+def profit(z, lse, y, side, tau=0.1):
     """ProFiT: train only on tokens the model already finds plausible, gamma = 1[p_y > tau]."""
-    keep = (logprob_at(z, lse, y).exp() > tau).to(z.dtype)
-    return Target(keep, torch.zeros_like(keep), None, None)
+    return self_residual((logprob_at(z, lse, y).exp() > tau).to(z.dtype))
 
 
-def eaft(z, lse, y, teacher, k=20):
+def eaft(z, lse, y, side, k=20):
     """EAFT: gamma = the student's top-k entropy normalised by log k."""
     top_logp = z.topk(k, dim=-1).values.log_softmax(-1)
-    entropy = -(top_logp.exp() * top_logp).sum(-1) / math.log(k)
-    return Target(entropy, torch.zeros_like(entropy), None, None)
+    return self_residual(-(top_logp.exp() * top_logp).sum(-1) / math.log(k))
 
 
-def label_smoothing(z, lse, y, teacher, lam=0.1):
+def weighted(z, lse, y, data):
+    """Label trust read from the data, -w_t log p_y: gamma = w_t, self-residual (Corollary 1). iw-SFT's
+    trajectory weight w(tau) on every token of a sample, CFT's critical-token mask c_t, or any designed gamma."""
+    return self_residual(data.weights.to(lse.dtype))
+
+
+def proximal(z, lse, y, ref, eps=0.2):
+    """Proximal SFT, -min(r, clip(r, 1-eps, 1+eps)) with r = p_y / pi_old(y_t), pi_old the reference cache's
+    label probability. Where r <= 1+eps the min is r, whose gradient is r (p - onehot): gamma = r, self-residual.
+    Where r > 1+eps the min is the constant 1+eps and the gradient is cut: gamma = 0, the target is sg(pi).
+    The trust region is thus a label trust that switches off once p_y has grown 1+eps times past pi_old."""
+    r = (logprob_at(z, lse, y) - ref.label_logprobs).exp()
+    return self_residual(r * (r <= 1 + eps))._replace(value=-torch.minimum(r, r.clamp(1 - eps, 1 + eps)))
+
+
+def label_smoothing(z, lse, y, side, lam=0.1):
     """Label smoothing: gamma = 1 - lambda, res = Unif(V)."""
     a = torch.full_like(lse, 1 - lam)
     return Target(a, torch.full_like(lse, lam), None, z.new_tensor(1 / z.shape[-1]))
@@ -87,10 +114,10 @@ def label_smoothing(z, lse, y, teacher, lam=0.1):
 
 def reference_kl(z, lse, y, ref, lam, label_weight):
     """label_weight * CE(onehot, pi) + lambda KL(pi_ref || pi), pi_ref the reference's renormalised top-k."""
-    ref_ids, ref_logp = ref[0], ref[1].log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - logprob_at(z, lse, ref_ids))).sum(-1)
+    ref_logp = ref.logprobs.log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logprob_at(z, lse, ref.ids))).sum(-1)
     value = -label_weight * logprob_at(z, lse, y) + lam * kl
-    return Target(label_weight, torch.full_like(lse, lam), ref_ids, ref_logp.exp(), value=value)
+    return Target(label_weight, torch.full_like(lse, lam), ref.ids, ref_logp.exp(), value=value)
 
 
 def kl_to_reference(z, lse, y, ref, lam=0.1):
@@ -103,7 +130,7 @@ def asft(z, lse, y, ref, lam=0.1):
     return reference_kl(z, lse, y, ref, lam, logprob_at(z, lse, y).exp())
 
 
-def gem(z, lse, y, teacher, beta=0.7):
+def gem(z, lse, y, side, beta=0.7):
     """GEM (Table 4's form), CE(onehot, pi) - CE(q, pi) with q = sg(pi)^(1/beta) normalised: a signed
     residual, b = -1 (Appendix B.3)."""
     q = (z / beta).softmax(-1)
@@ -114,23 +141,25 @@ def gem(z, lse, y, teacher, beta=0.7):
 def distill(z, lse, y, teacher, c=0.8):
     """Distillation (hybrid), c CE(pi_T, pi) + (1 - c) CE(onehot, pi): gamma = 1 - c, res = pi_T."""
     a = torch.full_like(lse, 1 - c)
-    return Target(a, torch.full_like(lse, c), teacher[0], teacher[1].softmax(-1))
+    return Target(a, torch.full_like(lse, c), teacher.ids, teacher.logprobs.softmax(-1))
 
 
 def target(z, lse, y, teacher, eta=0.5, c=None):
     """TARGET-SFT (Eq. 7-8): gamma = sg(p_y), res proportional to pi^(1-eta) pi_T^eta on the teacher's
     top-k. With c: the constant-branch ablation (Table 6), p_y CE(onehot, pi) + c CE(res, pi)."""
-    teacher_ids, teacher_logp = teacher
     p_y = logprob_at(z, lse, y).exp()
-    res = ((1 - eta) * logprob_at(z, lse, teacher_ids) + eta * teacher_logp).softmax(-1)
+    res = ((1 - eta) * logprob_at(z, lse, teacher.ids) + eta * teacher.logprobs).softmax(-1)
     b = 1 - p_y if c is None else torch.full_like(p_y, c)
-    return Target(p_y, b, teacher_ids, res)
+    return Target(p_y, b, teacher.ids, res)
 
 
 RULES = {"sft": sft, "dft": dft, "p": dft, "beyond-log": beyond_log, "profit": profit, "eaft": eaft,
-         "ls": label_smoothing, "kl": kl_to_reference, "asft": asft, "gem": gem, "distill": distill,
-         "target": target}
-NEEDS_TEACHER = {"kl", "asft", "distill", "target"}  # kl and asft read a reference model's top-k cache
+         "weighted": weighted, "psft": proximal, "ls": label_smoothing, "kl": kl_to_reference, "asft": asft,
+         "gem": gem, "distill": distill, "target": target}
+NEEDS_TOPK = {"kl", "asft", "distill", "target"}    # read a cache's top-k ids and log-probabilities
+NEEDS_TEACHER = NEEDS_TOPK | {"psft"}                # read a cache at all (psft: its label log-probs)
+REFERENCE_LOSSES = {"kl", "asft", "psft"}            # whose cache is a reference model's (--ref-cache)
+NEEDS_WEIGHTS = {"weighted"}                         # read label weights from the data
 
 
 def variant_hyperparameters(loss, eta=0.5, c=None, **variant_kwargs):
@@ -148,11 +177,35 @@ def variant_hyperparameters(loss, eta=0.5, c=None, **variant_kwargs):
                          f"got {sorted(set(given) - set(defaults))}")
     if loss == "target" and not 0 <= eta <= 1:
         raise ValueError(f"eta={eta} is outside [0, 1], the student-to-teacher interpolation of Section 6")
+    if loss == "psft" and not 0 < given.get("eps", 0.2) < 1:
+        raise ValueError(f"eps={given['eps']} is outside (0, 1), Proximal SFT's clip range 1 +- eps")
     return {**defaults, **given}
+
+
+def check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights):
+    """A loss missing what it reads fails here, naming the train.py flag that provides it."""
+    cache_flag = "--ref-cache" if loss in REFERENCE_LOSSES else "--teacher-cache"
+    if loss in NEEDS_TOPK and (teacher_ids is None or teacher_logprobs is None):
+        raise ValueError(f"loss={loss!r} needs teacher_ids and teacher_logprobs (train.py: {cache_flag})")
+    if loss == "psft" and teacher_label_logprobs is None:
+        raise ValueError("loss='psft' needs teacher_label_logprobs, the starting model's log pi_old(y_t) (train.py: "
+                         "--ref-cache, built from the starting model by teacher_cache.py)")
+    if loss in NEEDS_WEIGHTS and token_weights is None:
+        raise ValueError("loss='weighted' needs token_weights (train.py: a `weight` or `weight_spans` field in "
+                         "every row of the data)")
 
 
 # ----------------------------------------------------------------------------------------------------
 # The chunked, exact loss
+
+def logits_fp32(hidden, weight):
+    """fp32 logits h W^T. Under bf16 on CUDA the matmul writes fp32 directly (no bf16 rounding of logits of
+    12-30, which would move a renormalised top-64 probability by up to 1e-2); elsewhere the inputs are upcast."""
+    if hidden.is_cuda and hidden.dtype == torch.bfloat16:
+        return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when checking in fp64
+    return hidden.to(acc_dtype) @ weight.to(acc_dtype).T
+
 
 def residual_cross_entropy(z, lse, q: Target):
     """CE(res, pi) = -sum_v res(v) log pi(v), with res on the teacher's ids or on the whole vocabulary."""
@@ -162,9 +215,10 @@ def residual_cross_entropy(z, lse, q: Target):
     return -(q.res * logp).sum(-1)
 
 
-def logit_gradient_(z, lse, y, q: Target):
-    """Turns the fp32 logits z into the logit gradient (a + b) p - a onehot(y) - b res, in place."""
-    grad = z.sub_(lse[:, None]).exp_().mul_((q.a + q.b)[:, None])
+def logit_gradient_(exp_z, sum_exp, y, q: Target):
+    """Turns exp(z) [n, V] into the logit gradient (a + b) p - a onehot(y) - b res, in place: p = exp(z) / sum,
+    so the chunk is exponentiated once, for both the logsumexp and the gradient."""
+    grad = exp_z.mul_(((q.a + q.b) / sum_exp)[:, None])
     grad.scatter_add_(1, y[:, None], -q.a[:, None])
     if q.res_ids is not None:
         grad.scatter_add_(1, q.res_ids, -q.b[:, None] * q.res)
@@ -173,11 +227,12 @@ def logit_gradient_(z, lse, y, q: Target):
     return grad
 
 
-def default_chunk_size(num_rows, vocab_size, budget_bytes=2 * 2**30):
-    """Rows per chunk: at most 16 bytes per vocabulary entry (fp32 logits turned in place into the gradient,
-    a softmax temporary, and GEM's dense residual, the largest rule) within the budget, and at least 8 chunks
-    so a chunk stays a small share of the full [N, V] logits."""
-    return max(1, min(budget_bytes // (16 * vocab_size), math.ceil(num_rows / 8)))
+def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
+    """Rows per chunk at 16 bytes per vocabulary entry (fp32 logits, their exp turned in place into the
+    gradient, and GEM's dense residual, the largest rule): within a quarter of the free GPU memory, at most
+    4 GiB, and 256 MiB on CPU, where a larger chunk buys no speed."""
+    budget = min(torch.cuda.mem_get_info(device)[0] // 4, 4 * 2**30) if device.type == "cuda" else 2**28
+    return max(1, min(num_rows, budget // (16 * vocab_size)))
 
 
 def trust(q: Target):
@@ -191,12 +246,21 @@ def accumulate(stats, **sums):
         stats[key] = stats.get(key, 0) + value.detach().double().sum()
 
 
+def quadrant_sums(stats, p_student, p_teacher, threshold):
+    """Figure 4's regimes on the observed token: Q1 rescue (teacher high, student low), Q2 filter (both low),
+    Q3 both high, Q4 student high, teacher low; plus the teacher's mean label probability."""
+    student_high, teacher_high = p_student >= threshold, p_teacher >= threshold
+    accumulate(stats, p_teacher_label=p_teacher, q1_rescue=teacher_high & ~student_high,
+               q2_filter=~teacher_high & ~student_high, q3_both_high=teacher_high & student_high,
+               q4_student_high=student_high & ~teacher_high)
+
+
 class ChunkedQTargetLoss(torch.autograd.Function):
     """Forward walks the labelled rows chunk by chunk and also builds both gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, rows, teacher_ids, teacher_logprobs, rule, hyper, chunk_size,
-                normalizer, stats):
+    def forward(ctx, hidden, weight, labels, rows, side, rule, hyper, chunk_size, normalizer, stats,
+                quadrant_threshold):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         # fp32 accumulation across chunks: summing bf16 partial products would lose the small ones
@@ -205,21 +269,28 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
         for chunk in rows.split(chunk_size):
             h, y = hidden[chunk], labels[chunk]
-            teacher = None if teacher_ids is None else (teacher_ids[chunk].long(),
-                                                        teacher_logprobs[chunk].to(acc_dtype))
-            z = (h @ weight.T).to(acc_dtype)  # under bf16 the logits carry bf16 rounding, as HF's lm_head's do
+            chunk_side = Side(*(None if t is None else t[chunk] for t in side))
+            chunk_side = chunk_side._replace(**{name: getattr(chunk_side, name).to(acc_dtype) for name in (
+                "logprobs", "label_logprobs") if getattr(chunk_side, name) is not None})
+            z = logits_fp32(h, weight)
             z -= z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
-            lse = torch.logsumexp(z, dim=-1)
-            q = rule(z, lse, y, teacher, **hyper)
+            exp_z = z.exp()
+            sum_exp = exp_z.sum(-1)
+            lse = sum_exp.log()
+            q = rule(z, lse, y, chunk_side, **hyper)
             logp_y = logprob_at(z, lse, y)
             value = q.value if q.value is not None else -q.a * logp_y + q.b * residual_cross_entropy(z, lse, q)
             total += value.sum()
             if stats is not None:
-                in_topk = {} if teacher is None else {"in_topk": (teacher[0] == y[:, None]).any(-1)}
+                in_topk = {} if side.ids is None else {"in_topk": (chunk_side.ids == y[:, None]).any(-1)}
                 accumulate(stats, tokens=torch.ones_like(lse), p_label=logp_y.exp(), trust=trust(q),
                            residual=q.b, **in_topk)
+                if side.label_logprobs is not None:
+                    quadrant_sums(stats, logp_y.exp(), chunk_side.label_logprobs.exp(), quadrant_threshold)
+            del z
             if want_hidden or want_weight:
-                grad = logit_gradient_(z, lse, y, q).div_(normalizer).to(weight.dtype)  # z is consumed here
+                scaled = q._replace(a=q.a / normalizer, b=q.b / normalizer)  # 1/normalizer folded into a and b
+                grad = logit_gradient_(exp_z, sum_exp, y, scaled).to(weight.dtype)
                 if want_hidden:
                     grad_hidden[chunk] = grad @ weight
                 if want_weight and grad.dtype == grad_weight.dtype:
@@ -243,47 +314,53 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, *[None] * 9
 
 
-def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=None, *, loss="target", eta=0.5,
-                  c=None, chunk_size=None, ignore_index=-100, normalizer=None, stats=None, **variant_kwargs):
+def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=None, teacher_label_logprobs=None,
+                  token_weights=None, *, loss="target", eta=0.5, c=None, chunk_size=None, ignore_index=-100,
+                  normalizer=None, stats=None, quadrant_threshold=0.5, **variant_kwargs):
     """Sum over labelled tokens of CE(Q_t, softmax(h_t W^T)), divided by `normalizer`.
 
     hidden [N, H] final hidden states; weight [V, H] the lm_head; labels [N], already shifted (labels[i]
-    follows position i), ignore_index where there is no label; teacher_ids and teacher_logprobs [N, k]: the
-    teacher's (for kl/asft the reference model's) top-k ids and log-probabilities over the full vocabulary.
-    Leading dimensions beyond N are flattened. normalizer defaults to the number of labelled tokens;
-    train.py passes the global count of an optimiser step. stats, if a dict, gains this call's sums of
-    tokens, p_label, trust (gamma of Table 5), residual (b) and in_topk: a step's means need no second pass.
+    follows position i), ignore_index where there is no label. From a cache (the teacher's; for kl, asft and
+    psft the reference model's): teacher_ids and teacher_logprobs [N, k], its top-k ids and log-probabilities
+    over the full vocabulary, and teacher_label_logprobs [N], its log-probability of each label. From the
+    data: token_weights [N], the label trust of loss="weighted". Leading dimensions beyond N are flattened.
+    normalizer defaults to the number of labelled tokens; train.py passes the global count of an optimiser
+    step. stats, if a dict, gains this call's sums of tokens, p_label, trust (gamma of Table 5), residual (b)
+    and in_topk, and with label log-probs p_teacher_label and Figure 4's quadrant counts (q1_rescue,
+    q2_filter, q3_both_high, q4_student_high at quadrant_threshold): a step's means need no second pass.
     """
     hyper = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
-    if loss in NEEDS_TEACHER and (teacher_ids is None or teacher_logprobs is None):
-        raise ValueError(f"loss={loss!r} needs teacher_ids and teacher_logprobs (train.py: --teacher-cache, "
-                         "or --ref-cache for kl and asft)")
+    check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights)
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if not torch.is_grad_enabled():  # evaluation: no gradients built in the forward
         hidden, weight = hidden.detach(), weight.detach()
-    if teacher_ids is not None:
-        teacher_ids = teacher_ids.reshape(labels.numel(), -1)
-        teacher_logprobs = teacher_logprobs.reshape(labels.numel(), -1)
+    n = labels.numel()
+    side = Side(*(None if t is None else t.reshape(n, -1) for t in (teacher_ids, teacher_logprobs)),
+                *(None if t is None else t.reshape(n) for t in (teacher_label_logprobs, token_weights)))
+    if side.ids is not None:
+        side = side._replace(ids=side.ids.long())
     rows = (labels != ignore_index).nonzero().squeeze(1)
     normalizer = normalizer if normalizer is not None else max(rows.numel(), 1)
-    chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0])
-    return ChunkedQTargetLoss.apply(hidden, weight, labels, rows, teacher_ids, teacher_logprobs, RULES[loss],
-                                    hyper, chunk_size, normalizer, stats)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
+    return ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
+                                    normalizer, stats, quadrant_threshold)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The readable reference: Table 4's token-level objectives on full logits, differentiated by autograd
 
-def reference_q_target_loss(logits, labels, teacher_ids=None, teacher_logprobs=None, *, loss="target", eta=0.5,
-                            c=None, ignore_index=-100, normalizer=None, **variant_kwargs):
+def reference_q_target_loss(logits, labels, teacher_ids=None, teacher_logprobs=None, teacher_label_logprobs=None,
+                            token_weights=None, *, loss="target", eta=0.5, c=None, ignore_index=-100,
+                            normalizer=None, **variant_kwargs):
     """The same loss as q_target_loss, from full logits [N, V], each variant written as Table 4 writes it."""
     hp = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
+    check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights)
     valid = labels != ignore_index
     y = labels.masked_fill(~valid, 0)  # ignored rows are computed, then zeroed: no [N, V] copy of the logits
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     logp_y = logp.gather(1, y[:, None]).squeeze(1)
     p_y, sg = logp_y.exp(), torch.Tensor.detach
-    if loss in NEEDS_TEACHER:
+    if loss in NEEDS_TOPK:
         pi_t = teacher_logprobs.to(logp.dtype).softmax(-1)  # the teacher renormalised on its top-k
         logp_t = logp.gather(1, teacher_ids.long())          # log pi_theta on those ids
 
@@ -298,6 +375,11 @@ def reference_q_target_loss(logits, labels, teacher_ids=None, teacher_logprobs=N
     elif loss == "eaft":
         top = sg(logp).topk(hp["k"], dim=-1).values.softmax(-1)
         per_token = (top * top.log()).sum(-1) / math.log(hp["k"]) * logp_y
+    elif loss == "weighted":  # iw-SFT -w(tau) log p_t, CFT -c_t log p_t
+        per_token = -token_weights.to(logp.dtype) * logp_y
+    elif loss == "psft":
+        r = p_y / teacher_label_logprobs.to(logp.dtype).exp()  # pi_old is a constant: no gradient
+        per_token = -torch.minimum(r, r.clamp(1 - hp["eps"], 1 + hp["eps"]))
     elif loss == "ls":
         per_token = -((1 - hp["lam"]) * logp_y + hp["lam"] / logp.shape[-1] * logp.sum(-1))
     elif loss in ("kl", "asft"):
@@ -323,3 +405,117 @@ def induced_target(loss_fn, logits, labels):
     z = logits.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_fn(z, labels), z)
     return z.detach().softmax(-1) - grad
+
+
+# ----------------------------------------------------------------------------------------------------
+# `python loss.py`: Table 5 computed on a worked example; `--plot FILE.png`: Figure 3 for every variant
+
+TOKENS = ["4", "four", "5", "the", "so", "7"]  # one prefix's vocabulary; the observed label is "4"
+LABEL, OTHER = 0, 1                              # Figure 3 follows y and one non-observed token k ("four")
+STUDENT = [1.0, 0.2, 1.6, 0.5, -0.3, -1.0]      # the student prefers "5": the label is unlikely (p_y = 0.23)
+TEACHER = [3.0, 1.5, 0.0, -0.5, -1.0, -2.0]     # the teacher backs "4", then "four": a rescue token
+REFERENCE = [0.8, 0.3, 1.2, 0.6, -0.2, -0.8]    # the starting model, for kl, asft and psft
+PI_OLD_LABEL, DATA_WEIGHT, CACHE_K = 0.2, 0.5, 4
+EXAMPLE_HYPER = {"eaft": {"k": CACHE_K}}         # EAFT's top-20 entropy needs 20 tokens; the example has 6
+
+
+def worked_example_side(loss, rows=1):
+    """The cache rows and data weight each variant reads, for `rows` copies of the example prefix."""
+    source = REFERENCE if loss in REFERENCE_LOSSES else TEACHER
+    logp, ids = torch.tensor(source, dtype=torch.float64).log_softmax(-1).topk(CACHE_K)
+    label_logprob = math.log(PI_OLD_LABEL) if loss in REFERENCE_LOSSES else float(logp[ids == LABEL].sum())
+    return Side(ids.expand(rows, -1), logp.expand(rows, -1),
+                torch.full((rows,), label_logprob, dtype=torch.float64),
+                torch.full((rows,), DATA_WEIGHT, dtype=torch.float64))
+
+
+def induced_and_rule_targets(loss, z, y):
+    """Eq. 6 by autograd through Table 4's form, and the rule's own a onehot + b res + (1 - a - b) p."""
+    hyper = variant_hyperparameters(loss, **EXAMPLE_HYPER.get(loss, {}))
+    side = worked_example_side(loss, len(z))
+    induced = induced_target(lambda logits, labels: reference_q_target_loss(
+        logits, labels, *side, loss=loss, normalizer=1, **hyper), z, y)
+    q = RULES[loss](z, z.logsumexp(-1), y, side, **hyper)
+    p = z.softmax(-1)
+    residual = torch.zeros_like(p) if q.res is None else (
+        q.res.expand_as(p) if q.res_ids is None else torch.zeros_like(p).scatter_add(1, q.res_ids, q.res))
+    onehot = torch.nn.functional.one_hot(y, z.shape[-1]).to(z.dtype)
+    rule = q.a[:, None] * onehot + q.b[:, None] * residual + (1 - q.a - q.b)[:, None] * p
+    return induced, rule, q, residual
+
+
+def print_table5():
+    z, y = torch.tensor([STUDENT], dtype=torch.float64), torch.tensor([LABEL])
+    p = z.softmax(-1)[0]
+    show = lambda dist: " ".join(f"{TOKENS[i]}:{float(dist[i]):6.3f}".replace("-0.000", " 0.000")
+                                 for i in range(len(TOKENS)))
+    pi = lambda logits: torch.tensor(logits, dtype=torch.float64).softmax(-1)
+    print(f"Table 5, computed: one prefix, V = {len(TOKENS)} tokens, observed label y = {TOKENS[LABEL]!r}")
+    print(f"  student p      {show(p)}")
+    print(f"  teacher pi_T   {show(pi(TEACHER))}   (cached: top-{CACHE_K})")
+    print(f"  reference      {show(pi(REFERENCE))}   (kl, asft: top-{CACHE_K}; psft: pi_old(y) = {PI_OLD_LABEL})")
+    print(f"  data weight w = {DATA_WEIGHT} (weighted); EAFT with k = {CACHE_K}\n")
+    print(f"{'variant':<11}{'gamma':>7}  {'residual (top 3)':<30}{'Q = p - dl/dz (Eq. 6, autograd through Table 4)':<64}"
+          "rule")
+    for loss in [name for name in RULES if name != "p"]:
+        induced, rule, q, residual = induced_and_rule_targets(loss, z, y)
+        error = float((induced - rule).abs().max())
+        assert error < 1e-9, (loss, error)
+        if q.res is None:
+            res_text = "sg(pi): no gradient"
+        else:
+            top = residual[0].abs().topk(3)
+            res_text = ("-" if float(q.b[0]) < 0 else "") + " ".join(
+                f"{TOKENS[i]}:{float(residual[0, i]):.2f}" for i in top.indices)
+        print(f"{loss:<11}{float(trust(q)[0]):>7.3f}  {res_text:<30}{show(induced[0]):<64}ok ({error:.0e})")
+    print("\ngamma is Table 5's label trust (a / (a + b), or a where the residual is sg(pi) or signed). Q sums to 1\n"
+          "when a + b = 1; otherwise it is the Q-target of Eq. 2 scaled by a + b around p (Corollary 2). 'rule' checks\n"
+          "that the rule's (a, b, residual) gives the same Q as autograd through the paper's Table 4 form.")
+
+
+def plot_figure3(path):
+    """Figure 3 for every variant: Q(y) and Q(k) for a non-observed k as p_y sweeps (0, 1), the other logits fixed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    z = torch.tensor(STUDENT, dtype=torch.float64).repeat(199, 1)
+    others = z[0].clone()
+    others[LABEL] = -math.inf
+    p_y = torch.linspace(0.005, 0.995, 199, dtype=torch.float64)
+    z[:, LABEL] = others.logsumexp(-1) + torch.log(p_y / (1 - p_y))  # logit that gives each p_y exactly
+    y = torch.full((len(z),), LABEL)
+    p = z.softmax(-1)
+    losses = [name for name in RULES if name != "p"]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(losses) / cols), cols, figsize=(3.3 * cols, 2.7 * math.ceil(len(losses) / cols)),
+                             sharex=True, sharey=True)
+    for ax, loss in zip(axes.flat, losses):
+        induced, rule, _, _ = induced_and_rule_targets(loss, z, y)
+        assert float((induced - rule).abs().max()) < 1e-9
+        ax.plot(p_y, induced[:, LABEL], color="C0", label=f"Q(y = {TOKENS[LABEL]!r})")
+        ax.plot(p_y, induced[:, OTHER], color="C1", label=f"Q(k = {TOKENS[OTHER]!r})")
+        ax.plot(p_y, p[:, OTHER], color="C1", ls=":", lw=1, label="p(k)")
+        ax.plot(p_y, p_y, color="grey", ls=":", lw=1, label="p(y)")
+        ax.set_title(loss, fontsize=10)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(losses):]:
+        ax.axis("off")
+    axes.flat[len(losses)].legend(*axes.flat[0].get_legend_handles_labels(), loc="center")
+    for ax in axes[-1]:
+        ax.set_xlabel("student p(y)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("induced target Q")
+    fig.suptitle("Figure 3 for every variant: the target Q = p - dl/dz (Eq. 6) on the observed token y and on a "
+                 f"non-observed token k\n(teacher backs y then k; psft's pi_old(y) = {PI_OLD_LABEL}; "
+                 f"weighted w = {DATA_WEIGHT})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Table 5 computed on a worked example, or Figure 3 for every variant")
+    cli.add_argument("--plot", metavar="FILE.png", help="draw Figure 3 for every variant instead of printing the table")
+    cli_args = cli.parse_args()
+    plot_figure3(cli_args.plot) if cli_args.plot else print_table5()

@@ -8,11 +8,13 @@ top-64 tokens"), computed on exactly data.py's token ids, stored only at label p
 --tokenizer is the student's: the cache lines up with the token ids train.py sees (an instruct teacher's chat
 template usually differs from its base model's). Data options must match train.py's (same flag names).
 
-Format (DIR/): topk.npy, int32 [labels, k], each entry `token_id << 14 | fp16 bits of -logprob / 256`
-(4 bytes per entry, 256 bytes per token at k=64; ids up to 2^18, so a 152k vocabulary fits); offsets.npy,
-int64 [samples + 1], sample i owns rows offsets[i]:offsets[i+1] (its label positions, in order);
-meta.json (teacher, k, format, tokenizer and data fingerprints, a hash of every sample's token ids, counts).
-The same format serves the reference-model cache of the kl/asft losses (--teacher REF_MODEL).
+Format v3 (DIR/): topk.npy, int32 [labels, k], each entry `token_id << 14 | fp16 bits of -logprob / 256`
+(4 bytes per entry; ids up to 2^18, so a 152k vocabulary fits); label_logprobs.npy, float32 [labels], the
+teacher's log-probability of the observed label y_t over the full vocabulary, whether or not y_t is in its
+top-k (Figure 4's p_T(y_t), Proximal SFT's pi_old(y_t)); offsets.npy, int64 [samples + 1], sample i owns rows
+offsets[i]:offsets[i+1] (its label positions, in order); meta.json (teacher, k, format, tokenizer and data
+fingerprints, a hash of every sample's token ids, counts). 260 bytes per label token at k=64.
+The same format serves the reference-model cache of the kl/asft/psft losses (--teacher REF_MODEL).
 
 A build writes into DIR.partial/ and renames it to DIR when every batch is done: a killed build resumes
 from its done batches, and a partial cache is never taken for a complete one. Batches are fixed by the data
@@ -34,8 +36,9 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data as data_lib
+from loss import logits_fp32
 
-FORMAT = "int32 v2: token_id << 14 | fp16 bits of -logprob / 256"
+FORMAT = "int32 v3: token_id << 14 | fp16 bits of -logprob / 256; float32 label logprobs"
 ID_BITS, VALUE_BITS = 18, 14
 LOGPROB_SCALE = 256.0  # -logprob / 256 < 1 has fp16 bits below 0x3C00: 14 bits keep fp16's full precision
 LOGPROB_FLOOR = -255.9  # e^-255.9 is 0 to every loss; lower logprobs are stored as this
@@ -64,8 +67,8 @@ def sample_hash(data, i):
 
 
 class TeacherCache:
-    """Read-only view of a complete cache. cache[i] -> (ids [T_i, k] long, logprobs [T_i, k] float32) for
-    sample i's label positions; O(1) to find, decoding only that slice."""
+    """Read-only view of a complete cache. cache[i] -> (ids [T_i, k] long, logprobs [T_i, k] float32,
+    label_logprobs [T_i] float32) for sample i's label positions; O(1) to find, decoding only that slice."""
 
     def __init__(self, path, data=None, k=None):
         self.path = Path(path)
@@ -78,19 +81,25 @@ class TeacherCache:
         self.meta = json.loads((self.path / "meta.json").read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: storage format {self.meta.get('format')!r}, this code reads "
-                             f"{FORMAT!r}; rebuild the cache with this teacher_cache.py")
+                             f"{FORMAT!r} (v3 adds the label's own log-probability); rebuild the cache with "
+                             "this teacher_cache.py")
         if k is not None and self.meta["k"] != k:
             raise ValueError(f"{self.path} holds top-{self.meta['k']}, but top-{k} was asked for; "
                              f"rebuild with --k {k} or ask for k={self.meta['k']}")
         self.offsets = np.load(self.path / "offsets.npy")
         try:
             self.packed = np.load(self.path / "topk.npy", mmap_mode="r")
+            self.label_logprobs = np.load(self.path / "label_logprobs.npy", mmap_mode="r")
         except (ValueError, OSError) as e:
-            raise ValueError(f"{self.path}/topk.npy is truncated or unreadable ({e}); rebuild the cache") from e
-        expected = (int(self.offsets[-1]), self.meta["k"])
-        if self.packed.dtype != np.int32 or self.packed.shape != expected or len(self) != self.meta["samples"]:
-            raise ValueError(f"{self.path}: topk.npy is {self.packed.dtype} {self.packed.shape}, meta.json "
-                             f"promises int32 {expected} over {self.meta['samples']} samples; rebuild the cache")
+            raise ValueError(f"{self.path}: a file is truncated or unreadable ({e}); rebuild the cache") from e
+        labels = int(self.offsets[-1])
+        if (self.packed.dtype != np.int32 or self.packed.shape != (labels, self.meta["k"])
+                or self.label_logprobs.dtype != np.float32 or self.label_logprobs.shape != (labels,)
+                or len(self) != self.meta["samples"]):
+            raise ValueError(f"{self.path}: topk.npy is {self.packed.dtype} {self.packed.shape} and label_logprobs.npy "
+                             f"{self.label_logprobs.dtype} {self.label_logprobs.shape}, meta.json promises int32 "
+                             f"{(labels, self.meta['k'])} and float32 ({labels},) over {self.meta['samples']} "
+                             "samples; rebuild the cache")
         if data is not None:
             self.check_matches(data)
 
@@ -98,7 +107,9 @@ class TeacherCache:
         return len(self.offsets) - 1
 
     def __getitem__(self, i):
-        return unpack_topk(torch.from_numpy(np.array(self.packed[self.offsets[i]:self.offsets[i + 1]])))
+        rows = slice(self.offsets[i], self.offsets[i + 1])
+        return *unpack_topk(torch.from_numpy(np.array(self.packed[rows]))), torch.from_numpy(
+            np.array(self.label_logprobs[rows]))
 
     def check_matches(self, data):
         """Refuse a cache built on other token ids: the rows would silently belong to other tokens."""
@@ -115,14 +126,17 @@ class TeacherCache:
 
 
 def teacher_rows(cache, batch, device):
-    """(ids [n, k] long, logprobs [n, k] float32) for the batch's label positions, in the order of
-    `batch["labels"].view(-1) != -100` (packed or padded: samples in order, label positions in order)."""
-    rows = [cache.packed[cache.offsets[i]:cache.offsets[i + 1]] for i in batch["sample_ids"]]
+    """(ids [n, k] long, logprobs [n, k] float32, label_logprobs [n] float32) for the batch's label positions,
+    in the order of `batch["labels"].view(-1) != -100` (packed or padded: samples in order, label positions
+    in order)."""
+    spans = [slice(cache.offsets[i], cache.offsets[i + 1]) for i in batch["sample_ids"]]
     n = int((batch["labels"] != data_lib.IGNORE_INDEX).sum())
-    if sum(len(r) for r in rows) != n:
-        raise ValueError(f"the batch has {n} label positions, the cache {sum(len(r) for r in rows)} for its "
-                         "samples; the batch was not built from the data this cache was checked against")
-    return unpack_topk(torch.from_numpy(np.concatenate(rows)).to(device))
+    if sum(s.stop - s.start for s in spans) != n:
+        raise ValueError(f"the batch has {n} label positions, the cache {sum(s.stop - s.start for s in spans)} "
+                         "for its samples; the batch was not built from the data this cache was checked against")
+    packed = torch.from_numpy(np.concatenate([cache.packed[s] for s in spans])).to(device)
+    label_logprobs = torch.from_numpy(np.concatenate([cache.label_logprobs[s] for s in spans])).to(device)
+    return *unpack_topk(packed), label_logprobs
 
 
 def fixed_batches(data, batch_tokens):
@@ -140,17 +154,23 @@ def fixed_batches(data, batch_tokens):
 
 @torch.no_grad()
 def topk_rows(model, batch, k, chunk=1024):
-    """Packed top-k of the teacher's log-softmax at the batch's label positions. The lm head runs on
-    `chunk` positions at a time, so no fp32 [T, V] tensor of the batch exists."""
+    """(packed top-k [n, k] int32, label logprobs [n] float32) of the teacher's log-softmax at the batch's
+    label positions. The lm head runs on `chunk` positions at a time, so no fp32 [T, V] tensor of the batch
+    exists; log-softmax is never materialised either: top-k and the label are read off the logits, then
+    shifted by their logsumexp."""
     hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                  use_cache=False).last_hidden_state[0]
-    hidden = hidden[batch["labels"][0] != data_lib.IGNORE_INDEX]
-    head = model.get_output_embeddings()
-    out = []
-    for h in hidden.split(chunk):
-        values, ids = torch.log_softmax(head(h).float(), dim=-1).topk(k, dim=-1)
-        out.append(pack_topk(ids, values))
-    return torch.cat(out)
+    is_label = batch["labels"][0] != data_lib.IGNORE_INDEX
+    hidden, labels = hidden[is_label], batch["labels"][0][is_label]
+    weight = model.get_output_embeddings().weight
+    packed, label_logprobs = [], []
+    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+        z = logits_fp32(h, weight)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        values, ids = z.topk(k, dim=-1)
+        packed.append(pack_topk(ids, values - lse))
+        label_logprobs.append((z.gather(1, y[:, None]) - lse).squeeze(1))
+    return torch.cat(packed), torch.cat(label_logprobs)
 
 
 def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
@@ -186,12 +206,14 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             np.lib.format.open_memmap(partial / "topk.npy", "w+", np.int32, (int(offsets[-1]), k)).flush()
+            np.lib.format.open_memmap(partial / "label_logprobs.npy", "w+", np.float32, (int(offsets[-1]),)).flush()
             np.lib.format.open_memmap(partial / "done.npy", "w+", np.uint8, (len(batches),)).flush()
             np.save(partial / "offsets.npy", offsets)
             (partial / "plan.json").write_text(json.dumps(plan, indent=1))
     if world > 1:
         dist.barrier()
     topk = np.load(partial / "topk.npy", mmap_mode="r+")
+    label_logprobs = np.load(partial / "label_logprobs.npy", mmap_mode="r+")
     done = np.load(partial / "done.npy", mmap_mode="r+")
     mine = [b for b in range(rank, len(batches), world) if not done[b]]
     device = next(model.parameters()).device
@@ -199,9 +221,11 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
     for b in mine:
         batch = data_lib.pack(data, batches[b])
-        rows = topk_rows(model, {key: v.to(device) for key, v in batch.items() if key != "sample_ids"}, k)
-        topk[offsets[batches[b][0]]:offsets[batches[b][-1] + 1]] = rows.cpu().numpy()
+        rows, label_rows = topk_rows(model, {key: v.to(device) for key, v in batch.items() if key != "sample_ids"}, k)
+        span = slice(offsets[batches[b][0]], offsets[batches[b][-1] + 1])
+        topk[span], label_logprobs[span] = rows.cpu().numpy(), label_rows.cpu().numpy()
         topk.flush()  # the rows reach the file before the batch is marked done
+        label_logprobs.flush()
         done[b] = 1
         done.flush()
         bar.update(batch["input_ids"].shape[1])
@@ -211,14 +235,14 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
     if rank == 0:
         if not done.all():
             raise RuntimeError(f"{partial}: {int((done == 0).sum())} batches missing after the build; rerun")
-        del topk, done
+        del topk, label_logprobs, done
         (partial / "done.npy").unlink()
         (partial / "plan.json").unlink()
         meta = {**plan, "sample_hashes": [sample_hash(data, i) for i in range(len(data))]}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         os.rename(partial, out)
         print(f"wrote {out}: {len(data)} samples, {int(offsets[-1])} label tokens, top-{k}, "
-              f"{4 * k} bytes per token")
+              f"{4 * k + 4} bytes per token")
     if world > 1:
         dist.barrier()
 
@@ -237,17 +261,21 @@ def main():
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's); the ids train.py sees")
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=3072)
-    p.add_argument("--system-prompt", default=data_lib.SYSTEM_PROMPT)
-    p.add_argument("--truncate", action="store_true", help="truncate over-length samples instead of dropping")
+    p.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
+    p.add_argument("--system-prompt", default=None, help="default: the recipe's")
+    p.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="truncate (or drop) over-length "
+                   "samples whatever the recipe does")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
     p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     args = p.parse_args()
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # before the process group: NCCL binds each rank to its own GPU, not all to GPU 0
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                device_id=device if device.type == "cuda" else None)
     student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
     check_vocabularies(AutoTokenizer.from_pretrained(args.teacher), student_tok,
                        AutoConfig.from_pretrained(args.teacher).vocab_size)

@@ -63,10 +63,10 @@ parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimiser step")
 micro_batching = parser.add_mutually_exclusive_group()
 micro_batching.add_argument("--micro-batch-tokens", type=int, default=None, help="token budget of a micro-batch "
-                            "(default 4 x --max-len); each step's samples are balanced over ranks and micro-batches")
+                            "(default 4 x max-len); each step's samples are balanced over ranks and micro-batches")
 micro_batching.add_argument("--micro-batch-size", type=int, default=None, help="instead, a fixed number of "
                             "sequences per micro-batch, in the sampler's order (ranks then wait for each other)")
-parser.add_argument("--max-len", type=int, default=3072)
+parser.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--max-steps", type=int, default=None, help="cap on the schedule's length (default: epochs)")
 parser.add_argument("--stop-after", type=int, default=None, help="exit after this step, e.g. to fit a time "
@@ -87,9 +87,10 @@ parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
 parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py)")
-parser.add_argument("--system-prompt", default=data.SYSTEM_PROMPT, help="data options: pass teacher_cache.py "
+parser.add_argument("--system-prompt", default=None, help="default: the recipe's; data options: pass teacher_cache.py "
                     "the same ones, or the cache is refused as built on other token ids")
-parser.add_argument("--truncate", action="store_true", help="cut over-long samples instead of dropping them")
+parser.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut over-long samples (or, with "
+                    "--no-truncate, drop them) whatever the recipe does")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
 args = parser.parse_args()
@@ -203,7 +204,7 @@ def prepare(sample_ids):
     """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
     where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
     batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
-    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None, None)
+    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None,) * 3
     labels = batch["labels"].view(-1)
     positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
     batch = {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "label_positions": positions,
@@ -233,15 +234,15 @@ def load_pretrained(model):
         model.generation_config = full.generation_config  # export_hf (rank 0) writes it
 
 
-def loss_forward(self, batch, teacher_ids, teacher_logprobs, normalizer):
+def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
     """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
     an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
     hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)[0]
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
     value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
                                 self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
-                                loss=args.loss, eta=args.eta, c=args.c, normalizer=normalizer, stats=stats,
-                                **variant_kwargs)
+                                teacher_label_logprobs=teacher_label_logprobs, loss=args.loss, eta=args.eta, c=args.c,
+                                normalizer=normalizer, stats=stats, **variant_kwargs)
     return value, stats
 
 
@@ -274,14 +275,15 @@ device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type
 if device_type == "cuda":
     torch.cuda.set_device(device)
 torch.manual_seed(args.seed + rank)
+max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
 if args.micro_batch_size is None and args.micro_batch_tokens is None:
-    args.micro_batch_tokens = 4 * args.max_len
+    args.micro_batch_tokens = 4 * max_len
 per_rank, remainder = divmod(args.global_batch_size, world_size * (args.micro_batch_size or 1))
 if remainder or per_rank == 0:
     parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size}" +
                  (f" x --micro-batch-size {args.micro_batch_size}" if args.micro_batch_size else ""))
-if args.micro_batch_tokens is not None and args.micro_batch_tokens < args.max_len:
-    parser.error(f"--micro-batch-tokens {args.micro_batch_tokens} is less than --max-len {args.max_len}: a "
+if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
+    parser.error(f"--micro-batch-tokens {args.micro_batch_tokens} is less than the max length {max_len}: a "
                  "longest sample would fit no micro-batch")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
@@ -401,7 +403,7 @@ while step < stop:
             step_loss += value.detach() / world_size
     except torch.OutOfMemoryError as e:
         flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
-                         f"{args.micro_batch_size * args.max_len} tokens)") if args.micro_batch_size
+                         f"{args.micro_batch_size * max_len} tokens)") if args.micro_batch_size
                         else ("--micro-batch-tokens", str(args.micro_batch_tokens)))
         raise SystemExit(f"out of memory at step {step + 1} with {flag} {budget}: try a smaller {flag}" +
                          ("" if args.activation_checkpointing else " or --activation-checkpointing")) from e

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -234,3 +235,93 @@ def test_flash_attention_packed_logits_equal_each_sequence_alone(tok, math16):
             reference = model(input_ids=alone, use_cache=False).logits[0].float()
             torch.testing.assert_close(logits[start:start + alone.shape[1]], reference, atol=2e-2, rtol=2e-2)
             start += alone.shape[1]
+
+
+# Rows shaped like each hub set's (field names and nesting as the hub files have them).
+NUMINA_ROW = {"data_source": "AI-MO/NuminaMath-CoT-processed", "prompt": [{"role": "user", "content": "unused"}],
+              "extra_info": {"question": "What is 1 + 1?", "answer": "We add: 1 + 1 = 2, so \\boxed{2}.",
+                             "index": 0, "split": "train"}}
+OPENR1_ROW = {"prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": "What is 2 + 2?"}],
+              "target": [{"role": "assistant", "content": "<think>\nadd</think> 2 + 2 = \\boxed{4}"}]}
+M23K_ROW = {"prompt": "Which drug?\nA. Aspirin\nB. Insulin", "reasoning": "It lowers glucose.",
+            "distilled_answer_string": "The answer is \\boxed{B}.", "answer_letter": "B", "answer_string": "Insulin"}
+QWEN_MATH_TEMPLATE = (  # as Qwen2.5-Math's: a default system turn when none is given
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nPlease reason step by step, and put your "
+    "final answer within \\\\boxed{}.<|im_end|>\\n' }}{% endif %}" + tiny.CHAT_TEMPLATE)
+
+
+def hub_set(monkeypatch, rows):
+    monkeypatch.setattr(data, "load_rows", lambda source: datasets.Dataset.from_list(rows))
+
+
+def prompt_and_response(tok, ds, i=0):
+    ids = ds.input_ids(i)
+    return tok.decode(ids[:ds.prompt_lens[i]]), tok.decode(ids[ds.prompt_lens[i]:])
+
+
+def recipe_meta(ds):
+    return json.loads((ds.path / "meta.json").read_text())["recipe"]
+
+
+def test_numina_recipe_is_lis_the_templates_default_system_and_right_truncation(monkeypatch, tmp_path):
+    tok = tiny.make_tokenizer()
+    tok.chat_template = QWEN_MATH_TEMPLATE
+    hub_set(monkeypatch, [NUMINA_ROW])
+    ds = data.tokenize_dataset("numina67k", tok, cache_dir=tmp_path)
+    prompt, response = prompt_and_response(tok, ds)
+    assert prompt == ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
+                      "\\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    assert response == "We add: 1 + 1 = 2, so \\boxed{2}.<|im_end|>"
+    assert (recipe_meta(ds)["max_len"], recipe_meta(ds)["over_length"]) == (3072, "truncate")
+    short = data.tokenize_dataset("numina67k", tok, max_len=int(ds.prompt_lens[0]) + 3, cache_dir=tmp_path)
+    assert len(short) == 1 and (short.input_ids(0) == ds.input_ids(0)[:ds.prompt_lens[0] + 3]).all()
+    with pytest.raises(ValueError, match="no sample left"):  # an explicit flag beats the recipe
+        data.tokenize_dataset("numina67k", tok, max_len=int(ds.prompt_lens[0]) + 3, truncate=False, cache_dir=tmp_path)
+
+
+def test_openr1_recipe_reads_the_message_lists_and_filters_by_length(monkeypatch, tmp_path, tok):
+    monkeypatch.setattr(data, "OPENR1_SAMPLES", 1)
+    hub_set(monkeypatch, [OPENR1_ROW, {**OPENR1_ROW, "target": [{"role": "assistant", "content": "x " * 400}]}])
+    ds = data.tokenize_dataset("openr1-15k", tok, max_len=300, cache_dir=tmp_path)
+    prompt, response = prompt_and_response(tok, ds)
+    assert prompt == (f"<|im_start|>system\n{data.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?"
+                      "<|im_end|>\n<|im_start|>assistant\n")
+    assert response == "add</think> 2 + 2 = \\boxed{4}<|im_end|>" and len(ds) == 1  # the long one is dropped
+
+
+def test_m23k_recipe_is_lis_qwen_prompt_and_the_answer_alone(monkeypatch, tmp_path, tok):
+    hub_set(monkeypatch, [M23K_ROW])
+    ds = data.tokenize_dataset("m23k", tok, cache_dir=tmp_path)
+    prompt, response = prompt_and_response(tok, ds)
+    # Li et al.'s QWEN_PROMPT, written out by hand
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhich drug?\n"
+                      "A. Aspirin\nB. Insulin\nPlease reason step by step, and put your final answer within "
+                      "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    assert response == "The answer is \\boxed{B}.<|im_end|>"
+    assert (recipe_meta(ds)["max_len"], recipe_meta(ds)["over_length"]) == (800, "truncate")
+    reasoning = data.tokenize_dataset("m23k-reasoning", tok, cache_dir=tmp_path)
+    assert prompt_and_response(tok, reasoning)[1] == "It lowers glucose.\n\nThe answer is \\boxed{B}.<|im_end|>"
+    assert reasoning.fingerprint != ds.fingerprint
+    custom = data.tokenize_dataset("m23k", tok, system_prompt="Be brief.", cache_dir=tmp_path)
+    assert prompt_and_response(tok, custom)[0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_m23k_recipe_uses_lis_llama_layout_for_llama3_tokenizers(monkeypatch, tmp_path):
+    tok = tiny.make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    hub_set(monkeypatch, [M23K_ROW])
+    ds = data.tokenize_dataset("m23k", tok, cache_dir=tmp_path)
+    prompt, response = prompt_and_response(tok, ds)
+    # Li et al.'s LLAMA_BASE_BOXED_WITH_BOS, written out by hand
+    assert prompt == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant."
+                      "<|eot_id|>\n<|start_header_id|>user<|end_header_id|>\n\nWhich drug?\nA. Aspirin\nB. Insulin\n"
+                      "Please reason step by step, and put your final answer within \\boxed{}.<|eot_id|>\n"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert response == "The answer is \\boxed{B}.<|eot_id|>"
+    assert ds.input_ids(0)[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")  # BOS once
+    assert tok.decode(ds.input_ids(0)[:2]) != "<|begin_of_text|><|begin_of_text|>"
+    monkeypatch.undo()
+    local = data.tokenize_dataset(write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "response": "r"}]), tok,
+                                   cache_dir=tmp_path)
+    assert "<|start_header_id|>" not in tok.decode(local.input_ids(0))  # other recipes keep the model's template

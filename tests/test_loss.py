@@ -23,7 +23,9 @@ def make_batch(seed=0, dtype=torch.float32, label_in_topk=None):
     if label_in_topk is not None:  # force the label to the teacher's top (True) or bottom (False)
         teacher_logits[torch.arange(N), labels.clamp(min=0)] = 50.0 if label_in_topk else -50.0
     teacher_logprobs, teacher_ids = teacher_logits.log_softmax(-1).topk(K, dim=-1)
-    return hidden, weight, labels, teacher_ids, teacher_logprobs
+    label_logprobs = teacher_logits.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    token_weights = torch.rand(N, generator=g) * 2 * (torch.rand(N, generator=g) > 0.2)  # iw-SFT > 1, CFT zeros
+    return hidden, weight, labels, teacher_ids, teacher_logprobs, label_logprobs, token_weights
 
 
 def grads(value, *inputs):
@@ -35,16 +37,17 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def reference_in_float64(hidden, weight, labels, t_ids, t_logp, **kw):
+def reference_in_float64(hidden, weight, labels, *side, **kw):
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
-    value = L.reference_q_target_loss(h @ w.T, labels, t_ids, t_logp.double(), **kw)
+    side = [t.double() if t is not None and t.is_floating_point() else t for t in side]
+    value = L.reference_q_target_loss(h @ w.T, labels, *side, **kw)
     return (value.detach(), *grads(value, h, w))
 
 
-def chunked(hidden, weight, labels, t_ids, t_logp, **kw):
+def chunked(hidden, weight, labels, *side, **kw):
     h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-    value = L.q_target_loss(h, w, labels, t_ids, t_logp, **kw)
+    value = L.q_target_loss(h, w, labels, *side, **kw)
     return (value.detach(), *grads(value, h, w))
 
 
@@ -80,13 +83,13 @@ def test_target_eta_and_constant_branch(eta, c):
 
 def test_target_residual_endpoints_are_student_and_teacher():
     """Section 6: eta -> 0 gives the student on the teacher's top-k, eta -> 1 the renormalised teacher."""
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=2)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=2)
     rows = labels != -100
     logits = (hidden @ weight.T)[rows].double()
     lse = logits.logsumexp(-1)
     y, ids, tl = labels[rows], t_ids[rows], t_logp[rows].double()
-    student = L.target(logits, lse, y, (ids, tl), eta=0.0)
-    teacher = L.target(logits, lse, y, (ids, tl), eta=1.0)
+    student = L.target(logits, lse, y, L.Side(ids, tl), eta=0.0)
+    teacher = L.target(logits, lse, y, L.Side(ids, tl), eta=1.0)
     p_on_ids = logits.softmax(-1).gather(1, ids)
     torch.testing.assert_close(student.res, p_on_ids / p_on_ids.sum(-1, keepdim=True))
     torch.testing.assert_close(teacher.res, tl.exp() / tl.exp().sum(-1, keepdim=True))
@@ -96,7 +99,7 @@ def test_target_residual_endpoints_are_student_and_teacher():
 def test_p_y_near_one():
     """Eq. 7: when the model is sure of y_t, TARGET-SFT's target is nearly SFT's one-hot. There 1 - p_y sits
     at fp32's resolution, so fp32 inputs are held to the naive fp32 autograd's own error, fp64 to 1e-9."""
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=4)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=4)
     distinct = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:N]  # one weight row per label
     labels = torch.where(labels == -100, labels, distinct)
     valid = labels != -100
@@ -117,7 +120,7 @@ def test_p_y_near_one():
 
 
 def test_sft_and_label_smoothing_equal_torch_cross_entropy():
-    hidden, weight, labels, _, _ = make_batch(seed=8, dtype=torch.float64)
+    hidden, weight, labels, _, _, *_ = make_batch(seed=8, dtype=torch.float64)
     logits = hidden @ weight.T
     assert torch.allclose(L.q_target_loss(hidden, weight, labels, loss="sft"), F.cross_entropy(logits, labels))
     assert torch.allclose(L.q_target_loss(hidden, weight, labels, loss="ls", lam=0.2),
@@ -125,7 +128,7 @@ def test_sft_and_label_smoothing_equal_torch_cross_entropy():
 
 
 def test_distill_with_c_one_is_cross_entropy_to_renormalised_teacher():
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=9, dtype=torch.float64)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=9, dtype=torch.float64)
     valid = labels != -100
     logp = (hidden @ weight.T).log_softmax(-1)[valid]
     pi_t = t_logp[valid].double().exp()
@@ -136,9 +139,9 @@ def test_distill_with_c_one_is_cross_entropy_to_renormalised_teacher():
 
 # --- The lens: Eq. 6 applied to each Table 4 loss gives back the rule's (gamma, residual) of Table 5 ----
 
-def token_losses(variant, t_ids, t_logp, **kw):
+def token_losses(variant, *side, **kw):
     """The summed Table 4 loss as a function of logits, for induced_target."""
-    return lambda z, y: L.reference_q_target_loss(z, y, t_ids, t_logp, loss=variant, normalizer=1, **kw)
+    return lambda z, y: L.reference_q_target_loss(z, y, *side, loss=variant, normalizer=1, **kw)
 
 
 def dense_residual(q, shape):
@@ -149,15 +152,20 @@ def dense_residual(q, shape):
     return torch.zeros(shape, dtype=q.res.dtype).scatter_add(1, q.res_ids, q.res)
 
 
+def lens_inputs(seed):
+    """Float64 logits and the side inputs of the labelled rows, for the Eq. 6 checks."""
+    _, _, labels, t_ids, t_logp, t_label, weights = make_batch(seed=seed)
+    valid = labels != -100
+    z = torch.randn(int(valid.sum()), V, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 3
+    side = L.Side(t_ids[valid], t_logp[valid].double(), t_label[valid].double(), weights[valid].double())
+    return z, labels[valid], side
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_induced_target_equals_the_rule(variant):
-    _, _, labels, t_ids, t_logp = make_batch(seed=13)
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
-    valid = labels != -100
-    z, y, ids, tl = logits[valid], labels[valid], t_ids[valid], t_logp[valid].double()
-    induced = L.induced_target(token_losses(variant, ids, tl), z, y)
-    q = L.RULES[variant](z, z.logsumexp(-1), y, (ids, tl), **L.variant_hyperparameters(variant))
+    z, y, side = lens_inputs(seed=13)
+    induced = L.induced_target(token_losses(variant, *side), z, y)
+    q = L.RULES[variant](z, z.logsumexp(-1), y, side, **L.variant_hyperparameters(variant))
     p = z.softmax(-1)
     onehot = F.one_hot(y, V).double()
     # Q = p - g with g = (a + b) p - a onehot - b res
@@ -184,33 +192,60 @@ def test_eq16_p_loss_closed_form():
 
 
 @pytest.mark.parametrize("variant, gamma", [
-    ("dft", lambda p_y, lam: p_y),
-    ("beyond-log", lambda p_y, lam: p_y),  # alpha = 1: gamma = p_y^alpha
-    ("ls", lambda p_y, lam: torch.full_like(p_y, 1 - lam)),
-    ("kl", lambda p_y, lam: torch.full_like(p_y, 1 / (1 + lam))),
-    ("asft", lambda p_y, lam: p_y / (p_y + lam)),
-    ("distill", lambda p_y, lam: torch.full_like(p_y, 1 - 0.8)),
-    ("target", lambda p_y, lam: p_y),
+    ("dft", lambda p_y, side: p_y),
+    ("beyond-log", lambda p_y, side: p_y),  # alpha = 1: gamma = p_y^alpha
+    ("weighted", lambda p_y, side: side.weights),  # iw-SFT / CFT: gamma = w_t
+    ("psft", lambda p_y, side: (p_y / side.label_logprobs.exp()) * (p_y / side.label_logprobs.exp() <= 1.2)),
+    ("ls", lambda p_y, side: torch.full_like(p_y, 1 - 0.1)),
+    ("kl", lambda p_y, side: torch.full_like(p_y, 1 / (1 + 0.1))),
+    ("asft", lambda p_y, side: p_y / (p_y + 0.1)),
+    ("distill", lambda p_y, side: torch.full_like(p_y, 1 - 0.8)),
+    ("target", lambda p_y, side: p_y),
 ])
 def test_table5_trust_after_removing_the_scale(variant, gamma):
     """Table 5's gamma. Token weighting (b = 0, Corollary 1): the induced target is gamma onehot +
     (1 - gamma) sg(pi). Distributional variants (Corollary 2): that of loss / (a + b) is gamma onehot +
     (1 - gamma) res."""
-    _, _, labels, t_ids, t_logp = make_batch(seed=21)
-    valid = labels != -100
-    z = torch.randn(int(valid.sum()), V, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y, ids, tl = labels[valid], t_ids[valid], t_logp[valid].double()
-    hp = L.variant_hyperparameters(variant)
-    q = L.RULES[variant](z, z.logsumexp(-1), y, (ids, tl), **hp)
-    induced = L.induced_target(token_losses(variant, ids, tl), z, y)
+    z, y, side = lens_inputs(seed=21)
+    q = L.RULES[variant](z, z.logsumexp(-1), y, side, **L.variant_hyperparameters(variant))
+    induced = L.induced_target(token_losses(variant, *side), z, y)
     p = z.softmax(-1)
     scale = torch.ones_like(q.a) if q.res is None else q.a + q.b
     normalised = p + (induced - p) / scale[:, None]  # the target of loss_t / s_t is p - g_t / s_t
     p_y = p.gather(1, y[:, None]).squeeze(1)
-    expected_gamma = gamma(p_y, hp.get("lam", 0.0))
+    expected_gamma = gamma(p_y, side)
     residual = p if q.res is None else dense_residual(q, p.shape)
     expected = expected_gamma[:, None] * F.one_hot(y, V).double() + (1 - expected_gamma)[:, None] * residual
     torch.testing.assert_close(normalised, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_proximal_sft_by_hand():
+    """Table 4's PSFT on three hand-set tokens with pi_old(y) = 0.5, eps = 0.2: r = 0.4 (below the range:
+    the min is r), r = 1.0 (inside) and r = 1.6 (above: the min is the constant 1.2, no gradient)."""
+    p_y = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    z = torch.stack([torch.log(p_y), torch.log(1 - p_y)], dim=1)  # two tokens: y = 0 has probability p_y
+    y = torch.zeros(3, dtype=torch.long)
+    pi_old = torch.full((3,), math.log(0.5), dtype=torch.float64)
+    value = L.reference_q_target_loss(z.requires_grad_(True), y, None, None, pi_old, loss="psft", normalizer=1)
+    assert math.isclose(value.item(), -(0.4 + 1.0 + 1.2), rel_tol=1e-12)
+    (grad,) = torch.autograd.grad(value, z)
+    r = torch.tensor([0.4, 1.0, 0.0], dtype=torch.float64)  # d(-r)/dz = r (p - onehot); clipped: 0
+    torch.testing.assert_close(grad, r[:, None] * (z.detach().softmax(-1) - F.one_hot(y, 2)))
+    q = L.proximal(z.detach(), z.detach().logsumexp(-1), y, L.Side(label_logprobs=pi_old))
+    torch.testing.assert_close(q.a, r)
+
+
+@pytest.mark.parametrize("variant", ["psft", "weighted"])
+def test_new_rules_reach_both_sides_of_their_switch(variant):
+    """The batches the chunked tests use hold clipped and unclipped psft tokens, and zero and > 1 weights."""
+    hidden, weight, labels, _, _, t_label, weights = make_batch(seed=3)
+    valid = labels != -100
+    if variant == "psft":
+        p_y = (hidden @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
+        r = p_y / t_label[valid].exp()
+        assert (r > 1.2).any() and (r < 0.8).any() and ((r >= 0.8) & (r <= 1.2)).any()
+    else:
+        assert (weights[valid] == 0).any() and (weights[valid] > 1).any()
 
 
 # --- Precision, edge cases, errors --------------------------------------------------------------------
@@ -229,7 +264,7 @@ def test_bf16_within_stated_tolerance(variant):
 
 
 def test_no_valid_label_gives_zero_loss_and_zero_gradients():
-    hidden, weight, _, t_ids, t_logp = make_batch()
+    hidden, weight, _, t_ids, t_logp, *_ = make_batch()
     labels = torch.full((N,), -100)
     value, gh, gw = chunked(hidden, weight, labels, t_ids, t_logp, loss="target")
     assert float(value) == 0.0 and not gh.any() and not gw.any()
@@ -237,7 +272,7 @@ def test_no_valid_label_gives_zero_loss_and_zero_gradients():
 
 
 def test_ignored_rows_contribute_nothing():
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=6)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=6)
     hidden2 = hidden.clone()
     hidden2[labels == -100] = 1e6  # garbage on ignored rows must not leak into loss or gradients
     a = chunked(hidden, weight, labels, t_ids, t_logp, loss="target", chunk_size=4)
@@ -247,7 +282,7 @@ def test_ignored_rows_contribute_nothing():
 
 
 def test_backward_scales_by_grad_output_and_normalizer():
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=7)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=7)
     h = hidden.requires_grad_(True)
     (g1,) = torch.autograd.grad(L.q_target_loss(h, weight, labels, t_ids, t_logp), h)
     (g2,) = torch.autograd.grad(3 * L.q_target_loss(h, weight, labels, t_ids, t_logp, normalizer=500), h)
@@ -256,7 +291,7 @@ def test_backward_scales_by_grad_output_and_normalizer():
 
 
 def test_stats_are_means_of_the_paper_quantities():
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=10)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=10)
     stats = {}
     L.q_target_loss(hidden, weight, labels, t_ids, t_logp, loss="target", chunk_size=6, stats=stats)
     valid = labels != -100
@@ -272,7 +307,7 @@ def test_stats_are_means_of_the_paper_quantities():
 @pytest.mark.parametrize("variant, gamma", [("kl", lambda p_y: 1 / 1.1 + 0 * p_y), ("gem", lambda p_y: 1 + 0 * p_y),
                                             ("asft", lambda p_y: p_y / (p_y + 0.1)), ("dft", lambda p_y: p_y)])
 def test_logged_trust_is_table5_gamma(variant, gamma):
-    hidden, weight, labels, t_ids, t_logp = make_batch(seed=12)
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=12)
     stats = {}
     L.q_target_loss(hidden, weight, labels, t_ids, t_logp, loss=variant, chunk_size=6, stats=stats)
     valid = labels != -100
@@ -281,7 +316,7 @@ def test_logged_trust_is_table5_gamma(variant, gamma):
 
 
 def test_no_gradients_are_built_without_grad_mode_and_one_backward_only():
-    hidden, weight, labels, t_ids, t_logp = make_batch()
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch()
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
     with torch.no_grad():
         assert not L.q_target_loss(h, w, labels, t_ids, t_logp).requires_grad
@@ -292,8 +327,10 @@ def test_no_gradients_are_built_without_grad_mode_and_one_backward_only():
 
 
 def test_default_chunk_size_bounds_memory():
-    assert L.default_chunk_size(16384, 151936) * 151936 * 16 <= 2 * 2**30
-    assert math.ceil(2048 / L.default_chunk_size(2048, 65536)) >= 8
+    """16 bytes per vocabulary entry within 256 MiB on CPU; no floor on the number of chunks."""
+    assert L.default_chunk_size(16384, 151936) * 151936 * 16 <= 2**28
+    assert L.default_chunk_size(16384, 151936) == 2**28 // (16 * 151936)
+    assert L.default_chunk_size(100, 1000) == 100  # everything fits: one chunk
     assert L.default_chunk_size(0, 100) == 1
 
 
@@ -304,13 +341,53 @@ def test_default_chunk_size_bounds_memory():
     (dict(loss="target", eta=1.5), "eta=1.5"),
 ])
 def test_bad_arguments_fail_before_compute(kwargs, message):
-    hidden, weight, labels, t_ids, t_logp = make_batch()
+    hidden, weight, labels, t_ids, t_logp, *_ = make_batch()
     with pytest.raises(ValueError, match=message):
         L.q_target_loss(hidden, weight, labels, t_ids, t_logp, **kwargs)
 
 
-@pytest.mark.parametrize("variant", sorted(L.NEEDS_TEACHER))
-def test_teacher_variants_without_a_cache_name_the_flag(variant):
-    hidden, weight, labels, _, _ = make_batch()
-    with pytest.raises(ValueError, match="--teacher-cache"):
-        L.q_target_loss(hidden, weight, labels, loss=variant)
+@pytest.mark.parametrize("variant", sorted(L.NEEDS_TEACHER | L.NEEDS_WEIGHTS))
+def test_variants_without_their_inputs_name_the_flag(variant):
+    hidden, weight, labels, *_ = make_batch()
+    flag = ("weight_spans" if variant in L.NEEDS_WEIGHTS else
+            "--ref-cache" if variant in L.REFERENCE_LOSSES else "--teacher-cache")
+    for fn, first in ((L.q_target_loss, (hidden, weight)), (L.reference_q_target_loss, (hidden @ weight.T,))):
+        with pytest.raises(ValueError, match=flag):
+            fn(*first, labels, loss=variant)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.2])
+def test_quadrant_shares_of_figure4(threshold):
+    """Q1 rescue (p_T high, p_theta low), Q2 filter (both low), Q3 both high, Q4 p_theta high and p_T low, counted
+    on the labelled tokens from the same pass as the loss, against p_theta and p_T computed directly."""
+    _, _, labels, t_ids, t_logp, _, _ = make_batch(seed=14)
+    g = torch.Generator().manual_seed(14)
+    logits = torch.randn(N, V, generator=g)
+    logits[torch.arange(N), labels.clamp(min=0)] += torch.rand(N, generator=g) * 10  # p_theta(y) spread over (0, 1)
+    t_label = torch.rand(N, generator=g).log()  # p_T(y) spread over (0, 1)
+    valid = labels != -100
+    stats = {}
+    # hidden = logits and an identity lm_head: the student's logits are set directly
+    L.q_target_loss(logits, torch.eye(V), labels, t_ids, t_logp, t_label, loss="target", chunk_size=5,
+                    stats=stats, quadrant_threshold=threshold)
+    p_s = logits.double().softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
+    p_t = t_label[valid].double().exp()
+    s_hi, t_hi = p_s >= threshold, p_t >= threshold
+    expected = {"q1_rescue": t_hi & ~s_hi, "q2_filter": ~t_hi & ~s_hi, "q3_both_high": t_hi & s_hi,
+                "q4_student_high": s_hi & ~t_hi}
+    for key, mask in expected.items():
+        assert float(stats[key]) == int(mask.sum()) > 0, key  # every quadrant is exercised
+    assert sum(float(stats[key]) for key in expected) == float(stats["tokens"])
+    assert math.isclose(float(stats["p_teacher_label"]), float(p_t.sum()), rel_tol=1e-6)
+
+
+def test_teaching_table_and_figure3(capsys, tmp_path):
+    """`python loss.py` checks each printed row against the rule's own (a, b, residual); --plot draws Figure 3."""
+    L.print_table5()
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.split() and line.split()[0] in L.RULES}
+    assert set(rows) == set(L.RULES) - {"p"}
+    assert all(" ok (" in line for line in rows.values())
+    assert rows["sft"].split()[1] == "1.000" and rows["distill"].split()[1] == "0.200"
+    L.plot_figure3(tmp_path / "figure3.png")
+    assert (tmp_path / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -39,12 +39,18 @@ def test_cached_topk_is_the_teachers_topk_at_label_positions(built, math16, teac
     cache = tc.TeacherCache(built, math16, K)
     assert len(cache) == len(math16)
     for i in range(len(math16)):
-        ids, logprobs = cache[i]
+        ids, logprobs, label_logprobs = cache[i]
         alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None]
         with torch.no_grad():
-            direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].float(), -1)
-        direct = direct[torch.from_numpy(math16.labels(i)) != -100]
+            direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].double(), -1)
+        labels = torch.from_numpy(math16.labels(i))
+        direct, labels = direct[labels != -100], labels[labels != -100]
         assert ids.shape == logprobs.shape == (math16.label_counts()[i], K)
+        assert label_logprobs.shape == (math16.label_counts()[i],) and label_logprobs.dtype == torch.float32
+        # the label's own log-prob over the full vocabulary, inside the top-k or not: fp32, as computed
+        torch.testing.assert_close(label_logprobs.double(), direct.gather(1, labels[:, None]).squeeze(1),
+                                   atol=1e-5, rtol=1e-6)
+        direct = direct.float()
         tol = 1e-5 + direct.abs().max() * 2.0 ** -11  # fp16 precision
         torch.testing.assert_close(logprobs, direct.gather(1, ids), atol=tol, rtol=0)
         kth_next = direct.topk(K + 1, -1).values[:, -1:]
@@ -137,7 +143,10 @@ def swap_one_token(path):
 @pytest.mark.parametrize("how, message", [
     (lambda p: (p / "meta.json").unlink(), "not a complete teacher cache"),
     (lambda p: (p / "topk.npy").unlink(), "truncated or unreadable"),
+    (lambda p: (p / "label_logprobs.npy").unlink(), "truncated or unreadable"),
     (truncate, "truncated or unreadable"),
+    (lambda p: np.save(p / "label_logprobs.npy", np.load(p / "label_logprobs.npy")[:-1]), r"float32 \(\d+,\)"),
+    (lambda p: set_meta(p, format="int32 v2: token_id << 14 | fp16 bits of -logprob / 256"), "v3 adds the label"),
     (lambda p: np.save(p / "topk.npy", np.load(p / "topk.npy").astype(np.int64)), "is int64"),
     (lambda p: set_meta(p, format="int32 ids + fp16 logprobs"), "storage format"),
     (lambda p: set_meta(p, data_fingerprint="0" * 32), "was built on data"),
@@ -164,13 +173,24 @@ def test_teacher_rows_line_up_with_packed_and_padded_label_positions(built, math
     sample_ids = [9, 2, 14]
     expected_ids = torch.cat([cache[i][0] for i in sample_ids])
     for batch in (data.pack(math16, sample_ids), data.pad_batch(math16, sample_ids)):
-        ids, logprobs = tc.teacher_rows(cache, batch, "cpu")
-        assert ids.dtype == torch.long and logprobs.dtype == torch.float32
+        ids, logprobs, label_logprobs = tc.teacher_rows(cache, batch, "cpu")
+        assert ids.dtype == torch.long and logprobs.dtype == label_logprobs.dtype == torch.float32
         assert torch.equal(ids, expected_ids)
-        assert len(ids) == (batch["labels"].view(-1) != -100).sum()
+        assert len(ids) == len(label_logprobs) == (batch["labels"].view(-1) != -100).sum()
         torch.testing.assert_close(logprobs, torch.cat([cache[i][1] for i in sample_ids]))
+        assert torch.equal(label_logprobs, torch.cat([cache[i][2] for i in sample_ids]))
     with pytest.raises(ValueError, match="label positions"):
         tc.teacher_rows(cache, {**data.pack(math16, sample_ids), "sample_ids": [9, 2, 13]}, "cpu")
+
+
+def test_top64_cache_fits_272_bytes_per_label_token(math16, teacher, tmp_path):
+    """All files counted: 256 bytes of packed top-64, 4 of the label's log-prob, offsets and meta.json."""
+    tc.build(teacher, math16, tmp_path / "k64", k=64, batch_tokens=BATCH_TOKENS)
+    total = sum(p.stat().st_size for p in (tmp_path / "k64").iterdir())
+    labels = int(math16.label_counts().sum())
+    print(f"{total / labels:.1f} bytes per label token over {labels} label tokens")
+    assert total / labels <= 272
+    assert len(tc.TeacherCache(tmp_path / "k64", math16, 64)[0]) == 3
 
 
 def test_vocabularies_must_match():
