@@ -7,8 +7,11 @@
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
     python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
     python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
+    python bench.py gpu                       # loss --paper --liger, train with/without checkpointing, cache (GPU)
+    python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
 """
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -115,7 +118,7 @@ def measure_peak(impl, variant, sizes, dtype, device):
 def bench_loss(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     paper, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
-    sizes, dtype = paper if args.paper else cpu
+    sizes, dtype = ((512, 128, 8192, 16), torch.float32) if args.tiny else paper if args.paper else cpu
     if args.paper and device != "cuda":
         raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
@@ -124,6 +127,7 @@ def bench_loss(args):
     matmuls = time_loss_step("matmuls", "sft", inputs, device, args.repeats)
     print(f"three matmuls alone: {matmuls * 1e3:.1f} ms\n")
     print(f"{'variant':10} {'impl':8} {'ms':>9} {'x naive':>8} {'x matmuls':>9} {'peak MiB':>9} {'x naive':>8}")
+    rows = []
     for variant in args.variants.split(","):
         impls = ["naive", "chunked"] + (["liger"] if args.liger and variant == "sft" else [])
         results = {impl: (time_loss_step(impl, variant, inputs, device, args.repeats),
@@ -132,6 +136,9 @@ def bench_loss(args):
         for impl, (seconds, peak) in results.items():
             print(f"{variant:10} {impl:8} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / matmuls:9.2f} "
                   f"{peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
+            rows.append(("loss", f"{variant} {impl}", f"{seconds * 1e3:.1f} ms, {seconds / matmuls:.2f}x the matmuls, "
+                                                      f"peak +{peak / 2**20:.0f} MiB"))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,6 +159,7 @@ def bench_cache(args):
     labels = int(ds.label_counts().sum())
     print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), {len(batches)} packed batches of "
           f"<= {args.batch_tokens} tokens, k={args.k}")
+    rows = []
     for vocab in (len(tok), args.big_vocab):
         model = tiny.make_model(tok, seed=1).to(device)
         if vocab != len(tok):
@@ -172,6 +180,8 @@ def bench_cache(args):
                                                   batch_tokens=args.batch_tokens))
         print(f"vocab {vocab:>6}: build {tokens / build:>9.0f} tok/s | plain forward {tokens / plain:>9.0f} tok/s"
               f" | build/forward {plain / build:.2f}x")
+        rows.append(("cache", f"build, vocab {vocab}", f"{tokens / build:.0f} tok/s, {tokens / plain:.0f} tok/s plain "
+                                                       f"forward: {build / plain:.2f}x its time"))
 
         cache = teacher_cache.TeacherCache(work / f"cache-{vocab}", ds, args.k)
         sampler = data.Sampler(len(ds), seed=0)
@@ -196,6 +206,7 @@ def bench_cache(args):
               f"reader/train {train / read:.0f}x")
         print(json.dumps({"vocab": vocab, "bytes_per_token": 4 * args.k,
                           "cache_bytes": (work / f"cache-{vocab}" / "topk.npy").stat().st_size}))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,19 +281,51 @@ def bench_train(args):
                     str(work / "cache"), *common], check=True)
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
           f"{args.samples} samples of {args.seq_len} tokens, micro-batch {args.micro_batch_size}")
-    step_seconds = {}
-    for variant in ("sft", "target"):
-        out = work / f"run-{variant}"
-        subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
-                        "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps),
-                        "--global-batch-size", str(args.micro_batch_size * args.accumulation),
-                        "--micro-batch-size", str(args.micro_batch_size), *common], check=True)
-        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # no warm-up
-        step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
-        tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
-        mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
-        print(f"{variant:7} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  step {step_seconds[variant]:.2f} s")
-    print(f"target / sft step time: {step_seconds['target'] / step_seconds['sft']:.3f}")
+    rows = []
+    for checkpointing in ([False, True] if args.checkpointing == "both" else [args.checkpointing == "on"]):
+        step_seconds = {}
+        for variant in ("sft", "target"):
+            out = work / f"run-{variant}-{'ac' if checkpointing else 'no-ac'}"
+            subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
+                            "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps),
+                            "--global-batch-size", str(args.micro_batch_size * args.accumulation),
+                            "--micro-batch-size", str(args.micro_batch_size), *common]
+                           + (["--activation-checkpointing"] if checkpointing else []), check=True)
+            steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # no warm-up
+            step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
+            tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
+            mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
+            peak = max(s.get("peak_gib", float("nan")) for s in steps)
+            case = f"{variant}, checkpointing {'on' if checkpointing else 'off'}"
+            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  peak {peak:6.1f} GiB  "
+                  f"step {step_seconds[variant]:.2f} s")
+            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB"))
+        ratio = step_seconds["target"] / step_seconds["sft"]
+        print(f"target / sft step time: {ratio:.3f}")
+        rows.append(("train", f"target / sft, checkpointing {'on' if checkpointing else 'off'}",
+                     f"{ratio:.3f}x the step time"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py gpu: everything that needs a GPU, in one device command, then one table
+
+def bench_gpu(args):
+    """loss --paper --liger, train with and without activation checkpointing, and cache, in under 10 minutes
+    on one H100/H200 with random weights in the Qwen2.5-Math-1.5B shape (nothing downloads)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        raise SystemExit("bench.py gpu needs a GPU; --tiny checks the script on a CPU at toy sizes")
+    namespace = argparse.Namespace
+    rows = bench_loss(namespace(paper=not args.tiny, tiny=args.tiny, variants="sft,dft,target", repeats=3,
+                                liger=importlib.util.find_spec("liger_kernel") is not None))
+    rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=3,
+                                  micro_batch_size=4, accumulation=2, checkpointing="both"))
+    rows += bench_cache(namespace(repeat=1 if args.tiny else 16, batch_tokens=2048 if args.tiny else 16384, k=64,
+                                  big_vocab=4096 if args.tiny else 152064, micro_batch_size=4))
+    print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
+    for bench, case, result in rows:
+        print(f"{bench:6} {case:36} {result}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,6 +381,7 @@ def main():
     commands = parser.add_subparsers(dest="command", required=True)
     loss_cmd = commands.add_parser("loss", help="chunked Q-target loss vs naive full logits")
     loss_cmd.add_argument("--paper", action="store_true", help="paper scale, bf16, needs a GPU")
+    loss_cmd.add_argument("--tiny", action="store_true", help="toy sizes, to check the script")
     loss_cmd.add_argument("--variants", default="sft,dft,target")
     loss_cmd.add_argument("--repeats", type=int, default=3)
     loss_cmd.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear CE on sft")
@@ -367,6 +411,8 @@ def main():
     train.add_argument("--steps", type=int, default=4)
     train.add_argument("--micro-batch-size", type=int, default=4)
     train.add_argument("--accumulation", type=int, default=2)
+    train.add_argument("--checkpointing", default="off", choices=["off", "on", "both"],
+                       help="train.py's --activation-checkpointing")
     train.set_defaults(run=bench_train)
     batching = commands.add_parser("batching", help="micro-batch balance across ranks, fixed counts vs balanced")
     batching.add_argument("--samples", type=int, default=67_000, help="synthetic dataset size")
@@ -377,6 +423,9 @@ def main():
     batching.add_argument("--max-len", type=int, default=3072)
     batching.add_argument("--seed", type=int, default=0)
     batching.set_defaults(run=bench_batching)
+    gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
+    gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
+    gpu.set_defaults(run=bench_gpu)
     args = parser.parse_args()
     args.run(args)
 
