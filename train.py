@@ -24,6 +24,9 @@ from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
+# read when torch loads, so set before: micro-batches of varying shapes fragment fixed-size allocator segments
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -122,7 +125,7 @@ def save_checkpoint(out, step, model, optimizer, extra):
 
 
 # may change on resume: they steer the run or name where things are (the caches are validated on their own)
-# (micro-batching and packing too: the normaliser is the step's global label count, so the maths is unchanged)
+# (micro-batching and layout too: the normaliser is the step's global label count, so the maths is unchanged)
 RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "activation_checkpointing",
                "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "micro_batch_tokens", "layout",
                "accumulate_unsharded"}
@@ -265,8 +268,6 @@ if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same co
         s.bind(("localhost", 0))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
                           MASTER_PORT=str(s.getsockname()[1]))
-# before CUDA's allocator starts: micro-batches of varying shapes otherwise fragment its fixed-size segments
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
 # ranks wait at barriers while rank 0 tokenises a dataset or writes the export: NCCL's 10 minutes are too few
 dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=1))
@@ -451,6 +452,7 @@ while step < stop:
         if args.export_on_save:
             export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype)
 progress.close()
+prepare_next.shutdown()
 
 if step == total_steps:
     export_hf(out / "hf", model, tokenizer, compute_dtype)
