@@ -249,6 +249,13 @@ def test_token_balanced_micro_batches_on_two_ranks_match_one_process(setup, one_
     same losses and gradients as one rank with one micro-batch of 8."""
     run(train_args(setup, "balanced", "--micro-batch-tokens", "256", "--accumulate-unsharded"), nproc=2)
     balanced = metrics(setup, "balanced")
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    lengths = [len(tokens.input_ids(i)) for i in range(len(tokens))]
+    first_step = sum(data.Sampler(len(tokens), seed=0, world_size=2).take_global(4), [])
+    plan = data.balanced_micro_batches(first_step, lengths, 2, 256, padded=True)
+    assert len(plan[0]) > 1  # several micro-batches per rank: the deferred reduce-scatter is exercised
+    assert balanced[0]["balance"] == pytest.approx(data.balance(plan, lengths, padded=True))
     for a, b in zip(one_process, balanced):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -301,3 +308,19 @@ def test_model_flops_charge_the_lm_head_to_label_tokens_only(setup, one_process)
         labels = sum(int((tokens.labels(j) != -100).sum()) for j in ids)
         flops = 6 * body * sum(lengths) + 6 * v * h * labels + 6 * layers * h * sum(n * n for n in lengths)
         assert step["tflops"] * 1e12 * step["seconds"] == pytest.approx(flops, rel=1e-9)
+
+
+def test_token_budget_below_the_max_length_is_refused_and_out_of_memory_names_the_budget(setup, monkeypatch,
+                                                                                         capsys):
+    with pytest.raises(SystemExit):
+        run_in_process(train_args(setup, "small-budget", "--micro-batch-tokens", "200"), monkeypatch)
+    assert "--micro-batch-tokens 200 is less than the max length 256" in capsys.readouterr().err
+    assert not (setup / "small-budget").exists()
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", out_of_memory)
+    with pytest.raises(SystemExit, match="out of memory at step 1 with --micro-batch-tokens 1024: try a smaller "
+                                         "--micro-batch-tokens or --activation-checkpointing"):
+        run_in_process(train_args(setup, "oom-tokens"), monkeypatch)
