@@ -254,3 +254,64 @@ def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
     assert lines[1].split() == ["sft", "10.00", "50.00", "30.00"]
     assert lines[2].split() == ["target", "-", "70.00", "-"]  # no Avg. over fewer benchmarks
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def paper_avg(setting, method, table="Table 1"):
+    return next(r["avg"] for r in evaluation.PAPER_TABLES[setting] if (r["table"], r["method"]) == (table, method))
+
+
+def test_paper_tables_agree_with_the_numbers_the_papers_text_quotes():
+    qwen3, math15 = "Qwen3-1.7B-Base / NuminaMath-CoT", "Qwen2.5-Math-1.5B / NuminaMath-CoT"
+    assert (paper_avg(qwen3, "Base"), paper_avg(qwen3, "SFT")) == (14.26, 12.99)  # "14.26 -> 12.99"
+    assert paper_avg(qwen3, "Distill (c = 0.8)") == 17.81  # "(17.81 vs. 12.99)"
+    assert paper_avg("Qwen2.5-Math-7B / NuminaMath-CoT", "Distill (c = 0.8)") == 25.76  # "(25.76 vs. 23.88)"
+    assert paper_avg("Qwen2.5-Math-7B / NuminaMath-CoT", "SFT") == 23.88
+    assert (paper_avg("LLaMA-3.1-8B / m23k", "SFT", "Table 2"),
+            paper_avg("LLaMA-3.1-8B / m23k", "SFT (p)", "Table 2")) == (47.41, 38.60)  # "(47.41 vs. 38.60)"
+    table6 = [r for r in evaluation.PAPER_TABLES[math15] if r["table"] == "Table 6"]
+    etas = [r["avg"] for r in table6 if r["method"].startswith("TARGET-SFT")]
+    distills = {r["method"]: r["avg"] for r in table6 if r["method"].startswith("Distill")}
+    assert (min(etas), max(etas)) == (34.30, 38.05)
+    # the text's "from 22.81 to 30.83" spans c = 0.5, 0.8, 1.0; Table 6's c = 0.2 row (18.33) lies below it
+    assert distills.pop("Distill (c = 0.2)") == 18.33 and (min(distills.values()), max(distills.values())) == \
+        (22.81, 30.83)
+    # the printed Avg. is not the mean of the five columns (issue 12's two examples)
+    means = {s: np.mean(list(evaluation.PAPER_TABLES[s][0]["cells"].values())) for s in (qwen3, math15)}
+    assert (round(means[qwen3], 2), round(means[math15], 2)) == (14.38, 15.36)
+    # Table 6 repeats Table 1's runs: the same cells in both places
+    for setting in (math15, "Qwen2.5-Math-1.5B / OpenR1-15k"):
+        t1, t6 = ([r for r in evaluation.PAPER_TABLES[setting] if r["table"] == t and "TARGET" in r["method"]]
+                  for t in ("Table 1", "Table 6"))
+        assert t1[0]["cells"] in [r["cells"] for r in t6]
+    medx = next(r for r in evaluation.PAPER_TABLES["LLaMA-3.2-3B / m23k"] if r["method"] == "Base")
+    assert medx["cells"]["medxpertqa"] == round(100 * 161 / 1449, 2)  # Table 2 is k/N
+    assert all(len(r["cells"]) in (5, 10) for rows in evaluation.PAPER_TABLES.values() for r in rows)
+
+
+def test_compare_sets_the_papers_rows_beside_yours(tmp_path, capsys):
+    cells = {"minerva": 30.0, "olympiadbench": 31.59, "aime24": 10.0, "amc23": 47.03, "math500": 75.2}
+    for run, benchmarks in {"target": cells, "mystery": cells}.items():
+        (tmp_path / run).mkdir()
+        results = {"name": run, "model": f"/runs/{run}/hf",
+                   "benchmarks": {k: {"average": v} for k, v in benchmarks.items()}}
+        (tmp_path / run / "results.json").write_text(evaluation.json.dumps(results))
+    evaluation.main(["--compare", str(tmp_path / "target/results.json"), str(tmp_path / "mystery/results.json"),
+                     "--plot", str(tmp_path / "cmp.png"), "--paper", "Qwen2.5-Math-1.5B / NuminaMath-CoT"])
+    out = capsys.readouterr().out
+    base = next(line for line in out.splitlines() if line.startswith("Table 1 Base"))
+    assert base.split()[-7:] == ["8.23", "15.20", "3.75", "18.12", "31.52", "14.92", "[15.36]"]
+    diff = next(line for line in out.splitlines() if line.startswith("target - Table 1 TARGET-SFT"))
+    # by hand, against 32.20 31.59 8.96 47.03 70.20 (mean 37.996): our mean is 38.764, +0.768
+    assert diff.split()[-6:] == ["-2.20", "+0.00", "+1.04", "+0.00", "+5.00", "+0.77"]
+    assert "mystery: no paper row" in out and "not always the mean of its columns" in out
+    with pytest.raises(SystemExit, match="not one of the paper's settings"):
+        evaluation.main(["--compare", str(tmp_path / "target/results.json"), "--paper", "GPT-2 / nothing"])
+
+
+def test_compare_plot_starts_at_zero_and_labels_every_bar(tmp_path):
+    runs = [(f"run{i}", {"benchmarks": {n: {"average": 0.0} for n in evaluation.SUITES["medical"]}})
+            for i in range(5)]
+    ax = evaluation.plot_runs(runs, tmp_path / "zeros.png")
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 0
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == 5 * 11 and set(labels) == {"0.0"}  # 10 benchmarks and Avg., 5 runs
