@@ -755,7 +755,7 @@ def plot_runs(runs, plot):
     names = columns(runs)
     x = np.arange(len(names) + 1)
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(x) * len(runs) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(1.4 * len(x), 0.3 * len(x) * len(runs)) + 2), 4.5))
     top = 0.0
     for i, (run, r) in enumerate(runs):
         values = [r["benchmarks"].get(n, {}).get("average", np.nan) for n in names] + [run_average(r, names)]
@@ -766,8 +766,8 @@ def plot_runs(runs, plot):
     ax.set_ylim(0, max(top, 1.0) * 1.18)  # room for the labels; all-zero runs still get an axis from 0
     ax.set_xticks(x + width * (len(runs) - 1) / 2, [label(n) for n in names] + ["Avg."])
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Average@n per benchmark (see results.json's average_rule)")
-    ax.legend(ncol=min(len(runs), 5), fontsize=8, loc="upper left", frameon=False)
+    ax.set_title("Average@n per benchmark (see results.json's average_rule)", pad=24)
+    ax.legend(ncol=min(len(runs), 6), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(plot, dpi=120)
     plt.close(fig)
