@@ -203,6 +203,7 @@ def plot_metrics(metrics_path, png_path):
                 ax.plot(steps, ema, color=line.get_color(), label="loss (smoothed)")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if len(keys) > 1 or keys == ["loss"]:
             ax.legend(fontsize=8, frameon=False)
