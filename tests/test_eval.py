@@ -315,3 +315,29 @@ def test_compare_plot_starts_at_zero_and_labels_every_bar(tmp_path):
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 0
     labels = [t.get_text() for t in ax.texts]
     assert len(labels) == 5 * 11 and set(labels) == {"0.0"}  # 10 benchmarks and Avg., 5 runs
+
+
+def test_prompts_are_the_harness_qwen_boxed_and_llama_layouts():
+    import tiny
+    tok = tiny.make_tokenizer()
+    item = {"question": "What is 1 + 1?", "options": None}
+
+    def prompt(tokenizer, *argv):
+        args = evaluation.parse_args(["--model", "m", *argv])
+        return tokenizer.decode(evaluation.prompt_ids(tokenizer, item, evaluation.prompt_style(args, tokenizer)))
+    # the Qwen2.5-Math harness's "qwen-boxed", written out by hand
+    assert prompt(tok) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt(tok, "--protocol", "strict") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    # its "llama-base-boxed-with-bos"
+    assert prompt(tok) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful "
+                           "assistant.<|eot_id|>\n<|start_header_id|>user<|end_header_id|>\n\nWhat is 1 + 1?\n"
+                           "Please reason step by step, and put your final answer within \\boxed{}.<|eot_id|>\n"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    style = evaluation.prompt_style(evaluation.parse_args(["--model", "m"]), tok)
+    assert evaluation.stop_ids(tok, style) == sorted(tok.convert_tokens_to_ids(["<|eot_id|>", "<|im_end|>"]))
