@@ -219,7 +219,9 @@ def encode(tokenizer, pairs, system_prompt, template=None):
 
 
 def end_of_turn_id(tokenizer, system_prompt=SYSTEM_PROMPT, template=None):
-    """The token that closes the assistant's turn (the last label of every response): generation stops there."""
+    """The token that closes the assistant's turn (the last label of every response): generation stops there.
+    A Llama-3 tokenizer without a template of its own has m23k's Llama form (LLAMA_TEMPLATE)."""
+    template = template or chat_template(tokenizer, llama_form=not tokenizer.chat_template)
     return encode(tokenizer, [("1 + 1?", "2")], system_prompt, template)[0][1][-1]
 
 

@@ -176,19 +176,50 @@ def export_hf(path, model, tokenizer, dtype):
 
 
 def plot_metrics(metrics_path, png_path):
+    """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    panels = [  # (title with units, keys drawn in it)
+        ("loss (nats / label token)", ("loss",)),
+        ("grad norm (L2, all parameters)", ("grad_norm",)),
+        ("learning rate", ("lr",)),
+        ("mean p(label) (probability)", ("p_label", "p_teacher_label")),
+        ("mean trust γ and residual weight b (Table 5)", ("trust", "residual")),
+        ("label in the teacher's top-k (share)", ("in_topk",)),
+        ("Q quadrants (share of labels)", ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")),
+        ("balance", ("balance",)),
+        ("throughput (tokens / s)", ("tokens_per_s",)),
+        ("MFU (share of peak)", ("mfu",)),
+    ]
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    keys = [k for k in ("loss", "grad_norm", "lr", "p_label", "trust", "residual", "in_topk") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    for ax, key in zip(axes, keys):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set_title(key)
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
+            line, = ax.plot(steps, values, label=key, alpha=0.35 if key == "loss" else 1.0)
+            if key == "loss":  # a debiased exponential moving average (TensorBoard's smoothing, 0.9)
+                ema, average = [], 0.0
+                for i, v in enumerate(values, 1):
+                    average = 0.9 * average + 0.1 * v
+                    ema.append(average / (1 - 0.9 ** i))
+                ax.plot(steps, ema, color=line.get_color(), label="loss (smoothed)")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or keys == ["loss"]:
+            ax.legend(fontsize=8, frameon=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"{args.loss} on {args.data}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
 
 
 def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):

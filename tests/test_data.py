@@ -224,6 +224,10 @@ def test_m23k_recipe_uses_lis_llama_layout_for_llama3_tokenizers(monkeypatch, tm
     assert response == "The answer is \\boxed{B}.<|eot_id|>"
     assert ds.input_ids(0)[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")  # BOS once
     assert tok.decode(ds.input_ids(0)[:2]) != "<|begin_of_text|><|begin_of_text|>"
+    own, tok.chat_template = tok.chat_template, None  # Llama-3 base tokenizers may ship none: m23k still works
+    assert (data.tokenize_dataset("m23k", tok, cache_dir=tmp_path).input_ids(0) == ds.input_ids(0)).all()
+    assert data.end_of_turn_id(tok, None) == tok.convert_tokens_to_ids("<|eot_id|>")
+    tok.chat_template = own
     monkeypatch.undo()
     local = data.tokenize_dataset(write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "response": "r"}]), tok,
                                    cache_dir=tmp_path)
