@@ -2,6 +2,7 @@
 
     python bench.py loss                      # chunked Q-target loss vs naive full logits, CPU sizes
     python bench.py loss --paper              # paper scale: N=16384, H=1536, V=151936, bf16 (GPU)
+    python bench.py logits                    # bf16-rounded vs fp32 logits: error on the cached probabilities
     python bench.py cache                     # teacher-cache build vs a plain teacher forward; reader vs a step
     python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
@@ -43,16 +44,18 @@ def loss_inputs(n, h, v, k, dtype, device, seed=0):
     labels = torch.randint(0, v, (n,), generator=g, device=device)
     labels[: n // 8] = -100  # a prompt's share of ignored positions
     teacher_logprobs, teacher_ids = torch.randn(n, k, generator=g, device=device).log_softmax(-1).sort(-1, True)
-    return hidden, weight, labels, teacher_ids.int(), teacher_logprobs.half()
+    label_logprobs = -torch.rand(n, generator=g, device=device) * 12  # what a cache holds for psft
+    token_weights = torch.rand(n, generator=g, device=device)         # and the data for weighted
+    return hidden, weight, labels, teacher_ids.int(), teacher_logprobs.half(), label_logprobs, token_weights
 
 
-def loss_step(impl, variant, hidden, weight, labels, teacher_ids, teacher_logprobs):
+def loss_step(impl, variant, hidden, weight, labels, *side):
     """One forward and backward; returns nothing, leaves .grad on hidden and weight."""
     hidden.grad = weight.grad = None
     if impl == "chunked":
-        value = L.q_target_loss(hidden, weight, labels, teacher_ids, teacher_logprobs, loss=variant)
+        value = L.q_target_loss(hidden, weight, labels, *side, loss=variant)
     elif impl == "naive":
-        value = L.reference_q_target_loss(hidden @ weight.T, labels, teacher_ids, teacher_logprobs, loss=variant)
+        value = L.reference_q_target_loss(hidden @ weight.T, labels, *side, loss=variant)
     elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         value = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
@@ -139,6 +142,43 @@ def bench_loss(args):
             rows.append(("loss", f"{variant} {impl}", f"{seconds * 1e3:.1f} ms, {seconds / matmuls:.2f}x the matmuls, "
                                                       f"peak +{peak / 2**20:.0f} MiB"))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py logits: what rounding the lm_head's output to bf16 costs the cached teacher probabilities
+
+def teacher_like_logits_inputs(rows, hidden_size, vocab_size, seed=0):
+    """bf16 hidden states and lm_head whose logits look like a confident teacher's: a per-token base logit
+    N(14, 3) through one hidden unit held at 1, plus N(0, 1) from the rest; the top logits land at 25-30."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=g) / hidden_size ** 0.5
+    hidden[:, 0] = 1
+    weight = torch.randn(vocab_size, hidden_size, generator=g)
+    weight[:, 0] = 14 + 3 * torch.randn(vocab_size, generator=g)
+    return hidden.bfloat16(), weight.bfloat16()
+
+
+def bench_logits(args):
+    hidden, weight = teacher_like_logits_inputs(args.rows, args.hidden, args.vocab)
+    exact = hidden.double() @ weight.double().T  # the bf16 inputs' product, in float64
+    top_ids = exact.topk(args.k, dim=-1).indices
+    label = top_ids[:, torch.randint(0, 8, (1,)).item()]  # an observed token among the teacher's top 8
+    print(f"logits of {args.rows} rows, H={args.hidden}, V={args.vocab}: max {exact.max():.1f}, "
+          f"mean top-1 {exact.max(-1).values.mean():.1f}; errors against float64\n")
+    print(f"{'logits':42} {'top-k prob (max abs)':>21} {'label logprob (max abs)':>24}")
+    paths = {"bf16 matmul output, then fp32 (before)": (hidden @ weight.T).double(),
+             "fp32 from the matmul (loss.logits_fp32)": L.logits_fp32(hidden, weight).double()}
+    reference_probs = exact.gather(1, top_ids).softmax(-1)
+    reference_label = exact.log_softmax(-1).gather(1, label[:, None])
+    for name, logits in paths.items():
+        probs = logits.gather(1, top_ids).softmax(-1)
+        label_logprob = logits.log_softmax(-1).gather(1, label[:, None])
+        print(f"{name:42} {(probs - reference_probs).abs().max():21.2e} "
+              f"{(label_logprob - reference_label).abs().max():24.2e}")
+    packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, paths[
+        "fp32 from the matmul (loss.logits_fp32)"].log_softmax(-1).gather(1, top_ids).float()))[1]
+    print(f"{'fp32, then packed into the cache':42} {(packed.double().softmax(-1) - reference_probs).abs().max():21.2e} "
+          f"{'(stored as fp32)':>24}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,6 +426,12 @@ def main():
     loss_cmd.add_argument("--repeats", type=int, default=3)
     loss_cmd.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear CE on sft")
     loss_cmd.set_defaults(run=bench_loss)
+    logits = commands.add_parser("logits", help="bf16-rounded vs fp32 logits: error on cached probabilities")
+    logits.add_argument("--rows", type=int, default=256)
+    logits.add_argument("--hidden", type=int, default=1536)
+    logits.add_argument("--vocab", type=int, default=151936)
+    logits.add_argument("--k", type=int, default=64)
+    logits.set_defaults(run=bench_logits)
     cache = commands.add_parser("cache", help="teacher-cache build and reader throughput")
     cache.add_argument("--repeat", type=int, default=4, help="copies of the 16 test rows to run on")
     cache.add_argument("--batch-tokens", type=int, default=2048)

@@ -9,6 +9,7 @@ which pack() and pad_batch() build.
 import hashlib
 import heapq
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -149,6 +150,52 @@ def bad_row_reason(prompt, response):
     return None
 
 
+def weight_error(response, weight, spans):
+    """Why a row's label weights (loss 'weighted') are unusable, or None. `weight`: iw-SFT's trajectory weight,
+    a number >= 0 for every token; `weight_spans`: [[start, end, w], ...], character spans of the response
+    with their own weight, e.g. CFT's critical tokens at 1 under a row `weight` of 0."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if weight is None and spans is None:
+        return "has neither a `weight` nor a `weight_spans` field (--loss weighted reads label trust from the data)"
+    if weight is not None and not (number(weight) and weight >= 0):
+        return f"weight {weight!r} is not a number >= 0"
+    if spans is None:
+        return None
+    if not isinstance(spans, list) or not all(isinstance(x, (list, tuple)) and len(x) == 3 for x in spans):
+        return "weight_spans is not a list of [start, end, weight]"
+    if not all(number(a) and float(a).is_integer() and number(b) and float(b).is_integer() for a, b, _ in spans):
+        return "weight_spans' start and end are not whole character offsets"
+    previous = None
+    for start, end, w in sorted(spans, key=lambda x: x[0]):
+        if not 0 <= start < end <= len(response):
+            return f"span [{start:g}, {end:g}) lies outside the response's {len(response)} characters"
+        if not (number(w) and w >= 0):
+            return f"span [{start:g}, {end:g}) has weight {w!r}, not a number >= 0"
+        if previous is not None and start < previous[1]:
+            return f"spans [{previous[0]:g}, {previous[1]:g}) and [{start:g}, {end:g}) overlap"
+        previous = (start, end)
+    return None
+
+
+def response_token_weights(tokenizer, template, system_prompt, pair, num_prompt, num_response, weight, spans):
+    """Each response token's weight: the largest weight among the spans its characters touch, else the row's
+    weight (default 1). Spans are characters of the response, so they do not depend on the tokenizer; the
+    tokenizer's offsets map them onto its tokens."""
+    prompt_text = render(tokenizer, template, system_prompt, pair[0])
+    full_text = render(tokenizer, template, system_prompt, *pair)
+    if not (full_text.startswith(prompt_text) and full_text[len(prompt_text):].startswith(pair[1])):
+        raise ValueError("the chat template rewrites the response text, so weight_spans cannot be mapped to its "
+                         "tokens; give a per-row `weight` only, or a template that keeps the response as is")
+    offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
+    for j, (first, last) in enumerate(offsets[num_prompt:num_prompt + num_response]):
+        first, last = first - len(prompt_text), last - len(prompt_text)
+        touching = [w for start, end, w in spans or [] if first < end and last > start]
+        if touching:
+            weights[j] = max(touching)
+    return weights
+
+
 def encode(tokenizer, pairs, system_prompt, template=None):
     """Prompt ids and response ids per pair. The response is what the template adds for the assistant
     turn up to and including its end-of-turn token; the whitespace the template puts after it is dropped."""
@@ -174,7 +221,9 @@ def encode(tokenizer, pairs, system_prompt, template=None):
 
 
 def end_of_turn_id(tokenizer, system_prompt=SYSTEM_PROMPT, template=None):
-    """The token that closes the assistant's turn (the last label of every response): generation stops there."""
+    """The token that closes the assistant's turn (the last label of every response): generation stops there.
+    A Llama-3 tokenizer without a template of its own has m23k's Llama form (LLAMA_TEMPLATE)."""
+    template = template or chat_template(tokenizer, llama_form=not tokenizer.chat_template)
     return encode(tokenizer, [("1 + 1?", "2")], system_prompt, template)[0][1][-1]
 
 
@@ -188,6 +237,8 @@ class TokenizedData:
         self.tokens = np.load(self.path / "tokens.npy", mmap_mode="r")
         self.offsets = np.load(self.path / "offsets.npy")
         self.prompt_lens = np.load(self.path / "prompt_lens.npy")
+        weights = self.path / "weights.npy"  # per token, when tokenised for loss 'weighted'
+        self.weights = np.load(weights, mmap_mode="r") if weights.exists() else None
 
     def __len__(self):
         return len(self.prompt_lens)
@@ -202,16 +253,23 @@ class TokenizedData:
         labels[self.prompt_lens[i] - 1:-1] = ids[self.prompt_lens[i]:]
         return labels
 
+    def label_weights(self, i):
+        """The data's weight of each label position, aligned with labels(i): the weight of the token predicted."""
+        weights = np.zeros(len(self.input_ids(i)), dtype=np.float32)
+        weights[self.prompt_lens[i] - 1:-1] = self.weights[self.offsets[i] + self.prompt_lens[i]:self.offsets[i + 1]]
+        return weights
+
     def label_counts(self):
         """Label positions per sample: the response tokens, whose predictions the loss trains."""
         return np.diff(self.offsets) - self.prompt_lens
 
 
 def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cache_dir="cache/tokenized",
-                     truncate=None, skip_bad=False):
+                     truncate=None, skip_bad=False, weights=False):
     """The tokenised dataset, from the on-disk cache when the key is unchanged. max_len, system_prompt and
-    truncate left at None take the source's recipe (RECIPES). Under torch.distributed, rank 0 builds and
-    the other ranks wait for it."""
+    truncate left at None take the source's recipe (RECIPES). weights: also read every row's label weights
+    (`weight`, `weight_spans`; see weight_error) for loss 'weighted'. Under torch.distributed, rank 0 builds
+    and the other ranks wait for it."""
     template = chat_template(tokenizer, RECIPES.get(str(source), LOCAL_RECIPE).llama_form)
     if not template:
         raise ValueError(f"{tokenizer.name_or_path} has no chat template, and prompts are templated with the "
@@ -223,7 +281,7 @@ def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cac
                         over_length=over_length)
     key = {"source": str(source), "source_hash": source_fingerprint(str(source), rows),
            "tokenizer": tokenizer_fingerprint(tokenizer), "recipe": recipe._asdict(), "template": template,
-           "skip_bad": skip_bad}
+           "skip_bad": skip_bad, **({"weights": True} if weights else {})}
     fingerprint = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir) / fingerprint
     distributed = dist.is_available() and dist.is_initialized()
@@ -231,14 +289,16 @@ def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cac
         dist.barrier()
     if not (path / "meta.json").exists():
         pairs = [prompt_response(recipe, row) for row in rows]
-        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad)
+        weight_fields = [(row.get("weight"), row.get("weight_spans")) for row in rows] if weights else None
+        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields)
     if distributed and dist.get_rank() == 0:
         dist.barrier()
     return TokenizedData(path)
 
 
-def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, template, skip_bad):
-    bad = [(i, bad_row_reason(*p)) for i, p in enumerate(pairs)]
+def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields=None):
+    bad = [(i, bad_row_reason(*p) or (weight_fields and weight_error(p[1], *weight_fields[i])))
+           for i, p in enumerate(pairs)]
     bad = [(i, reason) for i, reason in bad if reason]
     if bad and not skip_bad:
         i, reason = bad[0]
@@ -249,7 +309,7 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     encoded = encode(tokenizer, [pairs[i] for i in kept_rows], recipe.system, template)
     max_len, drop_long = recipe.max_len, recipe.over_length == "drop"
     samples, too_long = [], 0
-    for prompt, response in encoded:
+    for row, (prompt, response) in zip(kept_rows, encoded):
         if len(prompt) + len(response) > max_len and drop_long:
             too_long += 1
             continue
@@ -257,7 +317,10 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
         if len(ids) <= len(prompt):  # truncation left no response token to learn
             too_long += 1
             continue
-        samples.append((ids, len(prompt)))
+        weights = None if weight_fields is None else np.concatenate([np.zeros(len(prompt), np.float32), (
+            response_token_weights(tokenizer, template, recipe.system, pairs[row], len(prompt), len(response),
+                                   *weight_fields[row]))])[:max_len]
+        samples.append((ids, len(prompt), weights))
     if source == "openr1-15k":  # Appendix A: keep the responses that fit, then sample 15k
         if len(samples) < OPENR1_SAMPLES:
             raise ValueError(f"openr1-15k: only {len(samples)} responses fit max_len={max_len}, "
@@ -270,10 +333,12 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
           f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{fingerprint}."))
-    lengths = np.array([len(ids) for ids, _ in samples])
-    np.save(tmp / "tokens.npy", np.concatenate([ids for ids, _ in samples]).astype(np.int32))
+    lengths = np.array([len(ids) for ids, _, _ in samples])
+    np.save(tmp / "tokens.npy", np.concatenate([ids for ids, _, _ in samples]).astype(np.int32))
     np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    np.save(tmp / "prompt_lens.npy", np.array([p for _, p in samples], dtype=np.int64))
+    np.save(tmp / "prompt_lens.npy", np.array([p for _, p, _ in samples], dtype=np.int64))
+    if weight_fields is not None:
+        np.save(tmp / "weights.npy", np.concatenate([w for _, _, w in samples]))
     (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, **key, "samples": len(samples),
                                                "bad_rows": len(bad), "over_max_len": too_long}, indent=1))
     try:
@@ -337,7 +402,10 @@ def pack(data, sample_ids):
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
             "position_ids": torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
             "labels": torch.from_numpy(np.concatenate([data.labels(i) for i in sample_ids]))[None],
-            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "sample_ids": list(sample_ids)}
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            **({} if data.weights is None else {"token_weights": torch.from_numpy(
+                np.concatenate([data.label_weights(i) for i in sample_ids]))[None]}),
+            "sample_ids": list(sample_ids)}
 
 
 def pad_batch(data, sample_ids):
@@ -347,13 +415,16 @@ def pad_batch(data, sample_ids):
     input_ids = torch.zeros(len(sample_ids), width, dtype=torch.long)
     attention_mask = torch.zeros(len(sample_ids), width, dtype=torch.long)
     labels = torch.full((len(sample_ids), width), IGNORE_INDEX, dtype=torch.long)
+    token_weights = torch.zeros(len(sample_ids), width)
     for row, i in enumerate(sample_ids):
         n = len(data.input_ids(i))
         input_ids[row, :n] = torch.from_numpy(np.asarray(data.input_ids(i), dtype=np.int64))
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.from_numpy(data.labels(i))
+        if data.weights is not None:
+            token_weights[row, :n] = torch.from_numpy(data.label_weights(i))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "sample_ids": list(sample_ids)}
+            **({} if data.weights is None else {"token_weights": token_weights}), "sample_ids": list(sample_ids)}
 
 
 def micro_batch_cost(lengths, padded):

@@ -48,7 +48,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF id or local folder of the student")
 parser.add_argument("--data", default="numina67k", help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet")
 parser.add_argument("--teacher-cache", default=None, help="teacher top-k cache (teacher_cache.py): target, distill")
-parser.add_argument("--ref-cache", default=None, help="reference-model top-k cache, same format: kl, asft")
+parser.add_argument("--ref-cache", default=None, help="reference-model cache, same format, from the starting model: "
+                    "kl, asft, psft (its label log-probs are psft's pi_old)")
 parser.add_argument("--out", default="runs/default")
 parser.add_argument("--loss", default="target", choices=sorted(qloss.RULES))
 parser.add_argument("--eta", type=float, default=0.5, help="target: teacher intensity in the residual (Sec. 6)")
@@ -59,6 +60,11 @@ parser.add_argument("--tau", type=float, default=None, help="profit (default 0.1
 parser.add_argument("--eaft-k", type=int, default=None, help="eaft: top-k of the entropy (default 20)")
 parser.add_argument("--lam", type=float, default=None, help="ls, kl, asft (default 0.1)")
 parser.add_argument("--beta", type=float, default=None, help="gem (default 0.7)")
+parser.add_argument("--eps", type=float, default=None, help="psft: clip range 1 +- eps (default 0.2)")
+parser.add_argument("--quadrant-threshold", type=float, default=0.5, help="with a cache: p_theta(y) and p_T(y) at "
+                    "or above it count as high in the logged Figure 4 quadrant shares")
+parser.add_argument("--loss-chunk-size", type=int, default=None, help="rows per chunk of the loss (default: sized "
+                    "from free device memory)")
 parser.add_argument("--lr", type=float, default=5e-5)
 parser.add_argument("--warmup-ratio", type=float, default=0.1)
 parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -128,7 +134,7 @@ def save_checkpoint(out, step, model, optimizer, extra):
 # (micro-batching and layout too: the normaliser is the step's global label count, so the maths is unchanged)
 RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "activation_checkpointing",
                "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "micro_batch_tokens", "layout",
-               "accumulate_unsharded"}
+               "accumulate_unsharded", "loss_chunk_size", "quadrant_threshold"}
 
 
 def read_trainer_state(path):
@@ -184,19 +190,50 @@ def export_hf(path, model, tokenizer, dtype):
 
 
 def plot_metrics(metrics_path, png_path):
+    """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    panels = [  # (title with units, keys drawn in it)
+        ("loss (nats / label token)", ("loss",)),
+        ("grad norm (L2, all parameters)", ("grad_norm",)),
+        ("learning rate", ("lr",)),
+        ("mean p(label) (probability)", ("p_label", "p_teacher_label")),
+        ("mean trust γ and residual weight b (Table 5)", ("trust", "residual")),
+        ("label in the teacher's top-k (share)", ("in_topk",)),
+        ("Q quadrants (share of labels)", ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")),
+        ("balance", ("balance",)),
+        ("throughput (tokens / s)", ("tokens_per_s",)),
+        ("MFU (share of peak)", ("mfu",)),
+    ]
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    keys = [k for k in ("loss", "grad_norm", "lr", "p_label", "trust", "residual", "in_topk") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    for ax, key in zip(axes, keys):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set_title(key)
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
+            line, = ax.plot(steps, values, label=key, alpha=0.35 if key == "loss" else 1.0)
+            if key == "loss":  # a debiased exponential moving average (TensorBoard's smoothing, 0.9)
+                ema, average = [], 0.0
+                for i, v in enumerate(values, 1):
+                    average = 0.9 * average + 0.1 * v
+                    ema.append(average / (1 - 0.9 ** i))
+                ax.plot(steps, ema, color=line.get_color(), label="loss (smoothed)")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or keys == ["loss"]:
+            ax.legend(fontsize=8, frameon=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"{args.loss} on {args.data}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
 
 
 # no attention_mask: right padding follows each sequence, and causal attention never looks ahead
@@ -211,7 +248,8 @@ def prepare(sample_ids):
     labels = batch["labels"].view(-1)
     positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
     batch = {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "label_positions": positions,
-             "label_ids": labels[positions]}
+             "label_ids": labels[positions],
+             **({"label_weights": batch["token_weights"].view(-1)[positions]} if "token_weights" in batch else {})}
     if "cu_seq_lens_q" in batch:  # flash-attn's maxima as Python ints: tensors would cost a host sync per layer
         batch["max_length_q"] = batch["max_length_k"] = int(batch["cu_seq_lens_q"].diff().max())
     pin = device_type == "cuda"
@@ -244,8 +282,9 @@ def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logpr
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
     value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
                                 self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
-                                teacher_label_logprobs=teacher_label_logprobs, loss=args.loss, eta=args.eta, c=args.c,
-                                normalizer=normalizer, stats=stats, **variant_kwargs)
+                                teacher_label_logprobs, batch.get("label_weights"), loss=args.loss, eta=args.eta,
+                                c=args.c, chunk_size=args.loss_chunk_size, normalizer=normalizer, stats=stats,
+                                quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
     return value, stats
 
 
@@ -253,13 +292,14 @@ def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logpr
 # Setup: checks first, then distributed, data, teacher cache, model, optimiser
 
 variant_kwargs = {name: value for name, value in {"alpha": args.alpha, "tau": args.tau, "k": args.eaft_k,
-                                                   "lam": args.lam, "beta": args.beta}.items() if value is not None}
+                                                   "lam": args.lam, "beta": args.beta, "eps": args.eps}.items()
+                  if value is not None}
 try:
     qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
 except ValueError as e:
     parser.error(str(e))
-cache_flag = "--ref-cache" if args.loss in ("kl", "asft") else "--teacher-cache"
-cache_path = args.ref_cache if args.loss in ("kl", "asft") else args.teacher_cache
+cache_flag = "--ref-cache" if args.loss in qloss.REFERENCE_LOSSES else "--teacher-cache"
+cache_path = args.ref_cache if args.loss in qloss.REFERENCE_LOSSES else args.teacher_cache
 if args.loss in qloss.NEEDS_TEACHER and cache_path is None:
     parser.error(f"--loss {args.loss} needs {cache_flag} DIR (build it with teacher_cache.py)")
 
@@ -300,7 +340,8 @@ out.mkdir(parents=True, exist_ok=True)
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
-                              cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad)
+                              cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad,
+                              weights=args.loss in qloss.NEEDS_WEIGHTS)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
 sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
 lengths, label_counts = np.diff(tokens.offsets), tokens.label_counts()
@@ -371,6 +412,9 @@ prepare_next = ThreadPoolExecutor(1)  # builds the next micro-batch on the host 
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
 
+# the step's means of loss.py's statistics; with a cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
+logged = ("p_label", "trust", "residual") + (("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high",
+                                              "q4_student_high") if cache is not None else ())
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
@@ -382,7 +426,7 @@ while step < stop:
                                               for i in range(0, len(ids), args.micro_batch_size)] for ids in dealt])
     label_tokens, all_tokens = int(label_counts[step_ids].sum()), int(lengths[step_ids].sum())
     squared_lengths = int((lengths[step_ids] ** 2).sum())
-    step_stats = dict.fromkeys(("p_label", "trust", "residual", "in_topk"), 0.0)
+    step_stats = dict.fromkeys(logged, 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     micro_batches = plan[rank]
     upcoming = prepare_next.submit(prepare, micro_batches[0])
@@ -431,7 +475,6 @@ while step < stop:
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
                "tokens_per_s": all_tokens / elapsed, "seconds": elapsed, "tflops": flops / elapsed / world_size / 1e12,
                "balance": data.balance(plan, lengths, layout == "padded")}
-    logged = ("p_label", "trust", "residual") + (("in_topk",) if cache is not None else ())
     metrics.update({key: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)

@@ -321,7 +321,66 @@ def test_m23k_recipe_uses_lis_llama_layout_for_llama3_tokenizers(monkeypatch, tm
     assert response == "The answer is \\boxed{B}.<|eot_id|>"
     assert ds.input_ids(0)[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")  # BOS once
     assert tok.decode(ds.input_ids(0)[:2]) != "<|begin_of_text|><|begin_of_text|>"
+    own, tok.chat_template = tok.chat_template, None  # Llama-3 base tokenizers may ship none: m23k still works
+    assert (data.tokenize_dataset("m23k", tok, cache_dir=tmp_path).input_ids(0) == ds.input_ids(0)).all()
+    assert data.end_of_turn_id(tok, None) == tok.convert_tokens_to_ids("<|eot_id|>")
+    tok.chat_template = own
     monkeypatch.undo()
     local = data.tokenize_dataset(write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "response": "r"}]), tok,
                                    cache_dir=tmp_path)
     assert "<|start_header_id|>" not in tok.decode(local.input_ids(0))  # other recipes keep the model's template
+
+
+# --- Label weights for loss 'weighted' (iw-SFT's trajectory weight, CFT's critical tokens) ---------------
+
+def test_weight_spans_map_characters_to_the_tokens_that_touch_them(tok, tmp_path):
+    """Hand-checked: the span over "42" marks exactly the tokens of its two digits (Qwen2's pattern splits
+    digits), the row weight covers every other response token, the end-of-turn token included."""
+    response = "So the answer is 42, not 7."
+    start = response.index("42")
+    rows = [{"prompt": "What is 6 x 7?", "response": response, "weight": 0.25, "weight_spans": [[start, start + 2, 3]]},
+            {"prompt": "What is 1 + 1?", "response": "It is 2.", "weight": 1.5}]
+    tokens = data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), tok, cache_dir=tmp_path / "c",
+                                   weights=True)
+    labels, weights = tokens.labels(0), tokens.label_weights(0)
+    learnt = labels != -100
+    assert (weights[~learnt] == 0).all()
+    pieces = [tok.decode([t]) for t in labels[learnt]]
+    expected = [3.0 if piece in ("4", "2") else 0.25 for piece in pieces]
+    assert pieces.count("4") == pieces.count("2") == 1 and weights[learnt].tolist() == expected
+    assert (tokens.label_weights(1)[tokens.labels(1) != -100] == 1.5).all()
+    batch = data.pack(tokens, [1, 0])
+    assert torch.equal(batch["token_weights"][0], torch.from_numpy(np.concatenate([tokens.label_weights(1), weights])))
+    padded = data.pad_batch(tokens, [0, 1])
+    assert torch.equal(padded["token_weights"][0, :len(weights)], torch.from_numpy(weights))
+
+
+def test_the_same_spans_on_another_tokenizer_mark_the_same_characters(tok, tmp_path):
+    """Spans are characters, not tokens: a tokenizer with a larger vocabulary cuts the response differently,
+    and the characters under weight 1 are the same."""
+    response = "First, the triangle has sides 3, 4 and 5, so its area is 6."
+    start = response.index("area")
+    rows = [{"prompt": "Area?", "response": response, "weight": 0, "weight_spans": [[start, start + 4, 1]]}]
+    path = write_jsonl(tmp_path / "w.jsonl", rows)
+    for vocab in (300, 500):
+        other = tiny.make_tokenizer(vocab)
+        tokens = data.tokenize_dataset(path, other, cache_dir=tmp_path / f"c{vocab}", weights=True)
+        labels, weights = tokens.labels(0), tokens.label_weights(0)
+        marked = other.decode(labels[(labels != -100) & (weights == 1)])
+        assert marked.strip() == "area"
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({}, "neither a `weight` nor a `weight_spans`"),
+    ({"weight": -1}, "weight -1 is not a number >= 0"),
+    ({"weight": "high"}, "not a number"),
+    ({"weight_spans": [[0, 99, 1]]}, r"span \[0, 99\) lies outside the response's 8 characters"),
+    ({"weight_spans": [[0, 4, 1], [3, 6, 1]]}, r"spans \[0, 4\) and \[3, 6\) overlap"),
+    ({"weight_spans": [[0, 4, -2]]}, "has weight -2"),
+    ({"weight_spans": [[0, 4]]}, "not a list of \\[start, end, weight\\]"),
+])
+def test_malformed_weights_name_the_row_before_any_training(tok, tmp_path, fields, problem):
+    rows = [{"prompt": "1 + 1?", "response": "It is 2.", "weight": 1}, {"prompt": "2 + 2?", "response": "It is 4.",
+                                                                      **fields}]
+    with pytest.raises(ValueError, match=rf"row 1: .*{problem}"):
+        data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), tok, cache_dir=tmp_path / "c", weights=True)

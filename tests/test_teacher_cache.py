@@ -85,7 +85,9 @@ def test_a_certain_teacher_keeps_its_ids():
     assert torch.allclose(got_values, values.clamp(min=tc.LOGPROB_FLOOR), rtol=1e-3)
 
 
-def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path):
+@pytest.mark.parametrize("flush_every", [1, 2, 3])
+def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path, flush_every):
+    """Killed during the third batch: only batches flushed in a full group of flush_every are marked done."""
     out = tmp_path / "cache"
     calls = []
 
@@ -97,19 +99,20 @@ def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path)
     hook = teacher.get_decoder().register_forward_hook(die_on_third_batch)
     try:
         with pytest.raises(KeyboardInterrupt):
-            tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
+            tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS, flush_every=flush_every)
     finally:
         hook.remove()
     partial = tmp_path / "cache.partial"
     done = np.load(partial / "done.npy")
-    assert done.sum() == 2 and not done.all()
+    assert done.sum() == 2 // flush_every * flush_every and not done.all()
     with pytest.raises(FileNotFoundError, match="unfinished build: rerun"):
         tc.TeacherCache(out)
-    rows = np.load(partial / "topk.npy", mmap_mode="r+")
-    first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[2][0]
-    rows[np.load(partial / "offsets.npy")[first_missing]:] = 12345  # whatever a killed write left behind
-    rows.flush()
-    del rows
+    first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[int(done.sum())][0]
+    for name, garbage in (("topk.npy", 12345), ("label_logprobs.npy", 7.0)):  # whatever a killed write left
+        rows = np.load(partial / name, mmap_mode="r+")
+        rows[np.load(partial / "offsets.npy")[first_missing]:] = garbage
+        rows.flush()
+        del rows
     with pytest.raises(ValueError, match="unfinished build with other inputs"):
         tc.build(teacher, math16, out, k=K + 1, batch_tokens=BATCH_TOKENS)
     tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)

