@@ -407,7 +407,9 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL
               "A100": 312e12, "A6000": 155e12}
 peak_flops = next((f for name, f in PEAK_FLOPS.items()
                    if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
-prepare_next = ThreadPoolExecutor(1)  # builds the next micro-batch on the host while the current one runs
+# builds the next micro-batch on the host while the current one runs; its pinning is CUDA work, on this rank's GPU
+prepare_next = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device_type == "cuda" else None,
+                                  initargs=(device,))
 
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
