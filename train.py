@@ -353,10 +353,11 @@ if total_steps == 0:
 attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 layout = args.layout if args.layout != "auto" else "packed" if attention == "flash_attention_2" else "padded"
 if rank == 0:
-    print(f"attention: {attention} on {layout} micro-batches" + (
-        " (sdpa keeps packed sequences apart with a dense [T, T] mask: slow)" if (attention, layout) == (
-            "sdpa", "packed") else "") + (f", {args.micro_batch_size} sequences each" if args.micro_batch_size
-                                          else f" of <= {args.micro_batch_tokens} tokens, balanced over ranks"))
+    sizing = (f"{args.micro_batch_size} sequences" if args.micro_batch_size
+              else f"<= {args.micro_batch_tokens} tokens, balanced over ranks")
+    slow = " (sdpa keeps packed rows apart with a dense [T, T] mask: slow)" if (attention, layout) == (
+        "sdpa", "packed") else ""
+    print(f"attention: {attention} on {layout} micro-batches of {sizing}{slow}")
 with torch.device("meta"):  # the structure only; load_pretrained fills the shards
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32,
                                              attn_implementation=attention)
