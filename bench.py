@@ -8,7 +8,8 @@
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
     python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
     python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
-    python bench.py gpu                       # loss --paper --liger, train with/without checkpointing, cache (GPU)
+    python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
+    python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache (GPU)
     python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
 """
 import argparse
@@ -351,7 +352,7 @@ def bench_train(args):
 # bench.py gpu: everything that needs a GPU, in one device command, then one table
 
 def bench_gpu(args):
-    """loss --paper --liger, train with and without activation checkpointing, and cache, in under 10 minutes
+    """loss --paper --liger, train with and without activation checkpointing, layout and cache, in under 10 minutes
     on one H100/H200 with random weights in the Qwen2.5-Math-1.5B shape (nothing downloads)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -361,6 +362,8 @@ def bench_gpu(args):
                                 liger=importlib.util.find_spec("liger_kernel") is not None))
     rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=3,
                                   micro_batch_size=4, accumulation=2, checkpointing="both"))
+    rows += bench_layout(namespace(lengths="1400,1100,900,700", hidden=128 if args.tiny else 1536,
+                                   layers=2 if args.tiny else 28, repeats=3))
     rows += bench_cache(namespace(repeat=1 if args.tiny else 16, batch_tokens=2048 if args.tiny else 16384, k=64,
                                   big_vocab=4096 if args.tiny else 152064, micro_batch_size=4))
     print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
@@ -416,6 +419,49 @@ def bench_batching(args):
                       f"{fixed[1]:12.1%} {balanced[1]:9.1%} {fixed[2] / balanced[2]:7.2f} {balanced[3]:5.1f}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py layout: one micro-batch's forward and backward, packed in a row against right-padded rows
+
+def bench_layout(args):
+    """Without flash-attn, a packed row makes transformers' sdpa build a dense [T, T] block mask; right-padded
+    rows need none (causal), at the price of computing on the padding."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=4096, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
+                         max_position_embeddings=32768, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).to(device, dtype)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    ids = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
+    padded = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(padded)
+    for row, x in enumerate(ids):
+        padded[row, :len(x)], mask[row, :len(x)] = x, 1
+    cases = {"packed row (sdpa: dense block mask)": dict(
+                 input_ids=torch.cat(ids)[None], position_ids=torch.cat([torch.arange(n, device=device)
+                                                                         for n in lengths])[None]),
+             "right-padded, attention_mask": dict(input_ids=padded, attention_mask=mask),
+             "right-padded, no mask (causal)": dict(input_ids=padded)}
+
+    def step(inputs):
+        model.zero_grad(set_to_none=True)
+        model.model(**inputs, use_cache=False).last_hidden_state.float().square().mean().backward()
+        sync(device)
+
+    print(f"{device}, {dtype}, hidden {args.hidden}, {args.layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
+          f"{len(lengths) * max(lengths)} padded)")
+    results = {}
+    for name, inputs in cases.items():
+        step(inputs)  # warm-up
+        results[name] = statistics.median(timed(lambda: step(inputs)) for _ in range(args.repeats))
+    packed = results["packed row (sdpa: dense block mask)"]
+    for name, seconds in results.items():
+        print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
+    return [("layout", name, f"{seconds * 1e3:.1f} ms, {packed / seconds:.2f}x the packed row's speed")
+            for name, seconds in results.items()]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -469,6 +515,12 @@ def main():
     batching.add_argument("--max-len", type=int, default=3072)
     batching.add_argument("--seed", type=int, default=0)
     batching.set_defaults(run=bench_batching)
+    layout = commands.add_parser("layout", help="one micro-batch, packed vs right-padded, without flash-attn")
+    layout.add_argument("--lengths", default="1400,1100,900,700", help="the micro-batch's sequence lengths")
+    layout.add_argument("--hidden", type=int, default=512)
+    layout.add_argument("--layers", type=int, default=4)
+    layout.add_argument("--repeats", type=int, default=3)
+    layout.set_defaults(run=bench_layout)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
     gpu.set_defaults(run=bench_gpu)
