@@ -7,9 +7,11 @@ ranks; pack() and pad_batch() build micro-batches.
 """
 import hashlib
 import json
+import linecache
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -66,6 +68,50 @@ HF_SOURCES = {"numina67k": "gaotang/numina-cot-subset-67k", "openr1-15k": "Ellio
               "m23k": "UCSC-VLAA/m23k-tokenized", "m23k-reasoning": "UCSC-VLAA/m23k-tokenized"}
 
 
+def report_user_errors(parser=None):
+    """A user's mistake (a bad flag, bad data, a missing or mismatched cache) ends the script with one
+    `error: ...` line, printed once (rank 0 under torchrun), and exit status 1; a bug keeps its traceback.
+    A mistake is parser.error, or a ValueError / FileNotFoundError raised by a `raise` statement of this
+    repo's scripts: those messages name the problem and the fix."""
+    def refuse(message):
+        raise ValueError(message)
+
+    def hook(kind, error, traceback):
+        last = traceback
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        source = last and last.tb_frame.f_code.co_filename
+        deliberate = (issubclass(kind, (ValueError, FileNotFoundError)) and source is not None
+                      and Path(source).parent == Path(__file__).parent
+                      and linecache.getline(source, last.tb_lineno).lstrip().startswith("raise"))
+        if not deliberate:
+            return previous(kind, error, traceback)
+        if os.environ.get("RANK", "0") == "0":  # sys.__stderr__: torch's hook prefixes what reaches sys.stderr
+            print(f"error: {error}", file=sys.__stderr__, flush=True)
+
+    if parser is not None:
+        parser.error = refuse
+    previous, sys.excepthook = sys.excepthook, hook
+
+
+def read_jsonl(path):
+    """The rows of a .jsonl file; a line that is not a JSON object is an error naming the file and the line."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno}); fix or "
+                                 "remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object with fields")
+            rows.append(row)
+    return rows
+
+
 def load_rows(source):
     if source in HF_SOURCES:
         return datasets.load_dataset(HF_SOURCES[source], split="train")
@@ -73,8 +119,16 @@ def load_rows(source):
     if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
         raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
                          "existing .jsonl/.parquet file with prompt/response fields or a messages list")
-    return datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
-                                 split="train")
+    try:
+        rows = datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
+                                     split="train")
+    except Exception:  # datasets' message names neither the bad line nor an empty file: find them
+        if path.suffix == ".jsonl" and read_jsonl(path) == []:
+            raise ValueError(f"{path} holds no rows; give a file with one JSON object per line") from None
+        raise
+    if len(rows) == 0:
+        raise ValueError(f"{path} holds no rows; give a file with one row per sample")
+    return rows
 
 
 def recipe_for(source, columns=(), **overrides):

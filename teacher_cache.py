@@ -299,6 +299,7 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "
                    "redoes at most this many per rank)")
+    data_lib.report_user_errors(p)
     args = p.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -287,3 +287,36 @@ def test_malformed_weights_name_the_row_before_any_training(tok, tmp_path, field
                                                                       **fields}]
     with pytest.raises(ValueError, match=rf"row 1: .*{problem}"):
         data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), tok, cache_dir=tmp_path / "c", weights=True)
+
+
+# --- A user's mistake is one `error:` line naming the place, not a traceback ---------------------------
+
+def test_malformed_and_empty_files_name_the_line_or_say_empty(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": oops}\n')
+    with pytest.raises(ValueError, match=rf"{bad} line 3: not valid JSON .*fix or remove that line"):
+        data.load_rows(str(bad))
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2: a JSON list, not an object"):
+        data.read_jsonl(tmp_path / "list.jsonl")
+    for empty in ("", "\n\n"):
+        (tmp_path / "empty.jsonl").write_text(empty)
+        with pytest.raises(ValueError, match="empty.jsonl holds no rows"):
+            data.load_rows(str(tmp_path / "empty.jsonl"))
+
+
+def test_only_deliberate_errors_of_this_repo_lose_their_traceback(tmp_path):
+    """The hook's rule, run in a child interpreter: a `raise ValueError` in a repo script prints one line;
+    a ValueError from a library (a bug) keeps its traceback."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    for code, one_line in (("data.read_jsonl('/nonexistent/x.jsonl')", False),  # open() raising: not deliberate
+                           ("data.load_rows('nope.txt')", True), ("int('x')", False)):
+        script = f"import argparse, data; data.report_user_errors(argparse.ArgumentParser()); {code}"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+        assert result.returncode == 1
+        assert ("Traceback" not in result.stderr) == one_line, result.stderr
+        if one_line:
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith("error: unknown data source 'nope.txt': give one of numina67k")
