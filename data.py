@@ -233,16 +233,18 @@ def response_token_weights(tokenizer, template, system_prompt, pair, num_prompt,
     """Each response token's weight: the largest weight among the spans its characters touch, else the row's
     weight (default 1). Spans are characters of the response, so they do not depend on the tokenizer; the
     tokenizer's offsets map them onto its tokens."""
+    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
+    if spans is None:
+        return weights
     prompt_text = render(tokenizer, template, system_prompt, pair[0])
     full_text = render(tokenizer, template, system_prompt, *pair)
     if not (full_text.startswith(prompt_text) and full_text[len(prompt_text):].startswith(pair[1])):
         raise ValueError("the chat template rewrites the response text, so weight_spans cannot be mapped to its "
                          "tokens; give a per-row `weight` only, or a template that keeps the response as is")
     offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
     for j, (first, last) in enumerate(offsets[num_prompt:num_prompt + num_response]):
         first, last = first - len(prompt_text), last - len(prompt_text)
-        touching = [w for start, end, w in spans or [] if first < end and last > start]
+        touching = [w for start, end, w in spans if first < end and last > start]
         if touching:
             weights[j] = max(touching)
     return weights
@@ -360,14 +362,14 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     kept_rows = [i for i in range(len(pairs)) if i not in bad_rows]
     encoded = encode(tokenizer, [pairs[i] for i in kept_rows], recipe.system, template)
     max_len, drop_long = recipe.max_len, recipe.over_length == "drop"
-    samples, too_long = [], 0
+    samples, too_long, no_room = [], 0, 0
     for row, (prompt, response) in zip(kept_rows, encoded):
+        too_long += len(prompt) + len(response) > max_len
         if len(prompt) + len(response) > max_len and drop_long:
-            too_long += 1
             continue
         ids = (prompt + response)[:max_len]
         if len(ids) <= len(prompt):  # truncation left no response token to learn
-            too_long += 1
+            no_room += 1
             continue
         weights = None if weight_fields is None else np.concatenate([np.zeros(len(prompt), np.float32), (
             response_token_weights(tokenizer, template, recipe.system, pairs[row], len(prompt), len(response),
@@ -382,7 +384,8 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     if not samples:
         raise ValueError(f"{source}: no sample left after dropping bad and over-length rows (max_len={max_len})")
     print(f"{source}: {len(samples)} samples; skipped {len(bad)} bad rows; "
-          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}")
+          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}"
+          + (f", of which {no_room} dropped: no response token fit" if no_room else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{fingerprint}."))
     lengths = np.array([len(ids) for ids, _, _ in samples])

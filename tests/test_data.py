@@ -320,3 +320,23 @@ def test_only_deliberate_errors_of_this_repo_lose_their_traceback(tmp_path):
         if one_line:
             (line,) = result.stderr.strip().splitlines()
             assert line.startswith("error: unknown data source 'nope.txt': give one of numina67k")
+
+
+def test_row_weights_need_no_offsets_and_truncate_with_the_ids(tok, tmp_path):
+    """A `weight`-only row is read even under a template that rewrites the response (here it trims it);
+    truncation at max_len cuts the weights with the ids."""
+    trimming = tiny.make_tokenizer()
+    trimming.chat_template = tiny.CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
+    rows = [{"prompt": "1 + 1?", "response": "  It is 2.  ", "weight": 0.5}]
+    tokens = data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), trimming, cache_dir=tmp_path / "c",
+                                   weights=True)
+    assert (tokens.label_weights(0)[tokens.labels(0) != -100] == 0.5).all()
+    response = "So the answer is 42, not 7, and the steps were long."
+    rows = [{"prompt": "6 x 7?", "response": response, "weight": 0.25, "weight_spans": [[17, 19, 3]]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    full = data.tokenize_dataset(path, tok, cache_dir=tmp_path / "full", weights=True)
+    cut = data.tokenize_dataset(path, tok, cache_dir=tmp_path / "cut", weights=True, truncate=True,
+                                max_len=len(full.input_ids(0)) - 4)
+    assert len(cut.input_ids(0)) == len(full.input_ids(0)) - 4
+    assert np.array_equal(cut.label_weights(0)[:-1], full.label_weights(0)[:len(cut.input_ids(0)) - 1])
+    assert cut.label_weights(0)[-1] == 0 and (cut.label_weights(0) == 3).sum() == 2
