@@ -9,9 +9,11 @@ which pack() and pad_batch() build.
 import hashlib
 import heapq
 import json
+import linecache
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -68,6 +70,50 @@ HF_SOURCES = {"numina67k": "gaotang/numina-cot-subset-67k", "openr1-15k": "Ellio
               "m23k": "UCSC-VLAA/m23k-tokenized", "m23k-reasoning": "UCSC-VLAA/m23k-tokenized"}
 
 
+def report_user_errors(parser=None):
+    """A user's mistake (a bad flag, bad data, a missing or mismatched cache) ends the script with one
+    `error: ...` line, printed once (rank 0 under torchrun), and exit status 1; a bug keeps its traceback.
+    A mistake is parser.error, or a ValueError / FileNotFoundError raised by a `raise` statement of this
+    repo's scripts: those messages name the problem and the fix."""
+    def refuse(message):
+        raise ValueError(message)
+
+    def hook(kind, error, traceback):
+        last = traceback
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        source = last and last.tb_frame.f_code.co_filename
+        deliberate = (issubclass(kind, (ValueError, FileNotFoundError)) and source is not None
+                      and Path(source).parent == Path(__file__).parent
+                      and linecache.getline(source, last.tb_lineno).lstrip().startswith("raise"))
+        if not deliberate:
+            return previous(kind, error, traceback)
+        if os.environ.get("RANK", "0") == "0":  # sys.__stderr__: torch's hook prefixes what reaches sys.stderr
+            print(f"error: {error}", file=sys.__stderr__, flush=True)
+
+    if parser is not None:
+        parser.error = refuse
+    previous, sys.excepthook = sys.excepthook, hook
+
+
+def read_jsonl(path):
+    """The rows of a .jsonl file; a line that is not a JSON object is an error naming the file and the line."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno}); fix or "
+                                 "remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object with fields")
+            rows.append(row)
+    return rows
+
+
 def load_rows(source):
     if source in HF_SOURCES:
         return datasets.load_dataset(HF_SOURCES[source], split="train")
@@ -75,8 +121,16 @@ def load_rows(source):
     if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
         raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
                          "existing .jsonl/.parquet file with prompt/response fields or a messages list")
-    return datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
-                                 split="train")
+    try:
+        rows = datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
+                                     split="train")
+    except Exception:  # datasets' message names neither the bad line nor an empty file: find them
+        if path.suffix == ".jsonl" and read_jsonl(path) == []:
+            raise ValueError(f"{path} holds no rows; give a file with one JSON object per line") from None
+        raise
+    if len(rows) == 0:
+        raise ValueError(f"{path} holds no rows; give a file with one row per sample")
+    return rows
 
 
 def recipe_for(source, columns=(), **overrides):
@@ -181,16 +235,18 @@ def response_token_weights(tokenizer, template, system_prompt, pair, num_prompt,
     """Each response token's weight: the largest weight among the spans its characters touch, else the row's
     weight (default 1). Spans are characters of the response, so they do not depend on the tokenizer; the
     tokenizer's offsets map them onto its tokens."""
+    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
+    if spans is None:
+        return weights
     prompt_text = render(tokenizer, template, system_prompt, pair[0])
     full_text = render(tokenizer, template, system_prompt, *pair)
     if not (full_text.startswith(prompt_text) and full_text[len(prompt_text):].startswith(pair[1])):
         raise ValueError("the chat template rewrites the response text, so weight_spans cannot be mapped to its "
                          "tokens; give a per-row `weight` only, or a template that keeps the response as is")
     offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
     for j, (first, last) in enumerate(offsets[num_prompt:num_prompt + num_response]):
         first, last = first - len(prompt_text), last - len(prompt_text)
-        touching = [w for start, end, w in spans or [] if first < end and last > start]
+        touching = [w for start, end, w in spans if first < end and last > start]
         if touching:
             weights[j] = max(touching)
     return weights
@@ -308,14 +364,14 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     kept_rows = [i for i in range(len(pairs)) if i not in bad_rows]
     encoded = encode(tokenizer, [pairs[i] for i in kept_rows], recipe.system, template)
     max_len, drop_long = recipe.max_len, recipe.over_length == "drop"
-    samples, too_long = [], 0
+    samples, too_long, no_room = [], 0, 0
     for row, (prompt, response) in zip(kept_rows, encoded):
+        too_long += len(prompt) + len(response) > max_len
         if len(prompt) + len(response) > max_len and drop_long:
-            too_long += 1
             continue
         ids = (prompt + response)[:max_len]
         if len(ids) <= len(prompt):  # truncation left no response token to learn
-            too_long += 1
+            no_room += 1
             continue
         weights = None if weight_fields is None else np.concatenate([np.zeros(len(prompt), np.float32), (
             response_token_weights(tokenizer, template, recipe.system, pairs[row], len(prompt), len(response),
@@ -330,7 +386,8 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     if not samples:
         raise ValueError(f"{source}: no sample left after dropping bad and over-length rows (max_len={max_len})")
     print(f"{source}: {len(samples)} samples; skipped {len(bad)} bad rows; "
-          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}")
+          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}"
+          + (f", of which {no_room} dropped: no response token fit" if no_room else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{fingerprint}."))
     lengths = np.array([len(ids) for ids, _, _ in samples])

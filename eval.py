@@ -292,7 +292,8 @@ def load_rows(name, path):
     """Raw rows of one benchmark: a local .jsonl/.json, m1's medical file or a hub dataset."""
     _, suite, source, _ = spec(name)
     if path is not None and path.endswith(".jsonl"):
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        import data
+        return data.read_jsonl(path)
     if suite == "medical":
         if path is None:
             from huggingface_hub import hf_hub_download
@@ -877,6 +878,8 @@ def notes(runs):
 
 
 def main(argv=None):
+    import data
+    data.report_user_errors()
     args = parse_args(argv)
     check_args(args)
     if args.compare:

@@ -163,7 +163,7 @@ def topk_rows(model, batch, k, chunk=1024):
                                  use_cache=False).last_hidden_state[0]
     is_label = batch["labels"][0] != data_lib.IGNORE_INDEX
     hidden, labels = hidden[is_label], batch["labels"][0][is_label]
-    weight = model.get_output_embeddings().weight
+    weight = model.get_output_embeddings().weight  # check_head: the head is this matmul alone
     packed, label_logprobs = [], []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         z = logits_fp32(h, weight)
@@ -172,6 +172,14 @@ def topk_rows(model, batch, k, chunk=1024):
         packed.append(pack_topk(ids, values - lse))
         label_logprobs.append((z.gather(1, y[:, None]) - lse).squeeze(1))
     return torch.cat(packed), torch.cat(label_logprobs)
+
+
+def check_head(model):
+    """topk_rows computes the logits as h W^T: a head with a bias or soft-capped logits would be cached wrong."""
+    if getattr(model.get_output_embeddings(), "bias", None) is not None or getattr(
+            model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{model.config.model_type}'s lm_head has a bias or soft-caps its logits, which "
+                         "teacher_cache.py's fp32 head (h W^T) leaves out; use a teacher without them")
 
 
 def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
@@ -198,6 +206,9 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
     """Write the cache of `data` under `out`, resuming an unfinished build. Every rank calls it. Rows reach
     the files on a background thread while the GPU computes the next batch; every `flush_every` batches the
     files are flushed, and only then are those batches marked done."""
+    if flush_every < 1:
+        raise ValueError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
+    check_head(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
@@ -299,6 +310,7 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "
                    "redoes at most this many per rank)")
+    data_lib.report_user_errors(p)
     args = p.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -384,3 +384,56 @@ def test_malformed_weights_name_the_row_before_any_training(tok, tmp_path, field
                                                                       **fields}]
     with pytest.raises(ValueError, match=rf"row 1: .*{problem}"):
         data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), tok, cache_dir=tmp_path / "c", weights=True)
+
+
+# --- A user's mistake is one `error:` line naming the place, not a traceback ---------------------------
+
+def test_malformed_and_empty_files_name_the_line_or_say_empty(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": oops}\n')
+    with pytest.raises(ValueError, match=rf"{bad} line 3: not valid JSON .*fix or remove that line"):
+        data.load_rows(str(bad))
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2: a JSON list, not an object"):
+        data.read_jsonl(tmp_path / "list.jsonl")
+    for empty in ("", "\n\n"):
+        (tmp_path / "empty.jsonl").write_text(empty)
+        with pytest.raises(ValueError, match="empty.jsonl holds no rows"):
+            data.load_rows(str(tmp_path / "empty.jsonl"))
+
+
+def test_only_deliberate_errors_of_this_repo_lose_their_traceback(tmp_path):
+    """The hook's rule, run in a child interpreter: a `raise ValueError` in a repo script prints one line;
+    a ValueError from a library (a bug) keeps its traceback."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    for code, one_line in (("data.read_jsonl('/nonexistent/x.jsonl')", False),  # open() raising: not deliberate
+                           ("data.load_rows('nope.txt')", True), ("int('x')", False)):
+        script = f"import argparse, data; data.report_user_errors(argparse.ArgumentParser()); {code}"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+        assert result.returncode == 1
+        assert ("Traceback" not in result.stderr) == one_line, result.stderr
+        if one_line:
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith("error: unknown data source 'nope.txt': give one of numina67k")
+
+
+def test_row_weights_need_no_offsets_and_truncate_with_the_ids(tok, tmp_path):
+    """A `weight`-only row is read even under a template that rewrites the response (here it trims it);
+    truncation at max_len cuts the weights with the ids."""
+    trimming = tiny.make_tokenizer()
+    trimming.chat_template = tiny.CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
+    rows = [{"prompt": "1 + 1?", "response": "  It is 2.  ", "weight": 0.5}]
+    tokens = data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), trimming, cache_dir=tmp_path / "c",
+                                   weights=True)
+    assert (tokens.label_weights(0)[tokens.labels(0) != -100] == 0.5).all()
+    response = "So the answer is 42, not 7, and the steps were long."
+    rows = [{"prompt": "6 x 7?", "response": response, "weight": 0.25, "weight_spans": [[17, 19, 3]]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    full = data.tokenize_dataset(path, tok, cache_dir=tmp_path / "full", weights=True)
+    cut = data.tokenize_dataset(path, tok, cache_dir=tmp_path / "cut", weights=True, truncate=True,
+                                max_len=len(full.input_ids(0)) - 4)
+    assert len(cut.input_ids(0)) == len(full.input_ids(0)) - 4
+    assert np.array_equal(cut.label_weights(0)[:-1], full.label_weights(0)[:len(cut.input_ids(0)) - 1])
+    assert cut.label_weights(0)[-1] == 0 and (cut.label_weights(0) == 3).sum() == 2

@@ -120,6 +120,33 @@ def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path,
     assert files(out) == files(built)
 
 
+def test_a_failed_write_marks_nothing_and_the_rerun_is_byte_identical(built, math16, teacher, tmp_path,
+                                                                     monkeypatch):
+    """The background writer's failure surfaces in build(); its batch is never marked done."""
+    calls, to_host = [], tc.to_host
+
+    def short_second_batch(rows):
+        calls.append(1)
+        return to_host((rows[0][:-1], rows[1]) if len(calls) == 2 else rows)
+
+    monkeypatch.setattr(tc, "to_host", short_second_batch)
+    with pytest.raises(ValueError, match="could not broadcast"):
+        tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS, flush_every=1)
+    assert np.load(tmp_path / "cache.partial" / "done.npy").tolist()[:2] == [1, 0]
+    monkeypatch.setattr(tc, "to_host", to_host)
+    tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS)
+    assert files(tmp_path / "cache") == files(built)
+
+
+def test_heads_the_cache_cannot_reproduce_and_bad_flush_groups_are_refused(math16, tok, tmp_path):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        tc.build(tiny.make_model(tok), math16, tmp_path / "a", k=K, flush_every=0)
+    biased = tiny.make_model(tok)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
+    with pytest.raises(ValueError, match="lm_head has a bias"):
+        tc.build(biased, math16, tmp_path / "b", k=K)
+
+
 def corrupt(built, tmp_path, how):
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
