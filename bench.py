@@ -178,7 +178,8 @@ def bench_logits(args):
               f"{(label_logprob - reference_label).abs().max():24.2e}")
     packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, paths[
         "fp32 from the matmul (loss.logits_fp32)"].log_softmax(-1).gather(1, top_ids).float()))[1]
-    print(f"{'fp32, then packed into the cache':42} {(packed.double().softmax(-1) - reference_probs).abs().max():21.2e} "
+    packed_error = (packed.double().softmax(-1) - reference_probs).abs().max()
+    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} "
           f"{'(stored as fp32)':>24}")
 
 

@@ -340,16 +340,35 @@ def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cac
            "skip_bad": skip_bad, **({"weights": True} if weights else {})}
     fingerprint = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir) / fingerprint
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and dist.get_rank() != 0:
-        dist.barrier()
-    if not (path / "meta.json").exists():
-        pairs = [prompt_response(recipe, row) for row in rows]
-        weight_fields = [(row.get("weight"), row.get("weight_spans")) for row in rows] if weights else None
-        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields)
-    if distributed and dist.get_rank() == 0:
-        dist.barrier()
+
+    def build():
+        if not (path / "meta.json").exists():
+            pairs = [prompt_response(recipe, row) for row in rows]
+            weight_fields = [(row.get("weight"), row.get("weight_spans")) for row in rows] if weights else None
+            build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad,
+                        weight_fields)
+
+    on_rank0(build)
     return TokenizedData(path)
+
+
+def on_rank0(work):
+    """Runs work() on rank 0 while the other ranks wait. A user's mistake it raises (a bad row, say) is raised
+    on every rank: each stops on it, and rank 0 alone reports it (report_user_errors)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    failure = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            work()
+        except (ValueError, FileNotFoundError) as e:
+            failure = e
+    if distributed:
+        message = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and failure is None:
+            raise ValueError(message[0])
+    if failure is not None:
+        raise failure
 
 
 def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields=None):

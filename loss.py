@@ -335,10 +335,11 @@ def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=Non
     psft the reference model's): teacher_ids and teacher_logprobs [N, k], its top-k ids and log-probabilities
     over the full vocabulary, and teacher_label_logprobs [N], its log-probability of each label. From the
     data: token_weights [N], the label trust of loss="weighted". Leading dimensions beyond N are flattened.
-    normalizer defaults to the number of labelled tokens; train.py passes the global count of an optimiser
-    step. stats, if a dict, gains this call's sums of tokens, p_label, trust (gamma of Table 5), residual (b)
-    and in_topk, and with label log-probs p_teacher_label and Figure 4's quadrant counts (q1_rescue,
-    q2_filter, q3_both_high, q4_student_high at quadrant_threshold): a step's means need no second pass.
+    ignore_index=None: every row is labelled. normalizer defaults to the number of labelled tokens; train.py
+    passes the global count of an optimiser step. stats, if a dict, gains this call's sums of tokens, p_label,
+    trust (gamma of Table 5), residual (b) and in_topk, and with label log-probs p_teacher_label and Figure 4's
+    quadrant counts (q1_rescue, q2_filter, q3_both_high, q4_student_high at quadrant_threshold): a step's means
+    need no second pass.
     """
     hyper = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
     check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights)
@@ -350,7 +351,9 @@ def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=Non
                 *(None if t is None else t.reshape(n) for t in (teacher_label_logprobs, token_weights)))
     if side.ids is not None:
         side = side._replace(ids=side.ids.long())
-    rows = (labels != ignore_index).nonzero().squeeze(1)
+    # ignore_index=None: every row is labelled (train.py selects them on the host), and no nonzero() waits on the GPU
+    rows = (torch.arange(n, device=labels.device) if ignore_index is None
+            else (labels != ignore_index).nonzero().squeeze(1))
     normalizer = normalizer if normalizer is not None else max(rows.numel(), 1)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
     return ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
@@ -484,8 +487,8 @@ def print_table5():
               f"{show(induced[0]):<64}ok ({error:.0e})")
     print("\ngamma is Table 5's label trust: a / (a + b), or a where the residual is sg(pi) or signed (GEM). Q always\n"
           "sums to 1 (the gradient sums to 0): Q = p + a (onehot - p) + b (res - p), Eq. 2's target gamma onehot +\n"
-          "(1 - gamma) res with the step from p scaled by a + b (Corollary 2); where a + b != 1, or b < 0, Q can leave\n"
-          "[0, 1]. 'rule' checks the rule's (a, b, residual) against autograd through the paper's Table 4 form.")
+          "(1 - gamma) res with the step from p scaled by a + b (Corollary 2); where a + b != 1, or b < 0, Q can\n"
+          "leave [0, 1]. 'rule' checks the rule's (a, b, residual) against autograd through the paper's Table 4 form.")
 
 
 def plot_figure3(path):
@@ -503,8 +506,8 @@ def plot_figure3(path):
     example_p_y = float(torch.tensor(STUDENT).softmax(-1)[LABEL])
     losses = [name for name in RULES if name != "p"]
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(losses) / cols), cols, figsize=(3.3 * cols, 2.7 * math.ceil(len(losses) / cols)),
-                             sharex=True, sharey=True)
+    rows = math.ceil(len(losses) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), sharex=True, sharey=True)
     for ax, loss in zip(axes.flat, losses):
         induced, rule, _, _ = induced_and_rule_targets(loss, z, y)
         assert float((induced - rule).abs().max()) < 1e-9

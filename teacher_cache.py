@@ -223,7 +223,8 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
         if rank == 0:
             print(f"{out} is complete")
         return
-    if rank == 0:
+
+    def start_or_check_partial():
         if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()) != plan:
             raise ValueError(f"{partial} is an unfinished build with other inputs "
                              f"({(partial / 'plan.json').read_text()}); delete it or rerun that build")
@@ -235,8 +236,8 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
             np.lib.format.open_memmap(partial / "done.npy", "w+", np.uint8, (len(batches),)).flush()
             np.save(partial / "offsets.npy", offsets)
             (partial / "plan.json").write_text(json.dumps(plan, indent=1))
-    if world > 1:
-        dist.barrier()
+
+    data_lib.on_rank0(start_or_check_partial)
     topk = np.load(partial / "topk.npy", mmap_mode="r+")
     label_logprobs = np.load(partial / "label_logprobs.npy", mmap_mode="r+")
     done = np.load(partial / "done.npy", mmap_mode="r+")

@@ -102,6 +102,7 @@ parser.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="c
                     "--no-truncate, drop them) whatever the recipe does")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
+data.report_user_errors(parser)  # a bad flag, bad data or a mismatched cache: one `error:` line, not a traceback
 args = parser.parse_args()
 
 
@@ -141,15 +142,17 @@ def read_trainer_state(path):
     """This rank's trainer state, read before the model loads. Refuses what would resume wrongly."""
     written_by = len(list(path.glob("trainer_rank*.pt")))
     if written_by != world_size:
-        raise SystemExit(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
+        raise ValueError(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
                          "dealt per rank, so resume with the same world size")
     extra = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
     if extra["args"]["model"] != args.model:
-        raise SystemExit(f"{path} is a checkpoint of {extra['args']['model']}, not of --model {args.model}; "
+        raise ValueError(f"{path} is a checkpoint of {extra['args']['model']}, not of --model {args.model}; "
                          "point --out elsewhere or drop --resume")
-    changed = {k: (v, vars(args)[k]) for k, v in extra["args"].items() if k not in RUN_CONTROL and vars(args)[k] != v}
+    # a flag that no longer exists (e.g. --no-packing, now --layout) is taken as unchanged
+    changed = {k: (v, vars(args)[k]) for k, v in extra["args"].items()
+               if k not in RUN_CONTROL and vars(args).get(k, v) != v}
     if changed:
-        raise SystemExit(f"{path} was trained with other settings {changed} (checkpoint, now): resuming would not "
+        raise ValueError(f"{path} was trained with other settings {changed} (checkpoint, now): resuming would not "
                          "continue the same run; use the checkpoint's settings or another --out")
     return extra
 
@@ -157,7 +160,7 @@ def read_trainer_state(path):
 def load_checkpoint(path, model, optimizer, extra):
     """Model and optimiser shards in place."""
     if extra["model"] != model_identity(args.model, model.config):
-        raise SystemExit(f"{path} holds {extra['model']}, not --model {args.model} as that folder is now")
+        raise ValueError(f"{path} holds {extra['model']}, not --model {args.model} as that folder is now")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
@@ -283,8 +286,8 @@ def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logpr
     value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
                                 self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
                                 teacher_label_logprobs, batch.get("label_weights"), loss=args.loss, eta=args.eta,
-                                c=args.c, chunk_size=args.loss_chunk_size, normalizer=normalizer, stats=stats,
-                                quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
+                                c=args.c, chunk_size=args.loss_chunk_size, ignore_index=None, normalizer=normalizer,
+                                stats=stats, quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
     return value, stats
 
 
@@ -343,6 +346,9 @@ tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, syste
                               cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad,
                               weights=args.loss in qloss.NEEDS_WEIGHTS)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
+if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
+    print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "
+          f"model --model {args.model}; build it with teacher_cache.py --teacher {args.model} unless that is meant")
 sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
 lengths, label_counts = np.diff(tokens.offsets), tokens.label_counts()
 steps_per_epoch = len(tokens) // args.global_batch_size
@@ -415,9 +421,13 @@ prepare_next = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
 
-# the step's means of loss.py's statistics; with a cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
-logged = ("p_label", "trust", "residual") + (("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high",
-                                              "q4_student_high") if cache is not None else ())
+# the step's means of loss.py's statistics; with a teacher cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
+# (a reference cache's label probability is the starting model's: logged as p_ref_label, with no quadrants)
+logged = ("p_label", "trust", "residual") + (
+    () if cache is None else ("in_topk", "p_teacher_label") if args.loss in qloss.REFERENCE_LOSSES else
+    ("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high", "q4_student_high"))
+metric_names = {key: "p_ref_label" if key == "p_teacher_label" and args.loss in qloss.REFERENCE_LOSSES else key
+                for key in logged}
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
@@ -478,7 +488,7 @@ while step < stop:
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
                "tokens_per_s": all_tokens / elapsed, "seconds": elapsed, "tflops": flops / elapsed / world_size / 1e12,
                "balance": data.balance(plan, lengths, layout == "padded")}
-    metrics.update({key: value / label_tokens for key, value in zip(logged, stat_sums)})
+    metrics.update({metric_names[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
     if device_type == "cuda":

@@ -242,7 +242,7 @@ def test_two_process_build_equals_one_process_build(tmp_path):
 
     torchrun = str(Path(sys.executable).parent / "torchrun")
     run(sys.executable, name="one")
-    run(torchrun, "--nproc_per_node", "2", name="two")
+    run(torchrun, "--standalone", "--nproc_per_node", "2", name="two")  # standalone: a free port
     assert files(tmp_path / "one") == files(tmp_path / "two")
     [tok_one], [tok_two] = (list((tmp_path / f"tok-{n}").iterdir()) for n in ("one", "two"))
     assert files(tok_one) == files(tok_two)
