@@ -174,3 +174,13 @@ def test_a_hub_id_is_read_from_the_hub_cache_offline(tmp_path):
     proc = subprocess.run([*cmd[:3], "tiny/absent", *cmd[4:-1], str(tmp_path / "absent")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "'tiny/absent' is not a local folder and could not be fetched" in proc.stderr
+
+
+def test_a_malformed_benchmark_file_is_one_error_line_before_any_generation(model, tmp_path):
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 2?", "answer": 4\n')
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--model", model, "--benchmarks", str(bad),
+                             "--backend", "hf", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {bad} line 2: not valid JSON")
