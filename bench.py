@@ -7,8 +7,13 @@
     python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
     python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
+    python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
+    python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
+    python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache (GPU)
+    python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
 """
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -117,7 +122,7 @@ def measure_peak(impl, variant, sizes, dtype, device):
 def bench_loss(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     paper, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
-    sizes, dtype = paper if args.paper else cpu
+    sizes, dtype = ((512, 128, 8192, 16), torch.float32) if args.tiny else paper if args.paper else cpu
     if args.paper and device != "cuda":
         raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
@@ -126,6 +131,7 @@ def bench_loss(args):
     matmuls = time_loss_step("matmuls", "sft", inputs, device, args.repeats)
     print(f"three matmuls alone: {matmuls * 1e3:.1f} ms\n")
     print(f"{'variant':10} {'impl':8} {'ms':>9} {'x naive':>8} {'x matmuls':>9} {'peak MiB':>9} {'x naive':>8}")
+    rows = []
     for variant in args.variants.split(","):
         impls = ["naive", "chunked"] + (["liger"] if args.liger and variant == "sft" else [])
         results = {impl: (time_loss_step(impl, variant, inputs, device, args.repeats),
@@ -134,6 +140,9 @@ def bench_loss(args):
         for impl, (seconds, peak) in results.items():
             print(f"{variant:10} {impl:8} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / matmuls:9.2f} "
                   f"{peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
+            rows.append(("loss", f"{variant} {impl}", f"{seconds * 1e3:.1f} ms, {seconds / matmuls:.2f}x the matmuls, "
+                                                      f"peak +{peak / 2**20:.0f} MiB"))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,7 +178,8 @@ def bench_logits(args):
               f"{(label_logprob - reference_label).abs().max():24.2e}")
     packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, paths[
         "fp32 from the matmul (loss.logits_fp32)"].log_softmax(-1).gather(1, top_ids).float()))[1]
-    print(f"{'fp32, then packed into the cache':42} {(packed.double().softmax(-1) - reference_probs).abs().max():21.2e} "
+    packed_error = (packed.double().softmax(-1) - reference_probs).abs().max()
+    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} "
           f"{'(stored as fp32)':>24}")
 
 
@@ -191,6 +201,7 @@ def bench_cache(args):
     labels = int(ds.label_counts().sum())
     print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), {len(batches)} packed batches of "
           f"<= {args.batch_tokens} tokens, k={args.k}")
+    rows = []
     for vocab in (len(tok), args.big_vocab):
         model = demo.make_model(tok, seed=1).to(device)
         if vocab != len(tok):
@@ -211,6 +222,8 @@ def bench_cache(args):
                                                   batch_tokens=args.batch_tokens))
         print(f"vocab {vocab:>6}: build {tokens / build:>9.0f} tok/s | plain forward {tokens / plain:>9.0f} tok/s"
               f" | build/forward {plain / build:.2f}x")
+        rows.append(("cache", f"build, vocab {vocab}", f"{tokens / build:.0f} tok/s, {tokens / plain:.0f} tok/s plain "
+                                                       f"forward: {build / plain:.2f}x its time"))
 
         cache = teacher_cache.TeacherCache(work / f"cache-{vocab}", ds, args.k)
         sampler = data.Sampler(len(ds), seed=0)
@@ -235,6 +248,7 @@ def bench_cache(args):
               f"reader/train {train / read:.0f}x")
         print(json.dumps({"vocab": vocab, "bytes_per_token": 4 * args.k,
                           "cache_bytes": (work / f"cache-{vocab}" / "topk.npy").stat().st_size}))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,19 +323,144 @@ def bench_train(args):
                     str(work / "cache"), *common], check=True)
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
           f"{args.samples} samples of {args.seq_len} tokens, micro-batch {args.micro_batch_size}")
-    step_seconds = {}
-    for variant in ("sft", "target"):
-        out = work / f"run-{variant}"
-        subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
-                        "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps),
-                        "--global-batch-size", str(args.micro_batch_size * args.accumulation),
-                        "--micro-batch-size", str(args.micro_batch_size), *common], check=True)
-        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # no warm-up
-        step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
-        tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
-        mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
-        print(f"{variant:7} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  step {step_seconds[variant]:.2f} s")
-    print(f"target / sft step time: {step_seconds['target'] / step_seconds['sft']:.3f}")
+    rows = []
+    for checkpointing in ([False, True] if args.checkpointing == "both" else [args.checkpointing == "on"]):
+        step_seconds = {}
+        for variant in ("sft", "target"):
+            out = work / f"run-{variant}-{'ac' if checkpointing else 'no-ac'}"
+            subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
+                            "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps),
+                            "--global-batch-size", str(args.micro_batch_size * args.accumulation),
+                            "--micro-batch-size", str(args.micro_batch_size), *common]
+                           + (["--activation-checkpointing"] if checkpointing else []), check=True)
+            steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # no warm-up
+            step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
+            tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
+            mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
+            peak = max(s.get("peak_gib", float("nan")) for s in steps)
+            case = f"{variant}, checkpointing {'on' if checkpointing else 'off'}"
+            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  peak {peak:6.1f} GiB  "
+                  f"step {step_seconds[variant]:.2f} s")
+            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB"))
+        ratio = step_seconds["target"] / step_seconds["sft"]
+        print(f"target / sft step time: {ratio:.3f}")
+        rows.append(("train", f"target / sft, checkpointing {'on' if checkpointing else 'off'}",
+                     f"{ratio:.3f}x the step time"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py gpu: everything that needs a GPU, in one device command, then one table
+
+def bench_gpu(args):
+    """loss --paper --liger, train with and without activation checkpointing, layout and cache, in under 10 minutes
+    on one H100/H200 with random weights in the Qwen2.5-Math-1.5B shape (nothing downloads)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        raise SystemExit("bench.py gpu needs a GPU; --tiny checks the script on a CPU at toy sizes")
+    namespace = argparse.Namespace
+    rows = bench_loss(namespace(paper=not args.tiny, tiny=args.tiny, variants="sft,dft,target", repeats=3,
+                                liger=importlib.util.find_spec("liger_kernel") is not None))
+    rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=3,
+                                  micro_batch_size=4, accumulation=2, checkpointing="both"))
+    rows += bench_layout(namespace(lengths="1400,1100,900,700", hidden=128 if args.tiny else 1536,
+                                   layers=2 if args.tiny else 28, repeats=3))
+    rows += bench_cache(namespace(repeat=1 if args.tiny else 16, batch_tokens=2048 if args.tiny else 16384, k=64,
+                                  big_vocab=4096 if args.tiny else 152064, micro_batch_size=4))
+    print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
+    for bench, case, result in rows:
+        print(f"{bench:6} {case:36} {result}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py batching: how long ranks wait for each other, fixed sample counts against token-balanced micro-batches
+
+LENGTHS = {"numina-like": (700, 400), "openr1-like": (1800, 700)}  # assumed (mean, sd) tokens, max-len 3072
+
+
+def sample_lengths(mean, sd, count, max_len, rng):
+    """Lognormal lengths with the given mean and sd, kept to [64, max_len]."""
+    sigma2 = np.log(1 + (sd / mean) ** 2)
+    return np.clip(rng.lognormal(np.log(mean) - sigma2 / 2, np.sqrt(sigma2), count), 64, max_len).astype(int)
+
+
+def step_cost(plan, lengths, padded):
+    """Tokens of compute time per step: in every slot, all ranks wait for the costliest."""
+    return sum(max(data.micro_batch_cost([lengths[i] for i in rank[slot]], padded) for rank in plan)
+               for slot in range(len(plan[0])))
+
+
+def bench_batching(args):
+    rng = np.random.default_rng(args.seed)
+    print(f"{args.steps} steps of {args.global_batch_size} samples, max-len {args.max_len}; fixed: "
+          f"{args.micro_batch_size} samples per micro-batch; balanced: {args.micro_batch_tokens} tokens")
+    print("useful = real tokens / (ranks x the step's cost), the share of rank time not spent waiting or on padding")
+    print(f"{'lengths':12} {'ranks':>5} {'layout':7} {'balance fixed':>13} {'balanced':>9} {'useful fixed':>12} "
+          f"{'balanced':>9} {'step x':>7} {'slots':>5}")
+    for name, (mean, sd) in LENGTHS.items():
+        lengths = sample_lengths(mean, sd, args.samples, args.max_len, rng)
+        for world in (8, 64):
+            for padded in (False, True):
+                sampler = data.Sampler(len(lengths), args.seed, world_size=world)
+                results = {"fixed": [], "balanced": []}
+                for _ in range(args.steps):
+                    dealt = sampler.take_global(args.global_batch_size // world)
+                    plans = {"fixed": [[ids[i:i + args.micro_batch_size] for i in range(0, len(ids),
+                                                                                         args.micro_batch_size)]
+                                       for ids in dealt],
+                             "balanced": data.balanced_micro_batches(sum(dealt, []), lengths, world,
+                                                                     args.micro_batch_tokens, padded)}
+                    real = sum(lengths[i] for ids in dealt for i in ids)
+                    for kind, plan in plans.items():
+                        results[kind].append((data.balance(plan, lengths, padded),
+                                              real / (world * step_cost(plan, lengths, padded)),
+                                              step_cost(plan, lengths, padded), len(plan[0])))
+                fixed, balanced = (np.mean(results[k], axis=0) for k in ("fixed", "balanced"))
+                print(f"{name:12} {world:5} {'padded' if padded else 'packed':7} {fixed[0]:13.3f} {balanced[0]:9.3f} "
+                      f"{fixed[1]:12.1%} {balanced[1]:9.1%} {fixed[2] / balanced[2]:7.2f} {balanced[3]:5.1f}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py layout: one micro-batch's forward and backward, packed in a row against right-padded rows
+
+def bench_layout(args):
+    """Without flash-attn, a packed row makes transformers' sdpa build a dense [T, T] block mask; right-padded
+    rows need none (causal), at the price of computing on the padding."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=4096, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
+                         max_position_embeddings=32768, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).to(device, dtype)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    ids = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
+    padded = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(padded)
+    for row, x in enumerate(ids):
+        padded[row, :len(x)], mask[row, :len(x)] = x, 1
+    cases = {"packed row (sdpa: dense block mask)": dict(
+                 input_ids=torch.cat(ids)[None], position_ids=torch.cat([torch.arange(n, device=device)
+                                                                         for n in lengths])[None]),
+             "right-padded, attention_mask": dict(input_ids=padded, attention_mask=mask),
+             "right-padded, no mask (causal)": dict(input_ids=padded)}
+
+    def step(inputs):
+        model.zero_grad(set_to_none=True)
+        model.model(**inputs, use_cache=False).last_hidden_state.float().square().mean().backward()
+        sync(device)
+
+    print(f"{device}, {dtype}, hidden {args.hidden}, {args.layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
+          f"{len(lengths) * max(lengths)} padded)")
+    results = {}
+    for name, inputs in cases.items():
+        step(inputs)  # warm-up
+        results[name] = statistics.median(timed(lambda: step(inputs)) for _ in range(args.repeats))
+    packed = results["packed row (sdpa: dense block mask)"]
+    for name, seconds in results.items():
+        print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
+    return [("layout", name, f"{seconds * 1e3:.1f} ms, {packed / seconds:.2f}x the packed row's speed")
+            for name, seconds in results.items()]
 
 
 def main():
@@ -329,6 +468,7 @@ def main():
     commands = parser.add_subparsers(dest="command", required=True)
     loss_cmd = commands.add_parser("loss", help="chunked Q-target loss vs naive full logits")
     loss_cmd.add_argument("--paper", action="store_true", help="paper scale, bf16, needs a GPU")
+    loss_cmd.add_argument("--tiny", action="store_true", help="toy sizes, to check the script")
     loss_cmd.add_argument("--variants", default="sft,dft,target")
     loss_cmd.add_argument("--repeats", type=int, default=3)
     loss_cmd.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear CE on sft")
@@ -364,7 +504,27 @@ def main():
     train.add_argument("--steps", type=int, default=4)
     train.add_argument("--micro-batch-size", type=int, default=4)
     train.add_argument("--accumulation", type=int, default=2)
+    train.add_argument("--checkpointing", default="off", choices=["off", "on", "both"],
+                       help="train.py's --activation-checkpointing")
     train.set_defaults(run=bench_train)
+    batching = commands.add_parser("batching", help="micro-batch balance across ranks, fixed counts vs balanced")
+    batching.add_argument("--samples", type=int, default=67_000, help="synthetic dataset size")
+    batching.add_argument("--steps", type=int, default=20)
+    batching.add_argument("--global-batch-size", type=int, default=256)
+    batching.add_argument("--micro-batch-size", type=int, default=4, help="samples per micro-batch, fixed")
+    batching.add_argument("--micro-batch-tokens", type=int, default=4 * 3072, help="token budget, balanced")
+    batching.add_argument("--max-len", type=int, default=3072)
+    batching.add_argument("--seed", type=int, default=0)
+    batching.set_defaults(run=bench_batching)
+    layout = commands.add_parser("layout", help="one micro-batch, packed vs right-padded, without flash-attn")
+    layout.add_argument("--lengths", default="1400,1100,900,700", help="the micro-batch's sequence lengths")
+    layout.add_argument("--hidden", type=int, default=512)
+    layout.add_argument("--layers", type=int, default=4)
+    layout.add_argument("--repeats", type=int, default=3)
+    layout.set_defaults(run=bench_layout)
+    gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
+    gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
+    gpu.set_defaults(run=bench_gpu)
     args = parser.parse_args()
     args.run(args)
 

@@ -2,14 +2,18 @@
 
 tokenize_dataset() turns a source (a paper set's name, or a local .jsonl/.parquet) into prompt+response
 token ids through the student's chat template, as the source's recipe (RECIPES) says, and caches them on
-disk as a memory-mapped token array plus offsets, keyed by a fingerprint of everything that decides the ids. Sampler shards samples over
-ranks; pack() and pad_batch() build micro-batches.
+disk as a memory-mapped token array plus offsets, keyed by a fingerprint of everything that decides the ids.
+Sampler shards samples over ranks; balanced_micro_batches() deals a step's samples to ranks and micro-batches,
+which pack() and pad_batch() build.
 """
 import hashlib
+import heapq
 import json
+import linecache
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -66,6 +70,50 @@ HF_SOURCES = {"numina67k": "gaotang/numina-cot-subset-67k", "openr1-15k": "Ellio
               "m23k": "UCSC-VLAA/m23k-tokenized", "m23k-reasoning": "UCSC-VLAA/m23k-tokenized"}
 
 
+def report_user_errors(parser=None):
+    """A user's mistake (a bad flag, bad data, a missing or mismatched cache) ends the script with one
+    `error: ...` line, printed once (rank 0 under torchrun), and exit status 1; a bug keeps its traceback.
+    A mistake is parser.error, or a ValueError / FileNotFoundError raised by a `raise` statement of this
+    repo's scripts: those messages name the problem and the fix."""
+    def refuse(message):
+        raise ValueError(message)
+
+    def hook(kind, error, traceback):
+        last = traceback
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        source = last and last.tb_frame.f_code.co_filename
+        deliberate = (issubclass(kind, (ValueError, FileNotFoundError)) and source is not None
+                      and Path(source).parent == Path(__file__).parent
+                      and linecache.getline(source, last.tb_lineno).lstrip().startswith("raise"))
+        if not deliberate:
+            return previous(kind, error, traceback)
+        if os.environ.get("RANK", "0") == "0":  # sys.__stderr__: torch's hook prefixes what reaches sys.stderr
+            print(f"error: {error}", file=sys.__stderr__, flush=True)
+
+    if parser is not None:
+        parser.error = refuse
+    previous, sys.excepthook = sys.excepthook, hook
+
+
+def read_jsonl(path):
+    """The rows of a .jsonl file; a line that is not a JSON object is an error naming the file and the line."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno}); fix or "
+                                 "remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object with fields")
+            rows.append(row)
+    return rows
+
+
 def load_rows(source):
     if source in HF_SOURCES:
         return datasets.load_dataset(HF_SOURCES[source], split="train")
@@ -73,8 +121,16 @@ def load_rows(source):
     if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
         raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
                          "existing .jsonl/.parquet file with prompt/response fields or a messages list")
-    return datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
-                                 split="train")
+    try:
+        rows = datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
+                                     split="train")
+    except Exception:  # datasets' message names neither the bad line nor an empty file: find them
+        if path.suffix == ".jsonl" and read_jsonl(path) == []:
+            raise ValueError(f"{path} holds no rows; give a file with one JSON object per line") from None
+        raise
+    if len(rows) == 0:
+        raise ValueError(f"{path} holds no rows; give a file with one row per sample")
+    return rows
 
 
 def recipe_for(source, columns=(), **overrides):
@@ -179,16 +235,18 @@ def response_token_weights(tokenizer, template, system_prompt, pair, num_prompt,
     """Each response token's weight: the largest weight among the spans its characters touch, else the row's
     weight (default 1). Spans are characters of the response, so they do not depend on the tokenizer; the
     tokenizer's offsets map them onto its tokens."""
+    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
+    if spans is None:
+        return weights
     prompt_text = render(tokenizer, template, system_prompt, pair[0])
     full_text = render(tokenizer, template, system_prompt, *pair)
     if not (full_text.startswith(prompt_text) and full_text[len(prompt_text):].startswith(pair[1])):
         raise ValueError("the chat template rewrites the response text, so weight_spans cannot be mapped to its "
                          "tokens; give a per-row `weight` only, or a template that keeps the response as is")
     offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    weights = np.full(num_response, 1.0 if weight is None else weight, dtype=np.float32)
     for j, (first, last) in enumerate(offsets[num_prompt:num_prompt + num_response]):
         first, last = first - len(prompt_text), last - len(prompt_text)
-        touching = [w for start, end, w in spans or [] if first < end and last > start]
+        touching = [w for start, end, w in spans if first < end and last > start]
         if touching:
             weights[j] = max(touching)
     return weights
@@ -219,7 +277,9 @@ def encode(tokenizer, pairs, system_prompt, template=None):
 
 
 def end_of_turn_id(tokenizer, system_prompt=SYSTEM_PROMPT, template=None):
-    """The token that closes the assistant's turn (the last label of every response): generation stops there."""
+    """The token that closes the assistant's turn (the last label of every response): generation stops there.
+    A Llama-3 tokenizer without a template of its own has m23k's Llama form (LLAMA_TEMPLATE)."""
+    template = template or chat_template(tokenizer, llama_form=not tokenizer.chat_template)
     return encode(tokenizer, [("1 + 1?", "2")], system_prompt, template)[0][1][-1]
 
 
@@ -280,16 +340,35 @@ def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cac
            "skip_bad": skip_bad, **({"weights": True} if weights else {})}
     fingerprint = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir) / fingerprint
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and dist.get_rank() != 0:
-        dist.barrier()
-    if not (path / "meta.json").exists():
-        pairs = [prompt_response(recipe, row) for row in rows]
-        weight_fields = [(row.get("weight"), row.get("weight_spans")) for row in rows] if weights else None
-        build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields)
-    if distributed and dist.get_rank() == 0:
-        dist.barrier()
+
+    def build():
+        if not (path / "meta.json").exists():
+            pairs = [prompt_response(recipe, row) for row in rows]
+            weight_fields = [(row.get("weight"), row.get("weight_spans")) for row in rows] if weights else None
+            build_cache(path, str(source), pairs, tokenizer, key, fingerprint, recipe, template, skip_bad,
+                        weight_fields)
+
+    on_rank0(build)
     return TokenizedData(path)
+
+
+def on_rank0(work):
+    """Runs work() on rank 0 while the other ranks wait. A user's mistake it raises (a bad row, say) is raised
+    on every rank: each stops on it, and rank 0 alone reports it (report_user_errors)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    failure = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            work()
+        except (ValueError, FileNotFoundError) as e:
+            failure = e
+    if distributed:
+        message = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and failure is None:
+            raise ValueError(message[0])
+    if failure is not None:
+        raise failure
 
 
 def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields=None):
@@ -304,14 +383,14 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     kept_rows = [i for i in range(len(pairs)) if i not in bad_rows]
     encoded = encode(tokenizer, [pairs[i] for i in kept_rows], recipe.system, template)
     max_len, drop_long = recipe.max_len, recipe.over_length == "drop"
-    samples, too_long = [], 0
+    samples, too_long, no_room = [], 0, 0
     for row, (prompt, response) in zip(kept_rows, encoded):
+        too_long += len(prompt) + len(response) > max_len
         if len(prompt) + len(response) > max_len and drop_long:
-            too_long += 1
             continue
         ids = (prompt + response)[:max_len]
         if len(ids) <= len(prompt):  # truncation left no response token to learn
-            too_long += 1
+            no_room += 1
             continue
         weights = None if weight_fields is None else np.concatenate([np.zeros(len(prompt), np.float32), (
             response_token_weights(tokenizer, template, recipe.system, pairs[row], len(prompt), len(response),
@@ -326,7 +405,8 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
     if not samples:
         raise ValueError(f"{source}: no sample left after dropping bad and over-length rows (max_len={max_len})")
     print(f"{source}: {len(samples)} samples; skipped {len(bad)} bad rows; "
-          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}")
+          f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}"
+          + (f", of which {no_room} dropped: no response token fit" if no_room else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{fingerprint}."))
     lengths = np.array([len(ids) for ids, _, _ in samples])
@@ -358,20 +438,27 @@ class Sampler:
         return self.num_samples // self.world_size
 
     def epoch_order(self):
+        """[world_size, samples per rank]: row r is rank r's deal of this epoch's shuffle."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        return order[:len(self) * self.world_size][self.rank::self.world_size]
+        return order[:len(self) * self.world_size].reshape(len(self), self.world_size).T
 
-    def take(self, count):
-        """The next `count` sample ids of this rank, continuing into the next epoch when one ends."""
-        out = []
-        while len(out) < count:
+    def take_global(self, count):
+        """The next `count` sample ids of every rank ([rank][count]), continuing into the next epoch when one
+        ends. Every rank computes the same lists, so a step's micro-batches can be balanced over all its samples."""
+        out = [[] for _ in range(self.world_size)]
+        while len(out[0]) < count:
             order = self.epoch_order()
-            step = min(count - len(out), len(order) - self.position)
-            out += order[self.position:self.position + step].tolist()
+            step = min(count - len(out[0]), order.shape[1] - self.position)
+            for rank_ids, row in zip(out, order):
+                rank_ids += row[self.position:self.position + step].tolist()
             self.position += step
-            if self.position == len(order):
+            if self.position == order.shape[1]:
                 self.epoch, self.position = self.epoch + 1, 0
         return out
+
+    def take(self, count):
+        """The next `count` sample ids of this rank."""
+        return self.take_global(count)[self.rank]
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
@@ -382,18 +469,24 @@ class Sampler:
 
 def pack(data, sample_ids):
     """One padding-free row. position_ids restart at 0 per sequence, which is what makes flash-attn varlen
-    and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart."""
+    and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart. The sequence
+    boundaries come along as flash-attn's varlen offsets (int32): given them, transformers does not re-derive
+    them from position_ids in every layer, with a host sync each time."""
     ids = [np.asarray(data.input_ids(i), dtype=np.int64) for i in sample_ids]
+    lengths = [len(x) for x in ids]
+    cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
-            "position_ids": torch.from_numpy(np.concatenate([np.arange(len(x)) for x in ids]))[None],
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
             "labels": torch.from_numpy(np.concatenate([data.labels(i) for i in sample_ids]))[None],
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
             **({} if data.weights is None else {"token_weights": torch.from_numpy(
                 np.concatenate([data.label_weights(i) for i in sample_ids]))[None]}),
             "sample_ids": list(sample_ids)}
 
 
 def pad_batch(data, sample_ids):
-    """Right-padded [B, T] fallback for attention backends without packed-sequence support."""
+    """Right-padded [B, T]. Causal attention never lets a real token see the padding after it, so the model
+    needs no attention_mask: sdpa then runs its causal flash kernel instead of a dense-mask one."""
     width = max(len(data.input_ids(i)) for i in sample_ids)
     input_ids = torch.zeros(len(sample_ids), width, dtype=torch.long)
     attention_mask = torch.zeros(len(sample_ids), width, dtype=torch.long)
@@ -408,3 +501,77 @@ def pad_batch(data, sample_ids):
             token_weights[row, :n] = torch.from_numpy(data.label_weights(i))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             **({} if data.weights is None else {"token_weights": token_weights}), "sample_ids": list(sample_ids)}
+
+
+def micro_batch_cost(lengths, padded):
+    """Tokens a micro-batch computes on: packed, the sum of lengths; right-padded, rows x the longest."""
+    return len(lengths) * max(lengths) if padded else sum(lengths)
+
+
+def balanced_micro_batches(sample_ids, lengths, world_size, token_budget, padded=False):
+    """One step's samples (every rank's; lengths[i] is sample i's token count) dealt as [rank][slot]
+    micro-batches of at most token_budget tokens (micro_batch_cost), the same number of slots on every rank,
+    slot j costing about the same on every rank.
+
+    FSDP's collectives make every rank wait for the slowest in each micro-batch, so a slot costs its most
+    expensive rank. Packed: longest-first onto the least loaded of world_size x slots bins (LPT). Right-padded:
+    length-sorted runs, so rows have similar lengths, with the smallest cost cap that gives enough runs.
+    Either way the fewest slots that fit the budget, then bins sorted by cost and dealt slot by slot."""
+    if len(sample_ids) % world_size:
+        raise ValueError(f"{len(sample_ids)} samples cannot be shared equally by {world_size} ranks")
+    longest = max(lengths[i] for i in sample_ids)
+    if longest > token_budget:
+        raise ValueError(f"a {longest}-token sample exceeds the micro-batch token budget {token_budget}: "
+                         "raise --micro-batch-tokens to at least --max-len")
+    by_length = sorted(((lengths[i], i) for i in sample_ids), key=lambda pair: -pair[0])
+    for slots in range(1, len(sample_ids) // world_size + 1):
+        bins = (padded_runs if padded else longest_first_bins)(by_length, world_size * slots, token_budget)
+        if bins is not None:
+            break
+    bins.sort(key=lambda b: -micro_batch_cost([n for n, _ in b], padded))
+    return [[[i for _, i in bins[slot * world_size + rank]] for slot in range(slots)] for rank in range(world_size)]
+
+
+def longest_first_bins(by_length, count, budget):
+    """(length, id) pairs, longest first, each onto the least loaded of `count` bins; None if one overflows."""
+    heap = [(0, b) for b in range(count)]
+    bins = [[] for _ in range(count)]
+    for pair in by_length:
+        load, b = heapq.heappop(heap)
+        if load + pair[0] > budget:
+            return None
+        bins[b].append(pair)
+        heapq.heappush(heap, (load + pair[0], b))
+    return bins
+
+
+def padded_runs(by_length, count, budget):
+    """Exactly `count` runs of consecutive (length, id) pairs, longest first, with the smallest cap on
+    rows x longest that needs at most `count` runs; None if the budget needs more runs."""
+    def runs_under(cap):
+        runs = []
+        for pair in by_length:
+            if runs and (len(runs[-1]) + 1) * runs[-1][0][0] <= cap:
+                runs[-1].append(pair)
+            else:
+                runs.append([pair])
+        return runs
+
+    if len(runs_under(budget)) > count:
+        return None
+    low, high = by_length[0][0], budget
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(runs_under(mid)) <= count else (mid + 1, high)
+    runs = runs_under(low)
+    while len(runs) < count:  # split the costliest run of several rows: every rank needs a micro-batch per slot
+        run = max((r for r in runs if len(r) > 1), key=lambda r: len(r) * r[0][0])
+        at = runs.index(run)
+        runs[at:at + 1] = [run[:len(run) // 2], run[len(run) // 2:]]
+    return runs
+
+
+def balance(plan, lengths, padded):
+    """Mean over slots of (mean cost / max cost across ranks): 1 when no rank waits for another."""
+    costs = np.array([[micro_batch_cost([lengths[i] for i in ids], padded) for ids in rank] for rank in plan])
+    return float(np.mean(costs.mean(0) / costs.max(0)))

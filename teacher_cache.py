@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def topk_rows(model, batch, k, chunk=1024):
                                  use_cache=False).last_hidden_state[0]
     is_label = batch["labels"][0] != data_lib.IGNORE_INDEX
     hidden, labels = hidden[is_label], batch["labels"][0][is_label]
-    weight = model.get_output_embeddings().weight
+    weight = model.get_output_embeddings().weight  # check_head: the head is this matmul alone
     packed, label_logprobs = [], []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         z = logits_fp32(h, weight)
@@ -171,6 +172,14 @@ def topk_rows(model, batch, k, chunk=1024):
         packed.append(pack_topk(ids, values - lse))
         label_logprobs.append((z.gather(1, y[:, None]) - lse).squeeze(1))
     return torch.cat(packed), torch.cat(label_logprobs)
+
+
+def check_head(model):
+    """topk_rows computes the logits as h W^T: a head with a bias or soft-capped logits would be cached wrong."""
+    if getattr(model.get_output_embeddings(), "bias", None) is not None or getattr(
+            model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{model.config.model_type}'s lm_head has a bias or soft-caps its logits, which "
+                         "teacher_cache.py's fp32 head (h W^T) leaves out; use a teacher without them")
 
 
 def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
@@ -182,8 +191,24 @@ def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
                          f"and fit the cache's {ID_BITS}-bit ids ({1 << ID_BITS})")
 
 
-def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_fingerprint=""):
-    """Write the cache of `data` under `out`, resuming an unfinished build. Every rank calls it."""
+def to_host(tensors):
+    """Starts copying GPU tensors into pinned host memory (non_blocking allocates it pinned) and returns them
+    with an event that marks the copies done; CPU tensors are returned as they are."""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    copies = [t.to("cpu", non_blocking=True) for t in tensors]
+    ready = torch.cuda.Event()
+    ready.record()
+    return copies, ready
+
+
+def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_fingerprint="", flush_every=16):
+    """Write the cache of `data` under `out`, resuming an unfinished build. Every rank calls it. Rows reach
+    the files on a background thread while the GPU computes the next batch; every `flush_every` batches the
+    files are flushed, and only then are those batches marked done."""
+    if flush_every < 1:
+        raise ValueError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
+    check_head(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
@@ -198,7 +223,8 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
         if rank == 0:
             print(f"{out} is complete")
         return
-    if rank == 0:
+
+    def start_or_check_partial():
         if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()) != plan:
             raise ValueError(f"{partial} is an unfinished build with other inputs "
                              f"({(partial / 'plan.json').read_text()}); delete it or rerun that build")
@@ -210,8 +236,8 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
             np.lib.format.open_memmap(partial / "done.npy", "w+", np.uint8, (len(batches),)).flush()
             np.save(partial / "offsets.npy", offsets)
             (partial / "plan.json").write_text(json.dumps(plan, indent=1))
-    if world > 1:
-        dist.barrier()
+
+    data_lib.on_rank0(start_or_check_partial)
     topk = np.load(partial / "topk.npy", mmap_mode="r+")
     label_logprobs = np.load(partial / "label_logprobs.npy", mmap_mode="r+")
     done = np.load(partial / "done.npy", mmap_mode="r+")
@@ -219,16 +245,31 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
     device = next(model.parameters()).device
     bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
-    for b in mine:
-        batch = data_lib.pack(data, batches[b])
-        rows, label_rows = topk_rows(model, {key: v.to(device) for key, v in batch.items() if key != "sample_ids"}, k)
-        span = slice(offsets[batches[b][0]], offsets[batches[b][-1] + 1])
-        topk[span], label_logprobs[span] = rows.cpu().numpy(), label_rows.cpu().numpy()
-        topk.flush()  # the rows reach the file before the batch is marked done
+    def write(span, host_rows, ready):
+        if ready is not None:
+            ready.synchronize()
+        topk[span], label_logprobs[span] = (t.numpy() for t in host_rows)
+
+    def mark_done(written):
+        for future in written.values():
+            future.result()  # a failed write raises here, before its batch is marked
+        topk.flush()  # the rows reach the files before their batches are marked done
         label_logprobs.flush()
-        done[b] = 1
+        done[list(written)] = 1
         done.flush()
-        bar.update(batch["input_ids"].shape[1])
+        written.clear()
+
+    written = {}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for b in mine:
+            batch = data_lib.pack(data, batches[b])
+            rows = topk_rows(model, {key: v.to(device) for key, v in batch.items() if key != "sample_ids"}, k)
+            span = slice(offsets[batches[b][0]], offsets[batches[b][-1] + 1])
+            written[b] = writer.submit(write, span, *to_host(rows))
+            if len(written) == flush_every:
+                mark_done(written)
+            bar.update(batch["input_ids"].shape[1])
+        mark_done(written)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -268,6 +309,9 @@ def main():
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
     p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
+    p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "
+                   "redoes at most this many per rank)")
+    data_lib.report_user_errors(p)
     args = p.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -283,7 +327,8 @@ def main():
                                      system_prompt=args.system_prompt, cache_dir=args.data_cache,
                                      truncate=args.truncate, skip_bad=args.skip_bad)
     build(load_teacher(args.teacher, device), data, args.out, k=args.k, batch_tokens=args.batch_tokens,
-          teacher_name=args.teacher, tokenizer_fingerprint=data_lib.tokenizer_fingerprint(student_tok))
+          teacher_name=args.teacher, tokenizer_fingerprint=data_lib.tokenizer_fingerprint(student_tok),
+          flush_every=args.flush_every)
     if dist.is_initialized():
         dist.destroy_process_group()
 

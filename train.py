@@ -19,19 +19,24 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
+# read when torch loads, so set before: micro-batches of varying shapes fragment fixed-size allocator segments
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 import data
 import loss as qloss
@@ -65,7 +70,11 @@ parser.add_argument("--warmup-ratio", type=float, default=0.1)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--global-batch-size", type=int, default=256, help="sequences per optimiser step")
-parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward, packed in one row")
+micro_batching = parser.add_mutually_exclusive_group()
+micro_batching.add_argument("--micro-batch-tokens", type=int, default=None, help="token budget of a micro-batch "
+                            "(default 4 x max-len); each step's samples are balanced over ranks and micro-batches")
+micro_batching.add_argument("--micro-batch-size", type=int, default=None, help="instead, a fixed number of "
+                            "sequences per micro-batch, in the sampler's order (ranks then wait for each other)")
 parser.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--max-steps", type=int, default=None, help="cap on the schedule's length (default: epochs)")
@@ -73,9 +82,14 @@ parser.add_argument("--stop-after", type=int, default=None, help="exit after thi
                     "limit; --resume continues exactly")
 parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (master weights "
                     "and gradient reduction stay fp32)")
-parser.add_argument("--no-activation-checkpointing", action="store_true")
-parser.add_argument("--no-packing", action="store_true", help="right-padded micro-batches, for attention "
-                    "implementations that cannot keep packed sequences apart")
+parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer's activations "
+                    "in backward: less memory, about a third more compute (not needed for 1.5B on 80 GB)")
+parser.add_argument("--accumulate-unsharded", action="store_true", help="keep gradients unsharded over a step's "
+                    "micro-batches and reduce-scatter once: fewer collectives, but a full fp32 gradient per GPU "
+                    "(4 bytes x parameters: 6 GB at 1.5B, 30 GB at 7B)")
+parser.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"], help="micro-batch layout: "
+                    "packed rows (flash-attn's varlen kernel) or right-padded rows without an attention mask "
+                    "(sdpa's causal flash kernel); auto: packed with flash-attn installed, else padded")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save-every", type=int, default=0, help="steps between sharded checkpoints (0: none)")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -88,6 +102,7 @@ parser.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="c
                     "--no-truncate, drop them) whatever the recipe does")
 parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
+data.report_user_errors(parser)  # a bad flag, bad data or a mismatched cache: one `error:` line, not a traceback
 args = parser.parse_args()
 
 
@@ -117,25 +132,27 @@ def save_checkpoint(out, step, model, optimizer, extra):
 
 
 # may change on resume: they steer the run or name where things are (the caches are validated on their own)
-# (micro-batching and packing too: the normaliser is the step's global label count, so the maths is unchanged)
-RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "no_activation_checkpointing",
-               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "no_packing", "loss_chunk_size",
-               "quadrant_threshold"}
+# (micro-batching and layout too: the normaliser is the step's global label count, so the maths is unchanged)
+RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "activation_checkpointing",
+               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "micro_batch_tokens", "layout",
+               "accumulate_unsharded", "loss_chunk_size", "quadrant_threshold"}
 
 
 def read_trainer_state(path):
     """This rank's trainer state, read before the model loads. Refuses what would resume wrongly."""
     written_by = len(list(path.glob("trainer_rank*.pt")))
     if written_by != world_size:
-        raise SystemExit(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
+        raise ValueError(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
                          "dealt per rank, so resume with the same world size")
     extra = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
     if extra["args"]["model"] != args.model:
-        raise SystemExit(f"{path} is a checkpoint of {extra['args']['model']}, not of --model {args.model}; "
+        raise ValueError(f"{path} is a checkpoint of {extra['args']['model']}, not of --model {args.model}; "
                          "point --out elsewhere or drop --resume")
-    changed = {k: (v, vars(args)[k]) for k, v in extra["args"].items() if k not in RUN_CONTROL and vars(args)[k] != v}
+    # a flag that no longer exists (e.g. --no-packing, now --layout) is taken as unchanged
+    changed = {k: (v, vars(args)[k]) for k, v in extra["args"].items()
+               if k not in RUN_CONTROL and vars(args).get(k, v) != v}
     if changed:
-        raise SystemExit(f"{path} was trained with other settings {changed} (checkpoint, now): resuming would not "
+        raise ValueError(f"{path} was trained with other settings {changed} (checkpoint, now): resuming would not "
                          "continue the same run; use the checkpoint's settings or another --out")
     return extra
 
@@ -143,7 +160,7 @@ def read_trainer_state(path):
 def load_checkpoint(path, model, optimizer, extra):
     """Model and optimiser shards in place."""
     if extra["model"] != model_identity(args.model, model.config):
-        raise SystemExit(f"{path} holds {extra['model']}, not --model {args.model} as that folder is now")
+        raise ValueError(f"{path} holds {extra['model']}, not --model {args.model} as that folder is now")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
@@ -176,33 +193,100 @@ def export_hf(path, model, tokenizer, dtype):
 
 
 def plot_metrics(metrics_path, png_path):
+    """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    panels = [  # (title with units, keys drawn in it)
+        ("loss (nats / label token)", ("loss",)),
+        ("grad norm (L2, all parameters)", ("grad_norm",)),
+        ("learning rate", ("lr",)),
+        ("mean p(label) (probability)", ("p_label", "p_teacher_label")),
+        ("mean trust γ and residual weight b (Table 5)", ("trust", "residual")),
+        ("label in the teacher's top-k (share)", ("in_topk",)),
+        ("Q quadrants (share of labels)", ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")),
+        ("balance", ("balance",)),
+        ("throughput (tokens / s)", ("tokens_per_s",)),
+        ("MFU (share of peak)", ("mfu",)),
+    ]
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    keys = [k for k in ("loss", "grad_norm", "lr", "p_label", "trust", "residual", "in_topk") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    for ax, key in zip(axes, keys):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set_title(key)
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            steps, values = zip(*[(r["step"], r[key]) for r in rows if key in r])
+            line, = ax.plot(steps, values, label=key, alpha=0.35 if key == "loss" else 1.0)
+            if key == "loss":  # a debiased exponential moving average (TensorBoard's smoothing, 0.9)
+                ema, average = [], 0.0
+                for i, v in enumerate(values, 1):
+                    average = 0.9 * average + 0.1 * v
+                    ema.append(average / (1 - 0.9 ** i))
+                ax.plot(steps, ema, color=line.get_color(), label="loss (smoothed)")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or keys == ["loss"]:
+            ax.legend(fontsize=8, frameon=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"{args.loss} on {args.data}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# no attention_mask: right padding follows each sequence, and causal attention never looks ahead
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def prepare(sample_ids):
+    """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
+    where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
+    batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
+    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None,) * 3
+    labels = batch["labels"].view(-1)
+    positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
+    batch = {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "label_positions": positions,
+             "label_ids": labels[positions],
+             **({"label_weights": batch["token_weights"].view(-1)[positions]} if "token_weights" in batch else {})}
+    if "cu_seq_lens_q" in batch:  # flash-attn's maxima as Python ints: tensors would cost a host sync per layer
+        batch["max_length_q"] = batch["max_length_k"] = int(batch["cu_seq_lens_q"].diff().max())
+    pin = device_type == "cuda"
+    return ({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()},
+            tuple(t.pin_memory() if pin and t is not None else t for t in teacher))
+
+
+def to_device(value):
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+
+
+def load_pretrained(model):
+    """Rank 0 reads the weights once and broadcasts them into every rank's shards: host RAM holds one full
+    fp32 copy, not one per GPU (8 x 30 GB at 7B)."""
+    full = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32) if rank == 0 else None
+    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # not in the state dict (rotary inv_freq), left empty by to_empty
+        if rank == 0:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+    if rank == 0:
+        model.generation_config = full.generation_config  # export_hf (rank 0) writes it
 
 
 def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
     """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
     an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
-    hidden = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-                        attention_mask=batch.get("attention_mask"), use_cache=False)[0]
-    labels = batch["labels"].view(-1)
-    rows = labels != data.IGNORE_INDEX
+    hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)[0]
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
-    token_weights = batch["token_weights"].view(-1)[rows] if "token_weights" in batch else None
-    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1])[rows], self.lm_head.weight, labels[rows],
-                                teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights, loss=args.loss,
-                                eta=args.eta, c=args.c, chunk_size=args.loss_chunk_size, normalizer=normalizer,
+    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
+                                self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
+                                teacher_label_logprobs, batch.get("label_weights"), loss=args.loss, eta=args.eta,
+                                c=args.c, chunk_size=args.loss_chunk_size, ignore_index=None, normalizer=normalizer,
                                 stats=stats, quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
     return value, stats
 
@@ -235,10 +319,16 @@ device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type
 if device_type == "cuda":
     torch.cuda.set_device(device)
 torch.manual_seed(args.seed + rank)
-per_rank, remainder = divmod(args.global_batch_size, world_size * args.micro_batch_size)
+max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
+if args.micro_batch_size is None and args.micro_batch_tokens is None:
+    args.micro_batch_tokens = 4 * max_len
+per_rank, remainder = divmod(args.global_batch_size, world_size * (args.micro_batch_size or 1))
 if remainder or per_rank == 0:
-    parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size} x "
-                 f"--micro-batch-size {args.micro_batch_size}")
+    parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size}" +
+                 (f" x --micro-batch-size {args.micro_batch_size}" if args.micro_batch_size else ""))
+if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
+    parser.error(f"--micro-batch-tokens {args.micro_batch_tokens} is less than the max length {max_len}: a "
+                 "longest sample would fit no micro-batch")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
 out = Path(args.out)
@@ -256,15 +346,28 @@ tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, syste
                               cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad,
                               weights=args.loss in qloss.NEEDS_WEIGHTS)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
+if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
+    print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "
+          f"model --model {args.model}; build it with teacher_cache.py --teacher {args.model} unless that is meant")
 sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
+lengths, label_counts = np.diff(tokens.offsets), tokens.label_counts()
 steps_per_epoch = len(tokens) // args.global_batch_size
 total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 if total_steps == 0:
     parser.error(f"{len(tokens)} samples make no step of --global-batch-size {args.global_batch_size}")
 
 attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=attention)
-if not args.no_activation_checkpointing:
+layout = args.layout if args.layout != "auto" else "packed" if attention == "flash_attention_2" else "padded"
+if rank == 0:
+    sizing = (f"{args.micro_batch_size} sequences" if args.micro_batch_size
+              else f"<= {args.micro_batch_tokens} tokens, balanced over ranks")
+    slow = " (sdpa keeps packed rows apart with a dense [T, T] mask: slow)" if (attention, layout) == (
+        "sdpa", "packed") else ""
+    print(f"attention: {attention} on {layout} micro-batches of {sizing}{slow}")
+with torch.device("meta"):  # the structure only; load_pretrained fills the shards
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32,
+                                             attn_implementation=attention)
+if args.activation_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 mesh = init_device_mesh(device_type, (world_size,))
 compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -273,6 +376,8 @@ for layer in model.model.layers:
     fully_shard(layer, mesh=mesh, mp_policy=policy)
 # the root's inputs include the teacher's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
 fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
+model.to_empty(device=device)
+load_pretrained(model)
 model.loss_forward = loss_forward.__get__(model)
 register_fsdp_forward_method(model, "loss_forward")
 model.train()
@@ -299,47 +404,67 @@ if rank == 0:
         import wandb
         wandb.init(project=args.wandb, config=vars(args), dir=str(out))
 
-# parameters that do matmul work: an untied input embedding is a lookup
+# parameters that do matmul work: an untied input embedding is a lookup; the lm_head works on label rows only
 n_params = sum(p.numel() for p in model.parameters()) - (
     0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+lm_head_params = model.config.vocab_size * model.config.hidden_size
 attention_flops = 6 * model.config.num_hidden_layers * model.config.hidden_size  # x sequence length^2, causal
-peak_flops = next((f for name, f in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A6000": 155e12}.items()
+# dense bf16 peaks; names as torch reports them ("NVIDIA H100 80GB HBM3" is the SXM part): the first match wins
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+              "A100": 312e12, "A6000": 155e12}
+peak_flops = next((f for name, f in PEAK_FLOPS.items()
                    if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
+# builds the next micro-batch on the host while the current one runs; its pinning is CUDA work, on this rank's GPU
+prepare_next = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device_type == "cuda" else None,
+                                  initargs=(device,))
 
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
 
-# the step's means of loss.py's statistics; with a cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
-logged = ("p_label", "trust", "residual") + (("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high",
-                                              "q4_student_high") if cache is not None else ())
+# the step's means of loss.py's statistics; with a teacher cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
+# (a reference cache's label probability is the starting model's: logged as p_ref_label, with no quadrants)
+logged = ("p_label", "trust", "residual") + (
+    () if cache is None else ("in_topk", "p_teacher_label") if args.loss in qloss.REFERENCE_LOSSES else
+    ("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high", "q4_student_high"))
+metric_names = {key: "p_ref_label" if key == "p_teacher_label" and args.loss in qloss.REFERENCE_LOSSES else key
+                for key in logged}
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
     started = time.perf_counter()
-    sample_ids = sampler.take(args.global_batch_size // world_size)
-    batches = [(data.pad_batch if args.no_packing else data.pack)(tokens, sample_ids[i:i + args.micro_batch_size])
-               for i in range(0, len(sample_ids), args.micro_batch_size)]
-    lengths = [len(tokens.input_ids(i)) for i in sample_ids]
-    counts = torch.tensor([sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches), sum(lengths),
-                           sum(n ** 2 for n in lengths)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    label_tokens, all_tokens, squared_lengths = counts.tolist()
+    dealt = sampler.take_global(args.global_batch_size // world_size)  # every rank's samples of this step
+    step_ids = sum(dealt, [])
+    plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
+            if args.micro_batch_tokens else [[ids[i:i + args.micro_batch_size]
+                                              for i in range(0, len(ids), args.micro_batch_size)] for ids in dealt])
+    label_tokens, all_tokens = int(label_counts[step_ids].sum()), int(lengths[step_ids].sum())
+    squared_lengths = int((lengths[step_ids] ** 2).sum())
     step_stats = dict.fromkeys(logged, 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    micro_batches = plan[rank]
+    upcoming = prepare_next.submit(prepare, micro_batches[0])
     try:
-        for batch in batches:
-            teacher = teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None, None, None)
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+        for j in range(len(micro_batches)):
+            batch, teacher = upcoming.result()
+            if j + 1 < len(micro_batches):
+                upcoming = prepare_next.submit(prepare, micro_batches[j + 1])
+            batch, teacher = {k: to_device(v) for k, v in batch.items()}, [to_device(t) for t in teacher]
+            if args.accumulate_unsharded:
+                model.set_requires_gradient_sync(j == len(micro_batches) - 1)
             # FSDP averages gradients over ranks, so each rank divides by the global count / world size:
             # the step's gradient is then that of (sum of token losses) / (global label count)
             value, stats = model.loss_forward(batch, *teacher, normalizer=label_tokens / world_size)
-            value.backward()  # reduce-scatters now: sharded fp32 grads accumulate, unsharded ones would be bf16
+            # reduce-scatters now, leaving each rank its fp32 shard; with --accumulate-unsharded only the last
+            # micro-batch does, and until then FSDP2 accumulates full gradients upcast to fp32 (reduce_dtype)
+            value.backward()
             step_stats = {key: total + stats.get(key, 0.0) for key, total in step_stats.items()}
             step_loss += value.detach() / world_size
     except torch.OutOfMemoryError as e:
-        raise SystemExit(f"out of memory at step {step + 1} with --micro-batch-size {args.micro_batch_size} "
-                         f"(packed rows of up to {args.micro_batch_size * args.max_len} tokens): try a smaller "
-                         "--micro-batch-size") from e
+        flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
+                         f"{args.micro_batch_size * max_len} tokens)") if args.micro_batch_size
+                        else ("--micro-batch-tokens", str(args.micro_batch_tokens)))
+        raise SystemExit(f"out of memory at step {step + 1} with {flag} {budget}: try a smaller {flag}" +
+                         ("" if args.activation_checkpointing else " or --activation-checkpointing")) from e
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
@@ -348,7 +473,7 @@ while step < stop:
     step_loss, stat_sums = sums[0].item(), sums[1:].tolist()
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
         raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite "
-                         f"(rank {rank}'s samples {sample_ids}); the run stops before the update")
+                         f"(rank {rank}'s samples {sum(micro_batches, [])}); the run stops before the update")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -356,12 +481,18 @@ while step < stop:
     step += 1
 
     elapsed = time.perf_counter() - started
+    # model flops: 6 per parameter and token, the lm_head's only on label rows (the loss computes no other
+    # logits), plus causal attention; activation recompute not counted
+    flops = (6 * (n_params - lm_head_params) * all_tokens + 6 * lm_head_params * label_tokens
+             + attention_flops * squared_lengths)
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
-               "tokens_per_s": all_tokens / elapsed, "seconds": elapsed}
-    metrics.update({key: value / label_tokens for key, value in zip(logged, stat_sums)})
-    if peak_flops:  # model flops (6N per token plus attention), activation recompute not counted
-        flops = 6 * n_params * all_tokens + attention_flops * squared_lengths
+               "tokens_per_s": all_tokens / elapsed, "seconds": elapsed, "tflops": flops / elapsed / world_size / 1e12,
+               "balance": data.balance(plan, lengths, layout == "padded")}
+    metrics.update({metric_names[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
+    if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
+    if device_type == "cuda":
+        metrics["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -377,6 +508,7 @@ while step < stop:
         if args.export_on_save:
             export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype)
 progress.close()
+prepare_next.shutdown()
 
 if step == total_steps:
     export_hf(out / "hf", model, tokenizer, compute_dtype)

@@ -140,6 +140,103 @@ def test_a_tokenizer_without_chat_template_is_refused_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_take_global_is_every_ranks_take_and_resumes():
+    n, world = 23, 3
+    everyone = data.Sampler(n, seed=5, world_size=world)
+    steps = [everyone.take_global(4) for _ in range(3)]  # 12 per rank: crosses into epoch 1
+    for r in range(world):
+        alone = data.Sampler(n, seed=5, rank=r, world_size=world)
+        assert [alone.take(4) for _ in range(3)] == [step[r] for step in steps]
+    resumed = data.Sampler(n, seed=5, world_size=world)
+    resumed.take_global(4)
+    again = data.Sampler(n, seed=5, world_size=world)
+    again.load_state_dict(resumed.state_dict())
+    assert [again.take_global(4) for _ in range(2)] == steps[1:]
+
+
+def test_longest_first_and_length_sorted_deals_by_hand():
+    lengths = {10: 5, 11: 4, 12: 3, 13: 3, 14: 2, 15: 1}
+    # longest first onto the least loaded bin: 5 4 | 3 on 4 | 3 on 5 | 2 on 7 | 1 on 8
+    assert data.balanced_micro_batches(list(lengths), lengths, 2, 10) == [[[10, 13, 15]], [[11, 12, 14]]]
+    # budget 5: one slot overflows (4 + 3), two fit: 5 | 4 | 3 | 3, then 2 on a 3 and 1 on the other 3
+    assert data.balanced_micro_batches(list(lengths), lengths, 2, 5) == [[[10], [11]], [[12, 14], [13, 15]]]
+    padded = {0: 8, 1: 4, 2: 8, 3: 4}  # rows x longest <= 16: [8, 8] and [4, 4]; mixing would pad 4s to 8
+    assert data.balanced_micro_batches([0, 1, 2, 3], padded, 2, 16, padded=True) == [[[0, 2]], [[1, 3]]]
+    assert data.balance([[[0, 2]], [[1, 3]]], padded, padded=True) == 0.75
+    with pytest.raises(ValueError, match="5-token sample exceeds the micro-batch token budget 4.*--micro-batch"):
+        data.balanced_micro_batches(list(lengths), lengths, 2, 4)
+    with pytest.raises(ValueError, match="5 samples cannot be shared equally by 2 ranks"):
+        data.balanced_micro_batches(list(lengths)[:5], lengths, 2, 10)
+
+
+@pytest.mark.parametrize("world", [8, 64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_balanced_micro_batches_deal_every_sample_within_budget_and_beat_fixed_counts(world, padded):
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.normal(700, 400, 4096), 64, 3072).astype(int)  # numina-like
+    sampler = data.Sampler(len(lengths), seed=0, world_size=world)
+    for _ in range(3):
+        dealt = sampler.take_global(256 // world)
+        ids = sum(dealt, [])
+        plan = data.balanced_micro_batches(ids, lengths, world, 4 * 3072, padded=padded)
+        assert sorted(sum(sum(plan, []), [])) == sorted(ids)
+        assert len({len(slots) for slots in plan}) == 1 and all(all(slots) for slots in plan)
+        costs = [data.micro_batch_cost([lengths[i] for i in mb], padded) for slots in plan for mb in slots]
+        assert max(costs) <= 4 * 3072
+        fixed = [[rank[i:i + 4] for i in range(0, len(rank), 4)] for rank in dealt]
+        assert data.balance(plan, lengths, padded) > data.balance(fixed, lengths, padded) + 0.1
+        # what a step costs: per slot, the costliest rank
+        step = sum(max(data.micro_batch_cost([lengths[i] for i in rank[s]], padded) for rank in plan)
+                   for s in range(len(plan[0])))
+        fixed_step = sum(max(data.micro_batch_cost([lengths[i] for i in rank[s]], padded) for rank in fixed)
+                         for s in range(len(fixed[0])))
+        assert step < fixed_step
+
+
+def test_right_padded_rows_need_no_attention_mask(tok, math16):
+    """Causal attention keeps the padding after a sequence out of it: without a mask (sdpa's causal kernel)
+    the logits of every row's real tokens equal the sequence run alone."""
+    model = tiny.make_model(tok, seed=0)
+    ids = [5, 1, 9]
+    padded = data.pad_batch(math16, ids)
+    with torch.no_grad():
+        logits = model(input_ids=padded["input_ids"], use_cache=False).logits
+        for row, i in enumerate(ids):
+            alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None]
+            torch.testing.assert_close(logits[row, :alone.shape[1]], model(input_ids=alone, use_cache=False).logits[0],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_carry_flash_attention_varlen_arguments(math16):
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    packed = data.pack(math16, [4, 11, 2])
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(packed["position_ids"])
+    assert packed["cu_seq_lens_q"].dtype == torch.int32 and packed["cu_seq_lens_q"].tolist() == cu_q.tolist()
+    assert packed["cu_seq_lens_k"].tolist() == cu_k.tolist()
+    assert int(packed["cu_seq_lens_q"].diff().max()) == int(max_q) == int(max_k)
+
+
+def test_flash_attention_packed_logits_equal_each_sequence_alone(tok, math16):
+    pytest.importorskip("flash_attn")
+    if not torch.cuda.is_available():
+        pytest.skip("flash-attn runs on a GPU")
+    model = tiny.make_model(tok, seed=0).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "flash_attention_2"
+    ids = [3, 0, 7, 12]
+    packed = data.pack(math16, ids)
+    inputs = {k: v.cuda() for k, v in packed.items() if k not in ("labels", "sample_ids")}
+    inputs["max_length_q"] = inputs["max_length_k"] = int(packed["cu_seq_lens_q"].diff().max())
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[0].float()
+        model.config._attn_implementation = "sdpa"
+        start = 0
+        for i in ids:
+            alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None].cuda()
+            reference = model(input_ids=alone, use_cache=False).logits[0].float()
+            torch.testing.assert_close(logits[start:start + alone.shape[1]], reference, atol=2e-2, rtol=2e-2)
+            start += alone.shape[1]
+
+
 # Rows shaped like each hub set's (field names and nesting as the hub files have them).
 NUMINA_ROW = {"data_source": "AI-MO/NuminaMath-CoT-processed", "prompt": [{"role": "user", "content": "unused"}],
               "extra_info": {"question": "What is 1 + 1?", "answer": "We add: 1 + 1 = 2, so \\boxed{2}.",
@@ -224,6 +321,10 @@ def test_m23k_recipe_uses_lis_llama_layout_for_llama3_tokenizers(monkeypatch, tm
     assert response == "The answer is \\boxed{B}.<|eot_id|>"
     assert ds.input_ids(0)[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")  # BOS once
     assert tok.decode(ds.input_ids(0)[:2]) != "<|begin_of_text|><|begin_of_text|>"
+    own, tok.chat_template = tok.chat_template, None  # Llama-3 base tokenizers may ship none: m23k still works
+    assert (data.tokenize_dataset("m23k", tok, cache_dir=tmp_path).input_ids(0) == ds.input_ids(0)).all()
+    assert data.end_of_turn_id(tok, None) == tok.convert_tokens_to_ids("<|eot_id|>")
+    tok.chat_template = own
     monkeypatch.undo()
     local = data.tokenize_dataset(write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "response": "r"}]), tok,
                                    cache_dir=tmp_path)
@@ -283,3 +384,56 @@ def test_malformed_weights_name_the_row_before_any_training(tok, tmp_path, field
                                                                       **fields}]
     with pytest.raises(ValueError, match=rf"row 1: .*{problem}"):
         data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), tok, cache_dir=tmp_path / "c", weights=True)
+
+
+# --- A user's mistake is one `error:` line naming the place, not a traceback ---------------------------
+
+def test_malformed_and_empty_files_name_the_line_or_say_empty(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": oops}\n')
+    with pytest.raises(ValueError, match=rf"{bad} line 3: not valid JSON .*fix or remove that line"):
+        data.load_rows(str(bad))
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2: a JSON list, not an object"):
+        data.read_jsonl(tmp_path / "list.jsonl")
+    for empty in ("", "\n\n"):
+        (tmp_path / "empty.jsonl").write_text(empty)
+        with pytest.raises(ValueError, match="empty.jsonl holds no rows"):
+            data.load_rows(str(tmp_path / "empty.jsonl"))
+
+
+def test_only_deliberate_errors_of_this_repo_lose_their_traceback(tmp_path):
+    """The hook's rule, run in a child interpreter: a `raise ValueError` in a repo script prints one line;
+    a ValueError from a library (a bug) keeps its traceback."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    for code, one_line in (("data.read_jsonl('/nonexistent/x.jsonl')", False),  # open() raising: not deliberate
+                           ("data.load_rows('nope.txt')", True), ("int('x')", False)):
+        script = f"import argparse, data; data.report_user_errors(argparse.ArgumentParser()); {code}"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+        assert result.returncode == 1
+        assert ("Traceback" not in result.stderr) == one_line, result.stderr
+        if one_line:
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith("error: unknown data source 'nope.txt': give one of numina67k")
+
+
+def test_row_weights_need_no_offsets_and_truncate_with_the_ids(tok, tmp_path):
+    """A `weight`-only row is read even under a template that rewrites the response (here it trims it);
+    truncation at max_len cuts the weights with the ids."""
+    trimming = tiny.make_tokenizer()
+    trimming.chat_template = tiny.CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
+    rows = [{"prompt": "1 + 1?", "response": "  It is 2.  ", "weight": 0.5}]
+    tokens = data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), trimming, cache_dir=tmp_path / "c",
+                                   weights=True)
+    assert (tokens.label_weights(0)[tokens.labels(0) != -100] == 0.5).all()
+    response = "So the answer is 42, not 7, and the steps were long."
+    rows = [{"prompt": "6 x 7?", "response": response, "weight": 0.25, "weight_spans": [[17, 19, 3]]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    full = data.tokenize_dataset(path, tok, cache_dir=tmp_path / "full", weights=True)
+    cut = data.tokenize_dataset(path, tok, cache_dir=tmp_path / "cut", weights=True, truncate=True,
+                                max_len=len(full.input_ids(0)) - 4)
+    assert len(cut.input_ids(0)) == len(full.input_ids(0)) - 4
+    assert np.array_equal(cut.label_weights(0)[:-1], full.label_weights(0)[:len(cut.input_ids(0)) - 1])
+    assert cut.label_weights(0)[-1] == 0 and (cut.label_weights(0) == 3).sum() == 2

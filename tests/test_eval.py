@@ -9,39 +9,72 @@ import eval as evaluation
 
 DATA = Path(__file__).parent / "data"
 
-MATH_CASES = [  # (response, gold, correct), each checked by hand
-    ("so $x = \\frac{1}{2}$, i.e. \\boxed{0.5}", "\\frac{1}{2}", True),
-    ("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}", True),
-    ("\\boxed{\\frac{14}{3}}", "\\frac{3}{14}", False),
-    ("\\boxed{[0, 1)}", "[0,1)", True),
-    ("\\boxed{(0, 1]}", "[0,1)", False),
-    ("\\boxed{\\{3, 2, 1\\}}", "\\{1,2,3\\}", True),
-    ("\\boxed{\\{1, 2\\}}", "\\{1,2,3\\}", False),
-    ("first \\boxed{3}, then on reflection \\boxed{5}", "5", True),
-    ("first \\boxed{3}, then on reflection \\boxed{5}", "3", False),
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True),
-    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3, \\frac{\\pi}{2})", True),
-    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
-    ("\\boxed{\\text{Bob}}", "\\text{Evelyn}", False),
-    ("\\boxed{\\frac{1}{2n+2}}", "$\\frac{1}{2 n+2}$", True),  # OlympiadBench golds come wrapped in $
-    ("\\boxed{18.90}", "\\$18.90", True),  # an escaped dollar is not LaTeX math mode
-    ("\\boxed{x = 3}", "3", True),
-    ("\\fbox{27}", "27", True),
-    ("\\boxed{4}", "5", False),
-    ("\\boxed{}", "0", False),
-    ("\\boxed{  }", "0", False),
-    ("The answer is 5.", "5", False),  # no box, no credit
-    ("\\boxed{5", "5", False),  # never closed
-    ("", "5", False),
+MATH_CASES = [  # (response, gold, correct under --protocol paper, under strict), each checked by hand
+    ("so $x = \\frac{1}{2}$, i.e. \\boxed{0.5}", "\\frac{1}{2}", True, True),
+    ("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}", True, True),
+    ("\\boxed{\\frac{14}{3}}", "\\frac{3}{14}", False, False),
+    ("\\boxed{[0, 1)}", "[0,1)", True, True),
+    ("\\boxed{(0, 1]}", "[0,1)", False, False),
+    ("\\boxed{\\{3, 2, 1\\}}", "\\{1,2,3\\}", True, True),
+    ("\\boxed{\\{1, 2\\}}", "\\{1,2,3\\}", False, False),
+    ("first \\boxed{3}, then on reflection \\boxed{5}", "5", True, True),
+    ("first \\boxed{3}, then on reflection \\boxed{5}", "3", False, False),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True, True),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3, \\frac{\\pi}{2})", True, True),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True, True),
+    ("\\boxed{\\text{Bob}}", "\\text{Evelyn}", False, False),
+    ("\\boxed{\\frac{1}{2n+2}}", "$\\frac{1}{2 n+2}$", True, True),  # OlympiadBench golds come wrapped in $
+    ("\\boxed{18.90}", "\\$18.90", True, True),  # an escaped dollar is not LaTeX math mode
+    ("\\boxed{x = 3}", "3", True, True),
+    ("\\boxed{4}", "5", False, False),
+    ("\\boxed{}", "0", False, False),
+    ("\\boxed{  }", "0", False, False),
+    ("", "5", False, False),
+    # a box holding $...$ or prose around math (point 3 of issue 10)
+    ("\\boxed{Solution is: $[x=2, y=4, z=5]$}", "Solution is: $[x=2, y=4, z=5]$", True, True),
+    ("\\boxed{The value is $7$}", "7", True, True),
+    ("\\boxed{The value is $7$}", "8", False, False),
+    # the harness's fallbacks, in its order; strict reads only a closed \\boxed{...}
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac34", True, False),
+    ("\\boxed{2}. The final answer is $3$. I hope it is correct.", "3", True, False),  # 1. before 2.
+    ("\\boxed{2}. The final answer is $3$. I hope it is correct.", "2", False, True),
+    ("so \\boxed 5$ and more", "5", True, False),  # 2. "boxed" without braces: up to the next $
+    ("\\boxed{5", "5", True, False),  # 2. an unclosed box runs to the end
+    ("\\fbox{27}", "27", True, True),  # no "boxed" in it: the harness falls back to the last number
+    ("So the answer is $\\frac{1}{2}$.", "0.5", True, False),  # 3. "he answer is"
+    ("The answer is 5.", "5", True, False),
+    # 3. everything after the phrase: the harness's own comparator fails "5. Check: 2 + 3 = 5" against 5;
+    # math-verify reads the 5 out of it (README: where the verdicts can differ)
+    ("The answer is 5. Check: 2 + 3 = 5.", "5", True, False),
+    ("My final answer is 7", "7", True, False),  # 4. "final answer is"
+    ("x is 2 and y is 1,024", "1024", True, False),  # 5. the last number, thousands separators dropped
+    ("x is 2 and y is 1,024", "2", False, False),
+    ("no number here", "0", False, False),
 ]
 
 
-@pytest.mark.parametrize("response,gold,correct", MATH_CASES)
-def test_grade_math(response, gold, correct):
-    assert evaluation.grade_math(response, gold) is correct
+@pytest.mark.parametrize("response,gold,paper,strict", MATH_CASES)
+def test_grade_math_under_both_protocols(response, gold, paper, strict):
+    assert evaluation.grade_math(response, gold) is paper  # the paper's protocol is the default
+    assert evaluation.grade_math(response, gold, protocol="paper") is paper
+    assert evaluation.grade_math(response, gold, protocol="strict") is strict
+
+
+@pytest.mark.parametrize("response,answer", [
+    ("Final Answer: The final answer is $x^2$. I hope it is correct.", "x^2"),
+    ("\\boxed{\\frac{a}{b}} and \\boxed{\\sqrt{2}}.", "\\sqrt{2}"),
+    ("so \\boxed 12$.", "12"),
+    ("Thus the answer is: 42.", "42"),
+    ("The final answer is\n  -3/", "-3"),
+    ("We get 3, then 1,000.5 and -7.25 at last", "-7.25"),
+    ("no number", ""),
+])
+def test_harness_answer_reads_as_the_qwen25_math_harness(response, answer):
+    assert evaluation.harness_answer(response) == answer
 
 
 OPTIONS = {"A": "Ibuprofen", "B": "Aspirin", "C": "Warfarin", "D": "Insulin"}
+PUBMEDQA = {"A": "yes", "B": "no", "C": "maybe"}
 CHOICE_CASES = [  # (response, gold, options, correct)
     ("\\boxed{B}", "B", None, True),
     ("\\boxed{(b)}", "B", None, True),
@@ -59,6 +92,15 @@ CHOICE_CASES = [  # (response, gold, options, correct)
     ("Ibuprofen helps pain, but aspirin is what saves him here.", "A", OPTIONS, False),
     ("I do not know.", "A", None, False),
     ("", "A", None, False),
+    # option text as a whole word: "no" is not in "not" or "know"
+    ("Yes: the trial did not show harm, as far as we know.", "A", PUBMEDQA, True),
+    ("Yes at first sight, but no.", "B", PUBMEDQA, True),
+    # HuatuoGPT-o1's standalone option letter, the last one, before option texts
+    ("Aspirin is tempting, but (D) fits best.", "D", OPTIONS, True),
+    ("Between **B** and **C**, I pick **C**", "C", OPTIONS, True),
+    ("A patient like this needs B", "B", OPTIONS, True),  # "A patient" is an article, not a choice
+    ("Between B and C, I pick C", "C", None, False),  # no options given: no letter range to look for
+    ("BCD is not a letter", "A", OPTIONS, False),
 ]
 
 
@@ -81,8 +123,9 @@ def test_last_boxed_handles_nesting_and_picks_the_last():
 def test_grade_item_counts_a_timeout_as_wrong():
     item = {"answer": "\\frac{\\sqrt{3}}{2}", "options": None}
     response = "\\boxed{\\frac{\\sqrt{3}}{2}}"
-    assert evaluation.grade_item((response, item), timeout=10.0) == (True, False)
-    assert evaluation.grade_item((response, {**item, "answer": "\\sqrt{17}"}), timeout=1e-5) == (False, True)
+    assert evaluation.grade_item((response, item), timeout=10.0, protocol="paper") == (True, False)
+    timed = evaluation.grade_item((response, {**item, "answer": "\\sqrt{17}"}), timeout=1e-5, protocol="strict")
+    assert timed == (False, True)
 
 
 def test_grade_samples_pool_keeps_order_and_counts_timeouts():
@@ -104,11 +147,24 @@ def test_pass_at_k_and_average_by_hand():
     assert evaluation.pass_at_k(correct, 4) == pytest.approx(75.0)
     lengths = np.arange(1, 17).reshape(4, 4)
     truncated = lengths == 16
-    m = evaluation.metrics(correct, lengths, truncated, np.zeros_like(correct))
-    assert m["average"] == pytest.approx(43.75)  # the whole matrix; the first sample alone would give 75
+    m = evaluation.metrics(correct, lengths, truncated, np.zeros_like(correct), column_rounded=False)
+    assert m["average"] == m["matrix_mean"] == pytest.approx(43.75)  # the first sample alone would give 75
     assert m["pass@k"] == pytest.approx({"1": 43.75, "2": 100 * (1 / 2 + 5 / 6 + 1) / 4, "4": 75.0})
     assert (m["length_mean"], m["length_p25"], m["length_p75"]) == (8.5, 4.75, 12.25)  # numpy's linear rule
     assert m["truncated"] == pytest.approx(100 / 16) and m["timeouts"] == 0
+
+
+def test_average_at_16_is_the_harness_column_rounded_mean():
+    correct = np.zeros((3, 16), dtype=bool)
+    correct[0, :] = True  # every column has problem 0 right: 1/3 = 33.3 after rounding
+    correct[1, :4] = True  # columns 0-3: 2/3 = 66.7
+    correct[2, 0] = True  # column 0: 3/3 = 100.0
+    # by hand: columns [100.0, 66.7, 66.7, 66.7] + 12 x [33.3]; mean = (100 + 3 x 66.7 + 12 x 33.3) / 16
+    expected = (100.0 + 3 * 66.7 + 12 * 33.3) / 16
+    m = evaluation.metrics(correct, np.ones((3, 16)), correct & False, correct & False, column_rounded=True)
+    assert m["average"] == pytest.approx(expected, abs=1e-9) and expected == pytest.approx(699.7 / 16)
+    assert m["matrix_mean"] == pytest.approx(100 * 21 / 48)  # 43.75: the unrounded matrix mean, kept beside it
+    assert evaluation.harness_average(np.array([[True, False]] * 8)) == 50.0
 
 
 def test_pass_at_k_matches_the_combinatorial_formula():
@@ -136,13 +192,26 @@ def test_load_benchmark_warns_on_a_row_count_mismatch(capsys):
     assert "aime24 has 3 problems, the paper's set has 30" in capsys.readouterr().err
 
 
-def test_m1_sources_match_leniently_and_grade_by_letter():
+def test_m1_sources_are_read_by_their_exact_keys_and_grade_by_letter(tmp_path):
+    full = str(DATA / "m1_eval_full_keys.json")  # shaped like m1's m1_eval_data.json, one item per source
+    answers = {name: evaluation.load_benchmark(name, full)[0]["answer"] for name in evaluation.SUITES["medical"]}
+    assert answers == {"medmcqa": "A", "medqa": "C", "pubmedqa": "A", "mmlupro": "B", "gpqa": "C", "lancet": "B",
+                       "medbullets4": "B", "medbullets5": "B", "medxpertqa": "B", "nejm": "C"}
     items = evaluation.load_benchmark("medqa", str(DATA / "m1_eval_sample.json"))
     assert [item["answer"] for item in items] == ["B", "C"]
     assert evaluation.user_message(items[0]).endswith("\nA. Ibuprofen\nB. Aspirin\nC. Warfarin\nD. Insulin")
-    assert len(evaluation.load_benchmark("medbullets5", str(DATA / "m1_eval_sample.json"))[0]["options"]) == 5
-    with pytest.raises(SystemExit, match="0 sources match 'nejm'"):
+    with pytest.raises(SystemExit, match="has no source 'NEJM'.*m1_eval_data.json"):
         evaluation.load_benchmark("nejm", str(DATA / "m1_eval_sample.json"))
+    sets = evaluation.json.loads(Path(full).read_text())
+    sets["MedQA_USMLE_test"] = sets.pop("MedQA_USLME_test")  # m1's key keeps HuatuoGPT-o1's spelling
+    (tmp_path / "m1.json").write_text(evaluation.json.dumps(sets))
+    with pytest.raises(SystemExit, match="has no source 'MedQA_USLME_test'"):
+        evaluation.load_benchmark("medqa", str(tmp_path / "m1.json"))
+
+
+def test_table_2_sizes_are_m1s():
+    sizes = {name: evaluation.BENCHMARKS[name][3] for name in evaluation.SUITES["medical"]}
+    assert sizes["medxpertqa"] == 1449 and round(100 * 161 / 1449, 2) == 11.11  # Table 2's Base MedX cell
 
 
 def test_benchmark_specs_expand_suites_in_table_order():
@@ -165,8 +234,11 @@ def test_bad_input_fails_early_with_the_fix(tmp_path, argv, message):
 
 
 def test_missing_model_dir_fails_early(tmp_path):
-    with pytest.raises(SystemExit, match="not a model folder"):
+    with pytest.raises(SystemExit, match="does not exist"):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path / "nope")]))
+    with pytest.raises(SystemExit, match="a folder without a config.json"):
+        evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path)]))
+    evaluation.check_args(evaluation.parse_args(["--model", "Qwen/Qwen2.5-Math-1.5B"]))  # a hub id passes
 
 
 def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
@@ -182,3 +254,90 @@ def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
     assert lines[1].split() == ["sft", "10.00", "50.00", "30.00"]
     assert lines[2].split() == ["target", "-", "70.00", "-"]  # no Avg. over fewer benchmarks
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def paper_avg(setting, method, table="Table 1"):
+    return next(r["avg"] for r in evaluation.PAPER_TABLES[setting] if (r["table"], r["method"]) == (table, method))
+
+
+def test_paper_tables_agree_with_the_numbers_the_papers_text_quotes():
+    qwen3, math15 = "Qwen3-1.7B-Base / NuminaMath-CoT", "Qwen2.5-Math-1.5B / NuminaMath-CoT"
+    assert (paper_avg(qwen3, "Base"), paper_avg(qwen3, "SFT")) == (14.26, 12.99)  # "14.26 -> 12.99"
+    assert paper_avg(qwen3, "Distill (c = 0.8)") == 17.81  # "(17.81 vs. 12.99)"
+    assert paper_avg("Qwen2.5-Math-7B / NuminaMath-CoT", "Distill (c = 0.8)") == 25.76  # "(25.76 vs. 23.88)"
+    assert paper_avg("Qwen2.5-Math-7B / NuminaMath-CoT", "SFT") == 23.88
+    assert (paper_avg("LLaMA-3.1-8B / m23k", "SFT", "Table 2"),
+            paper_avg("LLaMA-3.1-8B / m23k", "SFT (p)", "Table 2")) == (47.41, 38.60)  # "(47.41 vs. 38.60)"
+    table6 = [r for r in evaluation.PAPER_TABLES[math15] if r["table"] == "Table 6"]
+    etas = [r["avg"] for r in table6 if r["method"].startswith("TARGET-SFT")]
+    distills = {r["method"]: r["avg"] for r in table6 if r["method"].startswith("Distill")}
+    assert (min(etas), max(etas)) == (34.30, 38.05)
+    # the text's "from 22.81 to 30.83" spans c = 0.5, 0.8, 1.0; Table 6's c = 0.2 row (18.33) lies below it
+    assert distills.pop("Distill (c = 0.2)") == 18.33 and (min(distills.values()), max(distills.values())) == \
+        (22.81, 30.83)
+    # the printed Avg. is not the mean of the five columns (issue 12's two examples)
+    means = {s: np.mean(list(evaluation.PAPER_TABLES[s][0]["cells"].values())) for s in (qwen3, math15)}
+    assert (round(means[qwen3], 2), round(means[math15], 2)) == (14.38, 15.36)
+    # Table 6 repeats Table 1's runs: the same cells in both places
+    for setting in (math15, "Qwen2.5-Math-1.5B / OpenR1-15k"):
+        t1, t6 = ([r for r in evaluation.PAPER_TABLES[setting] if r["table"] == t and "TARGET" in r["method"]]
+                  for t in ("Table 1", "Table 6"))
+        assert t1[0]["cells"] in [r["cells"] for r in t6]
+    medx = next(r for r in evaluation.PAPER_TABLES["LLaMA-3.2-3B / m23k"] if r["method"] == "Base")
+    assert medx["cells"]["medxpertqa"] == round(100 * 161 / 1449, 2)  # Table 2 is k/N
+    assert all(len(r["cells"]) in (5, 10) for rows in evaluation.PAPER_TABLES.values() for r in rows)
+
+
+def test_compare_sets_the_papers_rows_beside_yours(tmp_path, capsys):
+    cells = {"minerva": 30.0, "olympiadbench": 31.59, "aime24": 10.0, "amc23": 47.03, "math500": 75.2}
+    for run, benchmarks in {"target": cells, "mystery": cells}.items():
+        (tmp_path / run).mkdir()
+        results = {"name": run, "model": f"/runs/{run}/hf",
+                   "benchmarks": {k: {"average": v} for k, v in benchmarks.items()}}
+        (tmp_path / run / "results.json").write_text(evaluation.json.dumps(results))
+    evaluation.main(["--compare", str(tmp_path / "target/results.json"), str(tmp_path / "mystery/results.json"),
+                     "--plot", str(tmp_path / "cmp.png"), "--paper", "Qwen2.5-Math-1.5B / NuminaMath-CoT"])
+    out = capsys.readouterr().out
+    base = next(line for line in out.splitlines() if line.startswith("Table 1 Base"))
+    assert base.split()[-7:] == ["8.23", "15.20", "3.75", "18.12", "31.52", "14.92", "[15.36]"]
+    diff = next(line for line in out.splitlines() if line.startswith("target - Table 1 TARGET-SFT"))
+    # by hand, against 32.20 31.59 8.96 47.03 70.20 (mean 37.996): our mean is 38.764, +0.768
+    assert diff.split()[-6:] == ["-2.20", "+0.00", "+1.04", "+0.00", "+5.00", "+0.77"]
+    assert "mystery: no paper row" in out and "not always the mean of its columns" in out
+    with pytest.raises(SystemExit, match="not one of the paper's settings"):
+        evaluation.main(["--compare", str(tmp_path / "target/results.json"), "--paper", "GPT-2 / nothing"])
+
+
+def test_compare_plot_starts_at_zero_and_labels_every_bar(tmp_path):
+    runs = [(f"run{i}", {"benchmarks": {n: {"average": 0.0} for n in evaluation.SUITES["medical"]}})
+            for i in range(5)]
+    ax = evaluation.plot_runs(runs, tmp_path / "zeros.png")
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 0
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == 5 * 11 and set(labels) == {"0.0"}  # 10 benchmarks and Avg., 5 runs
+
+
+def test_prompts_are_the_harness_qwen_boxed_and_llama_layouts():
+    import tiny
+    tok = tiny.make_tokenizer()
+    item = {"question": "What is 1 + 1?", "options": None}
+
+    def prompt(tokenizer, *argv):
+        args = evaluation.parse_args(["--model", "m", *argv])
+        return tokenizer.decode(evaluation.prompt_ids(tokenizer, item, evaluation.prompt_style(args, tokenizer)))
+    # the Qwen2.5-Math harness's "qwen-boxed", written out by hand
+    assert prompt(tok) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt(tok, "--protocol", "strict") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    # its "llama-base-boxed-with-bos"
+    assert prompt(tok) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful "
+                           "assistant.<|eot_id|>\n<|start_header_id|>user<|end_header_id|>\n\nWhat is 1 + 1?\n"
+                           "Please reason step by step, and put your final answer within \\boxed{}.<|eot_id|>\n"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    style = evaluation.prompt_style(evaluation.parse_args(["--model", "m"]), tok)
+    assert evaluation.stop_ids(tok, style) == sorted(tok.convert_tokens_to_ids(["<|eot_id|>", "<|im_end|>"]))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import demo
@@ -24,37 +26,66 @@ def model(tmp_path_factory):
     return str(demo.save_tiny(tmp_path_factory.mktemp("tiny")))
 
 
-def check_outputs(out, n, max_tokens, problems):
+def save_base_like(path):
+    """A stand-in for an untrained base model: it answers <|im_end|> at every step, while its tokenizer's eos,
+    config and generation config name <|endoftext|> (as Qwen2.5 base models do). Only a stop at the chat
+    template's end-of-turn token ends its answer after one token; without it, it runs to max_tokens."""
+    path = tiny.save_tiny(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 100.0  # a residual stream dominated by dimension 0 ...
+        for layer in model.model.layers:  # ... that no layer changes
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[im_end, 0] = 10.0  # so <|im_end|> leads every other token by ~100 logits
+    model.config.eos_token_id = model.generation_config.eos_token_id = endoftext
+    model.save_pretrained(path)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(path)
+    return path
+
+
+def check_outputs(out, max_tokens, problems):
     """results.json agrees with generations.jsonl, regraded and recounted independently."""
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert set(results["benchmarks"]) == set(problems)
-    assert results["sampling"]["n"] == n and results["system_prompt"] == data.SYSTEM_PROMPT
     for name, m in results["benchmarks"].items():
+        n = m["sampling"]["n"]
         mine = [r for r in rows if r["benchmark"] == name]
         assert sorted((r["problem"], r["sample"]) for r in mine) == [(i, j) for i in range(problems[name])
                                                                        for j in range(n)]
         for r in mine:
             grade = (evaluation.grade_choice(r["response"], r["answer"], r["options"]) if r["options"] else
-                     evaluation.grade_math(r["response"], r["answer"]))
+                     evaluation.grade_math(r["response"], r["answer"], results["protocol"]))
             assert r["correct"] == grade or r["timeout"]
             assert 1 <= r["tokens"] <= max_tokens and (not r["truncated"] or r["tokens"] == max_tokens)
-        assert m["average"] == pytest.approx(100 * np.mean([r["correct"] for r in mine]))
-        assert m["pass@k"]["1"] == pytest.approx(m["average"])
+        assert m["matrix_mean"] == pytest.approx(100 * np.mean([r["correct"] for r in mine]))
+        columns = [100 * np.mean([r["correct"] for r in mine if r["sample"] == j]) for j in range(n)]
+        rounded = results["protocol"] == "paper" and evaluation.spec(name)[1] != "medical"
+        assert m["average"] == pytest.approx(np.mean([round(c, 1) for c in columns]) if rounded else m["matrix_mean"])
+        assert m["pass@k"]["1"] == pytest.approx(m["matrix_mean"])
         assert m["truncated"] == pytest.approx(100 * np.mean([r["truncated"] for r in mine]))
         assert m["length_mean"] == pytest.approx(np.mean([r["tokens"] for r in mine]))
         assert (m["problems"], m["n"]) == (problems[name], n)
     return results, rows
 
 
-def test_vllm_cli_end_to_end(model, tmp_path):
+def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
+    model = save_base_like(tmp_path / "base")
     out = tmp_path / "run"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    cmd = [sys.executable, "eval.py", "--model", model, "--benchmarks", BENCHMARKS, "--n", "2",
+    cmd = [sys.executable, "eval.py", "--model", str(model), "--benchmarks", BENCHMARKS, "--n", "2",
            "--max-tokens", "16", "--enforce-eager", "--workers", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results, _ = check_outputs(out, 2, 16, {"amc23": 3, "math500": 3, "medqa": 2})
+    results, rows = check_outputs(out, 16, {"amc23": 3, "math500": 3, "medqa": 2})
+    assert all(r["tokens"] == 1 and not r["truncated"] for r in rows)  # stopped at <|im_end|>, not at 16
+    im_end = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("<|im_end|>")
+    assert all(im_end in m["stop_token_ids"] for m in results["benchmarks"].values())
     header = next(line for line in proc.stdout.splitlines() if "Avg." in line)
     assert header.split() == ["AMC23", "Math500", "MedQA", "Avg."]
     assert {"vllm", "vllm-cpu"} & set(results["versions"])
@@ -65,7 +96,7 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
     argv = ["--model", model, "--backend", "hf", "--benchmarks", BENCHMARKS, "--n", "2", "--max-tokens", "8",
             "--workers", "2", "--out", str(out)]
     evaluation.main(argv)
-    check_outputs(out, 2, 8, {"amc23": 3, "math500": 3, "medqa": 2})
+    check_outputs(out, 8, {"amc23": 3, "math500": 3, "medqa": 2})
     before = (out / "generations.jsonl").read_text(), (out / "results.json").read_text()
 
     def no_generation(args):
@@ -80,7 +111,7 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
     (out / "results.json").write_text(json.dumps(results))
     monkeypatch.undo()
     evaluation.main(argv)
-    check_outputs(out, 2, 8, {"amc23": 3, "math500": 3, "medqa": 2})
+    check_outputs(out, 8, {"amc23": 3, "math500": 3, "medqa": 2})
 
     with pytest.raises(SystemExit, match="another sampling"):
         evaluation.main([*argv, "--n", "3"])
@@ -91,7 +122,7 @@ def test_data_parallel_shards_keep_problem_order(model, tmp_path):
     evaluation.main(["--model", model, "--backend", "hf", "--dp", "2",
                      "--benchmarks", f"math500={DATA}/math500.jsonl",
                      "--n", "2", "--max-tokens", "4", "--workers", "1", "--out", str(out)])
-    _, rows = check_outputs(out, 2, 4, {"math500": 3})
+    _, rows = check_outputs(out, 4, {"math500": 3})
     questions = [item["question"] for item in evaluation.load_benchmark("math500", f"{DATA}/math500.jsonl")]
     assert [r["question"] for r in rows if r["sample"] == 0] == questions
 
@@ -102,3 +133,54 @@ def test_a_model_without_chat_template_fails_before_generation(tmp_path):
     with pytest.raises(SystemExit, match="has no chat template"):
         evaluation.main(["--model", str(model), "--backend", "hf", "--out", str(tmp_path / "run"),
                          "--benchmarks", f"math500={DATA}/math500.jsonl"])
+
+
+def test_medical_paper_protocol_is_greedy_single_sample_and_says_so(tmp_path, capsys):
+    model = save_base_like(tmp_path / "target" / "hf")  # the folder train.py exports into
+    argv = ["--model", str(model), "--backend", "hf", "--benchmarks", f"medqa={DATA}/m1_eval_sample.json",
+            "--max-tokens", "4", "--workers", "1"]
+    results = evaluation.main([*argv, "--out", str(tmp_path / "paper")])
+    printed = capsys.readouterr().out
+    medqa = results["benchmarks"]["medqa"]
+    assert results["protocol"] == "paper" and results["name"] == "target"  # named after the run, not "hf"
+    assert (medqa["sampling"]["n"], medqa["sampling"]["temperature"]) == (1, 0.0)
+    assert medqa["system_prompt"] == data.HELPFUL_SYSTEM and "greedy" in medqa["average_rule"]
+    assert "k/N" in medqa["average_rule"] and "k/N" in printed and printed.splitlines()[1].split()[0] == "target"
+    rows = [json.loads(line) for line in (tmp_path / "paper" / "generations.jsonl").read_text().splitlines()]
+    assert all(r["tokens"] == 1 and not r["truncated"] for r in rows)  # hf generate stops at <|im_end|> too
+    caption = evaluation.main([*argv, "--n", "3", "--temperature", "1", "--out", str(tmp_path / "caption")])
+    medqa = caption["benchmarks"]["medqa"]
+    assert (medqa["sampling"]["n"], medqa["sampling"]["temperature"], medqa["n"]) == (3, 1.0, 3)
+    assert "k/N" not in medqa["average_rule"]
+    strict = evaluation.main([*argv, "--protocol", "strict", "--n", "2", "--out", str(tmp_path / "strict"),
+                              "--benchmarks", f"math500={DATA}/math500.jsonl", "--name", "mine"])
+    assert strict["name"] == "mine" and strict["benchmarks"]["math500"]["system_prompt"] == data.SYSTEM_PROMPT
+    assert strict["benchmarks"]["math500"]["truncated"] == 0.0
+
+
+def test_a_hub_id_is_read_from_the_hub_cache_offline(tmp_path):
+    snapshot = tmp_path / "hub" / "models--tiny--base" / "snapshots" / ("0" * 40)
+    save_base_like(snapshot)
+    (tmp_path / "hub" / "models--tiny--base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--base" / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "eval.py", "--model", "tiny/base", "--backend", "hf", "--benchmarks",
+           f"math500={DATA}/math500.jsonl", "--n", "1", "--max-tokens", "4", "--workers", "1", "--limit", "1",
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["model"] == results["name"] == "tiny/base" and results["benchmarks"]["math500"]["problems"] == 1
+    proc = subprocess.run([*cmd[:3], "tiny/absent", *cmd[4:-1], str(tmp_path / "absent")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "'tiny/absent' is not a local folder and could not be fetched" in proc.stderr
+
+
+def test_a_malformed_benchmark_file_is_one_error_line_before_any_generation(model, tmp_path):
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 2?", "answer": 4\n')
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--model", model, "--benchmarks", str(bad),
+                             "--backend", "hf", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {bad} line 2: not valid JSON")

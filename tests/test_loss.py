@@ -235,10 +235,38 @@ def test_proximal_sft_by_hand():
     torch.testing.assert_close(q.a, r)
 
 
+def test_proximal_sft_lens_in_all_three_regimes():
+    """Eq. 6 through Table 4's PSFT on rows with r below 1-eps, inside the range and above 1+eps."""
+    z = torch.randn(30, V, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
+    y = torch.randint(0, V, (30,), generator=torch.Generator().manual_seed(6))
+    r = torch.linspace(0.3, 2.0, 30, dtype=torch.float64)
+    pi_old = z.log_softmax(-1).gather(1, y[:, None]).squeeze(1) - r.log()  # pi_old(y) = p_y / r
+    side = L.Side(label_logprobs=pi_old)
+    induced = L.induced_target(token_losses("psft", None, None, pi_old), z, y)
+    q = L.proximal(z, z.logsumexp(-1), y, side)
+    p = z.softmax(-1)
+    gamma = r * (r <= 1.2)
+    assert (r < 0.8).any() and ((r >= 0.8) & (r <= 1.2)).any() and (r > 1.2).any()
+    torch.testing.assert_close(q.a, gamma)
+    expected = gamma[:, None] * F.one_hot(y, V).double() + (1 - gamma)[:, None] * p
+    torch.testing.assert_close(induced, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_proximal_sft_survives_a_ratio_beyond_fp32():
+    """p_y / pi_old(y) = e^95 overflows fp32: the clip still holds, the gradient is exactly 0, nothing is NaN."""
+    hidden, weight, labels, *_ = make_batch(seed=2)
+    t_label = torch.full((N,), -95.0)
+    stats = {}
+    value, grad_h, grad_w = chunked(hidden, weight * 0, labels, None, None, t_label, loss="psft", stats=stats)
+    assert math.isclose(float(value), -1.2, rel_tol=1e-6)  # every token clipped at 1 + eps
+    assert not grad_h.any() and not grad_w.any() and float(stats["trust"]) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 3, 7, 16, 1000])
 @pytest.mark.parametrize("variant", ["psft", "weighted"])
-def test_new_rules_reach_both_sides_of_their_switch(variant):
+def test_new_rules_reach_both_sides_of_their_switch(variant, seed):
     """The batches the chunked tests use hold clipped and unclipped psft tokens, and zero and > 1 weights."""
-    hidden, weight, labels, _, _, t_label, weights = make_batch(seed=3)
+    hidden, weight, labels, _, _, t_label, weights = make_batch(seed=seed)
     valid = labels != -100
     if variant == "psft":
         p_y = (hidden @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
@@ -327,9 +355,9 @@ def test_no_gradients_are_built_without_grad_mode_and_one_backward_only():
 
 
 def test_default_chunk_size_bounds_memory():
-    """16 bytes per vocabulary entry within 256 MiB on CPU; no floor on the number of chunks."""
-    assert L.default_chunk_size(16384, 151936) * 151936 * 16 <= 2**28
-    assert L.default_chunk_size(16384, 151936) == 2**28 // (16 * 151936)
+    """20 bytes per vocabulary entry within 256 MiB on CPU; no floor on the number of chunks."""
+    assert L.default_chunk_size(16384, 151936) * 151936 * 20 <= 2**28
+    assert L.default_chunk_size(16384, 151936) == 2**28 // (20 * 151936)
     assert L.default_chunk_size(100, 1000) == 100  # everything fits: one chunk
     assert L.default_chunk_size(0, 100) == 1
 

@@ -85,7 +85,9 @@ def test_a_certain_teacher_keeps_its_ids():
     assert torch.allclose(got_values, values.clamp(min=tc.LOGPROB_FLOOR), rtol=1e-3)
 
 
-def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path):
+@pytest.mark.parametrize("flush_every", [1, 2, 3])
+def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path, flush_every):
+    """Killed during the third batch: only batches flushed in a full group of flush_every are marked done."""
     out = tmp_path / "cache"
     calls = []
 
@@ -97,24 +99,52 @@ def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path)
     hook = teacher.get_decoder().register_forward_hook(die_on_third_batch)
     try:
         with pytest.raises(KeyboardInterrupt):
-            tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
+            tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS, flush_every=flush_every)
     finally:
         hook.remove()
     partial = tmp_path / "cache.partial"
     done = np.load(partial / "done.npy")
-    assert done.sum() == 2 and not done.all()
+    assert done.sum() == 2 // flush_every * flush_every and not done.all()
     with pytest.raises(FileNotFoundError, match="unfinished build: rerun"):
         tc.TeacherCache(out)
-    rows = np.load(partial / "topk.npy", mmap_mode="r+")
-    first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[2][0]
-    rows[np.load(partial / "offsets.npy")[first_missing]:] = 12345  # whatever a killed write left behind
-    rows.flush()
-    del rows
+    first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[int(done.sum())][0]
+    for name, garbage in (("topk.npy", 12345), ("label_logprobs.npy", 7.0)):  # whatever a killed write left
+        rows = np.load(partial / name, mmap_mode="r+")
+        rows[np.load(partial / "offsets.npy")[first_missing]:] = garbage
+        rows.flush()
+        del rows
     with pytest.raises(ValueError, match="unfinished build with other inputs"):
         tc.build(teacher, math16, out, k=K + 1, batch_tokens=BATCH_TOKENS)
     tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
     assert not partial.exists()
     assert files(out) == files(built)
+
+
+def test_a_failed_write_marks_nothing_and_the_rerun_is_byte_identical(built, math16, teacher, tmp_path,
+                                                                     monkeypatch):
+    """The background writer's failure surfaces in build(); its batch is never marked done."""
+    calls, to_host = [], tc.to_host
+
+    def short_second_batch(rows):
+        calls.append(1)
+        return to_host((rows[0][:-1], rows[1]) if len(calls) == 2 else rows)
+
+    monkeypatch.setattr(tc, "to_host", short_second_batch)
+    with pytest.raises(ValueError, match="could not broadcast"):
+        tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS, flush_every=1)
+    assert np.load(tmp_path / "cache.partial" / "done.npy").tolist()[:2] == [1, 0]
+    monkeypatch.setattr(tc, "to_host", to_host)
+    tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS)
+    assert files(tmp_path / "cache") == files(built)
+
+
+def test_heads_the_cache_cannot_reproduce_and_bad_flush_groups_are_refused(math16, tok, tmp_path):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        tc.build(tiny.make_model(tok), math16, tmp_path / "a", k=K, flush_every=0)
+    biased = tiny.make_model(tok)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
+    with pytest.raises(ValueError, match="lm_head has a bias"):
+        tc.build(biased, math16, tmp_path / "b", k=K)
 
 
 def corrupt(built, tmp_path, how):
@@ -212,7 +242,7 @@ def test_two_process_build_equals_one_process_build(tmp_path):
 
     torchrun = str(Path(sys.executable).parent / "torchrun")
     run(sys.executable, name="one")
-    run(torchrun, "--nproc_per_node", "2", name="two")
+    run(torchrun, "--standalone", "--nproc_per_node", "2", name="two")  # standalone: a free port
     assert files(tmp_path / "one") == files(tmp_path / "two")
     [tok_one], [tok_two] = (list((tmp_path / f"tok-{n}").iterdir()) for n in ("one", "two"))
     assert files(tok_one) == files(tok_two)

@@ -3,6 +3,7 @@ resume, every loss variant, the HF export, and the refusals."""
 import json
 import os
 import random
+import re
 import runpy
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def train_args(setup, out, *extra):
 
 def run(args, nproc=1):
     """train.py as a user runs it: python, or torchrun for several processes."""
-    command = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), TRAIN] if nproc > 1
-               else [sys.executable, TRAIN])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    command = (torchrun if nproc > 1 else [sys.executable]) + [TRAIN]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,6 +64,7 @@ def run_in_process(args, monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(sys, "argv", [TRAIN, *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # train.py installs its error reporter: undone after
     try:
         runpy.run_path(TRAIN, run_name="__main__")
     finally:
@@ -110,7 +112,7 @@ def test_two_processes_train_export_and_match_one_process(setup, one_process):
 
 
 def test_padded_micro_batches_match_packed_ones(setup, one_process, monkeypatch):
-    run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--no-packing"), monkeypatch)
+    run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--layout", "packed"), monkeypatch)
     for packed, padded in zip(one_process, metrics(setup, "padded")):
         assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
         assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
@@ -136,18 +138,17 @@ def test_checkpoints_that_would_resume_wrongly_are_refused(setup, monkeypatch, c
     tokenizer = demo.make_tokenizer()
     demo.make_model(tokenizer, layers=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="pass --resume to continue it, or another --out"):
         run_in_process(train_args(setup, "refused", "--micro-batch-size", "8"), monkeypatch)
-    assert "pass --resume to continue it, or another --out" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"other settings \{'lr': \(0.003, 0.001\)\}"):
+    with pytest.raises(ValueError, match=r"other settings \{'lr': \(0.003, 0.001\)\}"):
         run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--resume", "--lr", "1e-3"),
                        monkeypatch)
-    with pytest.raises(SystemExit, match="not of --model"):
+    with pytest.raises(ValueError, match="not of --model"):
         run_in_process(train_args(setup, "refused", "--model", str(other), "--micro-batch-size", "8", "--resume"),
                        monkeypatch)
     (checkpoint / "trainer_rank1.pt").write_bytes((checkpoint / "trainer_rank0.pt").read_bytes())
     try:
-        with pytest.raises(SystemExit, match="written by 2 ranks, this run has 1"):
+        with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
             run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--resume"), monkeypatch)
     finally:
         (checkpoint / "trainer_rank1.pt").unlink()
@@ -165,7 +166,7 @@ def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
     (step,) = metrics(setup, out)
     assert step["step"] == 1 and step["loss"] == step["loss"] and step["grad_norm"] > 0
     assert ("in_topk" in step) == (variant in qloss.NEEDS_TEACHER)
-    if variant in qloss.NEEDS_TEACHER:  # Figure 4's quadrants partition the label tokens
+    if variant in qloss.NEEDS_TEACHER - qloss.REFERENCE_LOSSES:  # Figure 4's quadrants partition the labels
         quadrants = ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")
         assert abs(sum(step[key] for key in quadrants) - 1) < 1e-9 and 0 < step["p_teacher_label"] < 1
 
@@ -180,7 +181,8 @@ def test_psft_against_a_cache_of_the_starting_model(setup, monkeypatch):
                               "--micro-batch-size", "4", "--max-steps", "1"), monkeypatch)
     (step,) = metrics(setup, "psft-self")
     assert abs(step["loss"] + 1) < 1e-5 and abs(step["trust"] - 1) < 1e-5
-    assert abs(step["p_teacher_label"] - step["p_label"]) < 1e-6  # the cache holds the student's own p(y)
+    assert abs(step["p_ref_label"] - step["p_label"]) < 1e-6  # the cache holds the student's own p(y)
+    assert "q1_rescue" not in step  # a reference model is no teacher: no Figure 4 quadrants
 
 
 def test_weighted_loss_reads_the_datas_weights(setup, monkeypatch):
@@ -227,9 +229,8 @@ def test_tied_embeddings_train_through_the_shared_weight(setup, monkeypatch):
 def test_a_loss_that_needs_a_cache_fails_at_once_naming_the_flag(setup, variant, flag, monkeypatch, capsys):
     args = [a for a in train_args(setup, "never", "--loss", variant) if a != str(setup / "cache")]
     args = [a for a in args if a not in ("--teacher-cache", "--ref-cache")]
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=flag):
         run_in_process(args, monkeypatch)
-    assert flag in capsys.readouterr().err
     assert not (setup / "never").exists()  # nothing started
 
 
@@ -273,3 +274,109 @@ def test_out_of_memory_names_the_fix(setup, monkeypatch):
     monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", out_of_memory)
     with pytest.raises(SystemExit, match="out of memory at step 1 with --micro-batch-size 4 .* try a smaller"):
         run_in_process(train_args(setup, "oom", "--micro-batch-size", "4"), monkeypatch)
+
+
+def test_token_balanced_micro_batches_on_two_ranks_match_one_process(setup, one_process):
+    """Each step's 8 samples dealt over 2 ranks by token cost, gradients reduce-scattered once per step: the
+    same losses and gradients as one rank with one micro-batch of 8."""
+    run(train_args(setup, "balanced", "--micro-batch-tokens", "256", "--accumulate-unsharded"), nproc=2)
+    balanced = metrics(setup, "balanced")
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    lengths = [len(tokens.input_ids(i)) for i in range(len(tokens))]
+    first_step = sum(data.Sampler(len(tokens), seed=0, world_size=2).take_global(4), [])
+    plan = data.balanced_micro_batches(first_step, lengths, 2, 256, padded=True)
+    assert len(plan[0]) > 1  # several micro-batches per rank: the deferred reduce-scatter is exercised
+    assert balanced[0]["balance"] == pytest.approx(data.balance(plan, lengths, padded=True))
+    for a, b in zip(one_process, balanced):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert 0.5 < b["balance"] <= 1
+    assert one_process[0]["balance"] == 1  # one rank waits for nobody
+
+
+def test_resume_continues_exactly_with_packed_token_budgets(setup, one_process, monkeypatch):
+    run_in_process(train_args(setup, "budget", "--layout", "packed", "--micro-batch-tokens", "256",
+                              "--stop-after", "2"), monkeypatch)
+    run_in_process(train_args(setup, "budget", "--layout", "packed", "--micro-batch-tokens", "600", "--resume"),
+                   monkeypatch)
+    for a, b in zip(one_process, metrics(setup, "budget")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_first_step_loss_is_the_pretrained_models_cross_entropy(setup, monkeypatch, capsys):
+    """The model is built on the meta device and rank 0's weights broadcast into it (buffers included): its
+    first loss must be that of the checkpoint loaded plainly, over the step's samples."""
+    run_in_process(train_args(setup, "meta", "--loss", "sft", "--max-steps", "1"), monkeypatch)
+    assert "attention: sdpa on padded micro-batches of <= 1024 tokens, balanced over ranks" in capsys.readouterr().out
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    model = AutoModelForCausalLM.from_pretrained(setup / "student")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in data.Sampler(len(tokens), seed=0).take(8):
+            logits = model(torch.from_numpy(tokens.input_ids(i).astype("int64"))[None]).logits[0].double()
+            labels = torch.from_numpy(tokens.labels(i))
+            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            count += int((labels != -100).sum())
+    (step,) = metrics(setup, "meta")
+    assert step["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_model_flops_charge_the_lm_head_to_label_tokens_only(setup, one_process):
+    config = AutoModelForCausalLM.from_pretrained(setup / "student").config
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k+v, o, MLP, two norms
+    body = layers * per_layer + h  # the final norm; the untied input embedding is a lookup
+    tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
+                                   max_len=256, cache_dir=setup / "tokenized")
+    sampler = data.Sampler(len(tokens), seed=0)
+    for step in one_process:
+        ids = sampler.take(8)
+        lengths = [len(tokens.input_ids(j)) for j in ids]
+        labels = sum(int((tokens.labels(j) != -100).sum()) for j in ids)
+        flops = 6 * body * sum(lengths) + 6 * v * h * labels + 6 * layers * h * sum(n * n for n in lengths)
+        assert step["tflops"] * 1e12 * step["seconds"] == pytest.approx(flops, rel=1e-9)
+
+
+def test_token_budget_below_the_max_length_is_refused_and_out_of_memory_names_the_budget(setup, monkeypatch,
+                                                                                         capsys):
+    with pytest.raises(ValueError, match="--micro-batch-tokens 200 is less than the max length 256"):
+        run_in_process(train_args(setup, "small-budget", "--micro-batch-tokens", "200"), monkeypatch)
+    assert not (setup / "small-budget").exists()
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", out_of_memory)
+    with pytest.raises(SystemExit, match="out of memory at step 1 with --micro-batch-tokens 1024: try a smaller "
+                                         "--micro-batch-tokens or --activation-checkpointing"):
+        run_in_process(train_args(setup, "oom-tokens"), monkeypatch)
+
+
+@pytest.mark.parametrize("script, launcher, rows, message", [
+    ("teacher_cache.py", "python", ['{"prompt": "1?", "response": "1."}', '{"prompt": "2?", "response": 2.'],
+     r"error: \S+bad.jsonl line 2: not valid JSON .*fix or remove that line"),
+    ("train.py", "python", [], r"error: \S+bad.jsonl holds no rows"),
+    ("train.py", "torchrun", ['{"prompt": "1?", "response": "1."}', '{"prompt": "2?"}'],
+     r"error: \S+bad.jsonl row 1: response is missing .*--skip-bad"),
+])
+def test_bad_data_is_one_error_line_naming_the_place(setup, tmp_path, script, launcher, rows, message):
+    """What a user sees (issue: a `datasets` traceback, or `[rank0]:`-prefixed ones): one `error:` line, printed
+    once under torchrun too, and a non-zero exit; no traceback from our script."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(row + "\n" for row in rows))
+    args = (["--teacher", str(setup / "student"), "--out", str(tmp_path / "cache")] if script == "teacher_cache.py"
+            else ["--model", str(setup / "student"), "--loss", "sft", "--out", str(tmp_path / "run")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = (torchrun if launcher == "torchrun" else [sys.executable]) + [
+        str(ROOT / script), "--data", str(bad), "--data-cache", str(tmp_path / "t"), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(message, errors[0]), result.stderr[-2000:]
+    assert f'File "{ROOT / script}"' not in result.stderr and "[rank" not in result.stderr
