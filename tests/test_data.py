@@ -196,7 +196,7 @@ def test_balanced_micro_batches_deal_every_sample_within_budget_and_beat_fixed_c
 def test_right_padded_rows_need_no_attention_mask(tok, math16):
     """Causal attention keeps the padding after a sequence out of it: without a mask (sdpa's causal kernel)
     the logits of every row's real tokens equal the sequence run alone."""
-    model = tiny.make_model(tok, seed=0)
+    model = demo.make_model(tok, seed=0)
     ids = [5, 1, 9]
     padded = data.pad_batch(math16, ids)
     with torch.no_grad():
@@ -220,7 +220,7 @@ def test_flash_attention_packed_logits_equal_each_sequence_alone(tok, math16):
     pytest.importorskip("flash_attn")
     if not torch.cuda.is_available():
         pytest.skip("flash-attn runs on a GPU")
-    model = tiny.make_model(tok, seed=0).to("cuda", torch.bfloat16)
+    model = demo.make_model(tok, seed=0).to("cuda", torch.bfloat16)
     model.config._attn_implementation = "flash_attention_2"
     ids = [3, 0, 7, 12]
     packed = data.pack(math16, ids)
@@ -422,8 +422,8 @@ def test_only_deliberate_errors_of_this_repo_lose_their_traceback(tmp_path):
 def test_row_weights_need_no_offsets_and_truncate_with_the_ids(tok, tmp_path):
     """A `weight`-only row is read even under a template that rewrites the response (here it trims it);
     truncation at max_len cuts the weights with the ids."""
-    trimming = tiny.make_tokenizer()
-    trimming.chat_template = tiny.CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
+    trimming = demo.make_tokenizer()
+    trimming.chat_template = demo.CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
     rows = [{"prompt": "1 + 1?", "response": "  It is 2.  ", "weight": 0.5}]
     tokens = data.tokenize_dataset(write_jsonl(tmp_path / "w.jsonl", rows), trimming, cache_dir=tmp_path / "c",
                                    weights=True)

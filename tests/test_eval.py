@@ -318,8 +318,8 @@ def test_compare_plot_starts_at_zero_and_labels_every_bar(tmp_path):
 
 
 def test_prompts_are_the_harness_qwen_boxed_and_llama_layouts():
-    import tiny
-    tok = tiny.make_tokenizer()
+    import demo
+    tok = demo.make_tokenizer()
     item = {"question": "What is 1 + 1?", "options": None}
 
     def prompt(tokenizer, *argv):

@@ -30,7 +30,7 @@ def save_base_like(path):
     """A stand-in for an untrained base model: it answers <|im_end|> at every step, while its tokenizer's eos,
     config and generation config name <|endoftext|> (as Qwen2.5 base models do). Only a stop at the chat
     template's end-of-turn token ends its answer after one token; without it, it runs to max_tokens."""
-    path = tiny.save_tiny(path)
+    path = demo.save_tiny(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

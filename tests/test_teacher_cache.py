@@ -140,8 +140,8 @@ def test_a_failed_write_marks_nothing_and_the_rerun_is_byte_identical(built, mat
 
 def test_heads_the_cache_cannot_reproduce_and_bad_flush_groups_are_refused(math16, tok, tmp_path):
     with pytest.raises(ValueError, match="must be >= 1"):
-        tc.build(tiny.make_model(tok), math16, tmp_path / "a", k=K, flush_every=0)
-    biased = tiny.make_model(tok)
+        tc.build(demo.make_model(tok), math16, tmp_path / "a", k=K, flush_every=0)
+    biased = demo.make_model(tok)
     biased.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
     with pytest.raises(ValueError, match="lm_head has a bias"):
         tc.build(biased, math16, tmp_path / "b", k=K)
