@@ -292,7 +292,7 @@ def train(out, name, model, split, steps, lr, loss_args, seed=0, cache=None):
              *([cache_flag, cache] if cache else []), "--out", run_dir,
              "--max-steps", steps, "--epochs", -(-steps * BATCH // samples), "--lr", lr, "--seed", seed,
              "--global-batch-size", BATCH, "--micro-batch-size", MICRO_BATCH, "--dtype", "fp32",
-             "--no-activation-checkpointing", "--save-every", 25, "--keep", 1, "--resume"])
+             "--save-every", 25, "--keep", 1, "--resume"])
     return run_dir
 
 
