@@ -1,6 +1,6 @@
 """TARGET-SFT end to end on one CPU in minutes, with no downloads: a toy world, the real scripts, the mechanism.
 
-    python demo.py                       # the whole pipeline into runs/demo (4-5 minutes on 2 CPU cores)
+    python demo.py                       # the whole pipeline into runs/demo (3-4 minutes on 2 CPU cores)
     python demo.py --quick               # a smaller world and n=4: CI's end-to-end check
     python demo.py --seeds 3 --losses "target --eta 1.0,beyond-log"   # mean ± std, and more rows
 
@@ -305,12 +305,14 @@ def build_cache(out, teacher, name):
 
 
 def evaluate(out, name, model, world, backend):
-    """Average@n on both held-out splits in one eval.py call (one engine start)."""
+    """Average@n on both held-out splits in one eval.py call (one engine start). --protocol strict prompts as
+    the toy world trains (data.py's system prompt, the bare question); the paper's harness prompt is Qwen's."""
     result = out / "eval" / name / "results.json"
     if not (result.is_file() and set(json.loads(result.read_text())["benchmarks"]) == set(SPLITS)):
         run(["eval.py", "--model", model, "--benchmarks",
              ",".join(f"{split}={shown(out / 'world' / f'{split}.jsonl')}" for split in SPLITS),
-             "--n", world["n"], "--max-tokens", world["max_tokens"], "--backend", backend, "--workers", 2,
+             "--protocol", "strict", "--n", world["n"], "--max-tokens", world["max_tokens"], "--backend", backend,
+             "--workers", 2,
              "--out", result.parent, *(["--enforce-eager"] if backend == "vllm" else [])])
     return json.loads(result.read_text())
 
