@@ -11,12 +11,14 @@
     python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
     python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache (GPU)
     python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
+    python bench.py demo                      # `python demo.py` at its defaults into a fresh folder, timed
 """
 import argparse
 import importlib.util
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -390,6 +392,25 @@ def step_cost(plan, lengths, padded):
                for slot in range(len(plan[0])))
 
 
+def bench_demo(args):
+    """The default demo end to end into a fresh folder: wall time, and the seconds of each script it ran (from
+    the `[N s: SCRIPT]` line it prints after each command)."""
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        output = subprocess.run([sys.executable, "demo.py", "--out", out, *args.demo_args], check=True,
+                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+        wall = time.perf_counter() - started
+    seconds = {}
+    for script, took in ((m.group(2), float(m.group(1))) for m in re.finditer(r"^\[(\d+) s: (\S+)\]$", output, re.M)):
+        seconds.setdefault(script, []).append(took)
+    print(f"python demo.py {' '.join(args.demo_args)}: {wall:.0f} s wall ({os.cpu_count()} cores, "
+          f"torch {torch.__version__})")
+    for script, took in seconds.items():
+        print(f"  {script:18} {len(took):>2} runs {sum(took):6.0f} s ({min(took):.0f}-{max(took):.0f} s each)")
+    print(f"  {'in demo.py itself':18} {'':>7} {wall - sum(map(sum, seconds.values())):6.0f} s "
+          "(the world, the analysis forwards, the figures)")
+
+
 def bench_batching(args):
     rng = np.random.default_rng(args.seed)
     print(f"{args.steps} steps of {args.global_batch_size} samples, max-len {args.max_len}; fixed: "
@@ -522,6 +543,9 @@ def main():
     layout.add_argument("--layers", type=int, default=4)
     layout.add_argument("--repeats", type=int, default=3)
     layout.set_defaults(run=bench_layout)
+    demo_cmd = commands.add_parser("demo", help="python demo.py at its defaults, timed")
+    demo_cmd.add_argument("demo_args", nargs="*", help="extra demo.py arguments, e.g. -- --seeds 3")
+    demo_cmd.set_defaults(run=bench_demo)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
     gpu.set_defaults(run=bench_gpu)
