@@ -7,8 +7,14 @@ The paper's TARGET-SFT run (Qwen2.5-Math-1.5B on NuminaMath-CoT 67k, teacher Qwe
     torchrun --nproc_per_node 8 train.py --loss target --eta 0.5 --model Qwen/Qwen2.5-Math-1.5B \\
         --data numina67k --teacher-cache cache/numina67k-top64 --out runs/target
 
-Baselines: --loss sft, --loss dft, --loss distill --c 0.8 (Table 1); others: see loss.RULES. `python train.py ...`
-runs the same code in one process, CPU included (gloo). --resume continues the last checkpoint in --out.
+Baselines: --loss sft, --loss dft, --loss distill --c 0.8 (Table 1); others: see loss.RULES, e.g.
+
+    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B --data numina67k --out cache/numina67k-ref
+    torchrun --nproc_per_node 8 train.py --loss psft --ref-cache cache/numina67k-ref ...   # pi_old: the start
+    torchrun --nproc_per_node 8 train.py --loss weighted --data mine.jsonl ...   # rows carry weight / weight_spans
+
+`python train.py ...` runs the same code in one process, CPU included (gloo); `python demo.py` runs it all on a
+toy world. --resume continues the last checkpoint in --out.
 """
 import argparse
 import dataclasses
