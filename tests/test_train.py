@@ -62,7 +62,10 @@ def run(args, nproc=1):
 def run_in_process(args, monkeypatch):
     """train.py in this process (no interpreter start-up): for the many quick runs."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # set, then deleted: pytest records the key either way, so what train.py sets (a world of one on a free
+        # port) is undone after the test instead of leaking into later subprocesses' environments
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setattr(sys, "argv", [TRAIN, *args])
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # train.py installs its error reporter: undone after
     try:
