@@ -491,16 +491,16 @@ def pad_batch(data, sample_ids):
     input_ids = torch.zeros(len(sample_ids), width, dtype=torch.long)
     attention_mask = torch.zeros(len(sample_ids), width, dtype=torch.long)
     labels = torch.full((len(sample_ids), width), IGNORE_INDEX, dtype=torch.long)
-    token_weights = torch.zeros(len(sample_ids), width)
+    token_weights = None if data.weights is None else torch.zeros(len(sample_ids), width)
     for row, i in enumerate(sample_ids):
         n = len(data.input_ids(i))
         input_ids[row, :n] = torch.from_numpy(np.asarray(data.input_ids(i), dtype=np.int64))
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.from_numpy(data.labels(i))
-        if data.weights is not None:
+        if token_weights is not None:
             token_weights[row, :n] = torch.from_numpy(data.label_weights(i))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            **({} if data.weights is None else {"token_weights": token_weights}), "sample_ids": list(sample_ids)}
+            **({} if token_weights is None else {"token_weights": token_weights}), "sample_ids": list(sample_ids)}
 
 
 def micro_batch_cost(lengths, padded):

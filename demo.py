@@ -338,14 +338,12 @@ def label_probs(model_dir, tokens, path):
     return np.load(path)
 
 
-QUADRANTS = ("Q1 rescue", "Q2 filter", "Q3 both high", "Q4 student high")
+QUADRANTS = ("Q1 rescue", "Q2 filter", "Q3 both high", "Q4 student high")  # loss.QUADRANTS, as printed
 
 
 def quadrant_of(p_student, p_teacher):
-    """Figure 4's quadrant index per token: Q1 rescue (p_T high, p_theta low), Q2 filter (both low),
-    Q3 (both high), Q4 (p_theta high, p_T low)."""
-    student_high, teacher_high = p_student >= THRESHOLD, p_teacher >= THRESHOLD
-    return np.where(teacher_high, np.where(student_high, 2, 0), np.where(student_high, 3, 1))
+    """Figure 4's quadrant index per token, as train.py logs it (loss.quadrant)."""
+    return qloss.quadrant(torch.as_tensor(p_student), torch.as_tensor(p_teacher), THRESHOLD).numpy()
 
 
 def quadrants(p_student, p_teacher):

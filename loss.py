@@ -257,13 +257,20 @@ def accumulate(stats, **sums):
         stats[key] = stats.get(key, 0) + value.detach().double().sum()
 
 
-def quadrant_sums(stats, p_student, p_teacher, threshold):
-    """Figure 4's regimes on the observed token: Q1 rescue (teacher high, student low), Q2 filter (both low),
-    Q3 both high, Q4 student high, teacher low; plus the teacher's mean label probability."""
+QUADRANTS = ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")
+
+
+def quadrant(p_student, p_teacher, threshold):
+    """Figure 4's regime of each observed token, an index into QUADRANTS: Q1 rescue (teacher high, student
+    low), Q2 filter (both low), Q3 both high, Q4 student high, teacher low."""
     student_high, teacher_high = p_student >= threshold, p_teacher >= threshold
-    accumulate(stats, p_teacher_label=p_teacher, q1_rescue=teacher_high & ~student_high,
-               q2_filter=~teacher_high & ~student_high, q3_both_high=teacher_high & student_high,
-               q4_student_high=student_high & ~teacher_high)
+    return torch.where(teacher_high, torch.where(student_high, 2, 0), torch.where(student_high, 3, 1))
+
+
+def quadrant_sums(stats, p_student, p_teacher, threshold):
+    """The tokens in each of Figure 4's quadrants, and the teacher's label probability."""
+    index = quadrant(p_student, p_teacher, threshold)
+    accumulate(stats, p_teacher_label=p_teacher, **{name: index == k for k, name in enumerate(QUADRANTS)})
 
 
 class ChunkedQTargetLoss(torch.autograd.Function):
@@ -421,6 +428,20 @@ def induced_target(loss_fn, logits, labels):
     return z.detach().softmax(-1) - grad
 
 
+def dense_residual(q: Target, p):
+    """A rule's residual on the whole vocabulary, shaped like p (zeros for the self-residual)."""
+    if q.res is None:
+        return torch.zeros_like(p)
+    return q.res.expand_as(p) if q.res_ids is None else torch.zeros_like(p).scatter_add(1, q.res_ids, q.res)
+
+
+def rule_target(q: Target, z, y):
+    """Eq. 6 read off a rule: Q = p - dloss/dz = a onehot(y) + b res + (1 - a - b) p."""
+    p = z.softmax(-1)
+    onehot = torch.nn.functional.one_hot(y, z.shape[-1]).to(z.dtype)
+    return q.a[:, None] * onehot + q.b[:, None] * dense_residual(q, p) + (1 - q.a - q.b)[:, None] * p
+
+
 # ----------------------------------------------------------------------------------------------------
 # `python loss.py`: Table 5 computed on a worked example; `--plot FILE.png`: Figure 3 for every variant
 
@@ -449,12 +470,7 @@ def induced_and_rule_targets(loss, z, y):
     induced = induced_target(lambda logits, labels: reference_q_target_loss(
         logits, labels, *side, loss=loss, normalizer=1, **hyper), z, y)
     q = RULES[loss](z, z.logsumexp(-1), y, side, **hyper)
-    p = z.softmax(-1)
-    residual = torch.zeros_like(p) if q.res is None else (
-        q.res.expand_as(p) if q.res_ids is None else torch.zeros_like(p).scatter_add(1, q.res_ids, q.res))
-    onehot = torch.nn.functional.one_hot(y, z.shape[-1]).to(z.dtype)
-    rule = q.a[:, None] * onehot + q.b[:, None] * residual + (1 - q.a - q.b)[:, None] * p
-    return induced, rule, q, residual
+    return induced, rule_target(q, z, y), q
 
 
 def print_table5():
@@ -472,7 +488,8 @@ def print_table5():
     print(f"{'variant':<11}{'gamma':>6}{'a+b':>6}  {'residual (top 3)':<26}"
           f"{'Q = p - dl/dz (Eq. 6, autograd through Table 4)':<64}rule")
     for loss in [name for name in RULES if name != "p"]:
-        induced, rule, q, residual = induced_and_rule_targets(loss, z, y)
+        induced, rule, q = induced_and_rule_targets(loss, z, y)
+        residual = dense_residual(q, induced)
         error = float((induced - rule).abs().max())
         assert error < 1e-9, (loss, error)
         if q.res is None:
@@ -509,7 +526,7 @@ def plot_figure3(path):
     rows = math.ceil(len(losses) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), sharex=True, sharey=True)
     for ax, loss in zip(axes.flat, losses):
-        induced, rule, _, _ = induced_and_rule_targets(loss, z, y)
+        induced, rule, _ = induced_and_rule_targets(loss, z, y)
         assert float((induced - rule).abs().max()) < 1e-9
         ax.plot(p_y, induced[:, LABEL], color="C0", label=f"Q(y = {TOKENS[LABEL]!r})")
         ax.plot(p_y, induced[:, OTHER], color="C1", label=f"Q(k = {TOKENS[OTHER]!r})")

@@ -70,7 +70,7 @@ parser.add_argument("--eps", type=float, default=None, help="psft: clip range 1 
 parser.add_argument("--quadrant-threshold", type=float, default=0.5, help="with a cache: p_theta(y) and p_T(y) at "
                     "or above it count as high in the logged Figure 4 quadrant shares")
 parser.add_argument("--loss-chunk-size", type=int, default=None, help="rows per chunk of the loss (default: sized "
-                    "from free device memory)")
+                    "from the device's memory, loss.default_chunk_size)")
 parser.add_argument("--lr", type=float, default=5e-5)
 parser.add_argument("--warmup-ratio", type=float, default=0.1)
 parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -207,10 +207,10 @@ def plot_metrics(metrics_path, png_path):
         ("loss (nats / label token)", ("loss",)),
         ("grad norm (L2, all parameters)", ("grad_norm",)),
         ("learning rate", ("lr",)),
-        ("mean p(label) (probability)", ("p_label", "p_teacher_label")),
+        ("mean p(label) (probability)", ("p_label", "p_teacher_label", "p_ref_label")),
         ("mean trust γ and residual weight b (Table 5)", ("trust", "residual")),
         ("label in the teacher's top-k (share)", ("in_topk",)),
-        ("Q quadrants (share of labels)", ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")),
+        ("Q quadrants (share of labels)", qloss.QUADRANTS),
         ("balance", ("balance",)),
         ("throughput (tokens / s)", ("tokens_per_s",)),
         ("MFU (share of peak)", ("mfu",)),
@@ -427,13 +427,14 @@ prepare_next = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
 
-# the step's means of loss.py's statistics; with a teacher cache, Figure 4's quadrants of (p_theta(y), p_T(y)) too
-# (a reference cache's label probability is the starting model's: logged as p_ref_label, with no quadrants)
-logged = ("p_label", "trust", "residual") + (
-    () if cache is None else ("in_topk", "p_teacher_label") if args.loss in qloss.REFERENCE_LOSSES else
-    ("in_topk", "p_teacher_label", "q1_rescue", "q2_filter", "q3_both_high", "q4_student_high"))
-metric_names = {key: "p_ref_label" if key == "p_teacher_label" and args.loss in qloss.REFERENCE_LOSSES else key
-                for key in logged}
+# loss.py's statistics whose step means are logged, and their names in metrics.jsonl; with a teacher cache,
+# Figure 4's quadrants of (p_theta(y), p_T(y)) too (a reference cache's label probability is the starting
+# model's: logged as p_ref_label, with no quadrants)
+logged = {key: key for key in ("p_label", "trust", "residual")}
+if cache is not None and args.loss in qloss.REFERENCE_LOSSES:
+    logged.update(in_topk="in_topk", p_teacher_label="p_ref_label")
+elif cache is not None:
+    logged.update({key: key for key in ("in_topk", "p_teacher_label", *qloss.QUADRANTS)})
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 while step < stop:
@@ -494,7 +495,7 @@ while step < stop:
     metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
                "tokens_per_s": all_tokens / elapsed, "seconds": elapsed, "tflops": flops / elapsed / world_size / 1e12,
                "balance": data.balance(plan, lengths, layout == "padded")}
-    metrics.update({metric_names[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
+    metrics.update({logged[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
     if device_type == "cuda":

@@ -144,14 +144,6 @@ def token_losses(variant, *side, **kw):
     return lambda z, y: L.reference_q_target_loss(z, y, *side, loss=variant, normalizer=1, **kw)
 
 
-def dense_residual(q, shape):
-    if q.res is None:
-        return torch.zeros(shape, dtype=torch.float64)
-    if q.res_ids is None:
-        return q.res.expand(shape)
-    return torch.zeros(shape, dtype=q.res.dtype).scatter_add(1, q.res_ids, q.res)
-
-
 def lens_inputs(seed):
     """Float64 logits and the side inputs of the labelled rows, for the Eq. 6 checks."""
     _, _, labels, t_ids, t_logp, t_label, weights = make_batch(seed=seed)
@@ -166,11 +158,8 @@ def test_induced_target_equals_the_rule(variant):
     z, y, side = lens_inputs(seed=13)
     induced = L.induced_target(token_losses(variant, *side), z, y)
     q = L.RULES[variant](z, z.logsumexp(-1), y, side, **L.variant_hyperparameters(variant))
-    p = z.softmax(-1)
-    onehot = F.one_hot(y, V).double()
     # Q = p - g with g = (a + b) p - a onehot - b res
-    rule_target = q.a[:, None] * onehot + q.b[:, None] * dense_residual(q, p.shape) + (1 - q.a - q.b)[:, None] * p
-    torch.testing.assert_close(induced, rule_target, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(induced, L.rule_target(q, z, y), rtol=1e-9, atol=1e-12)
 
 
 def test_eq13_sft_induces_the_one_hot():
@@ -214,7 +203,7 @@ def test_table5_trust_after_removing_the_scale(variant, gamma):
     normalised = p + (induced - p) / scale[:, None]  # the target of loss_t / s_t is p - g_t / s_t
     p_y = p.gather(1, y[:, None]).squeeze(1)
     expected_gamma = gamma(p_y, side)
-    residual = p if q.res is None else dense_residual(q, p.shape)
+    residual = p if q.res is None else L.dense_residual(q, p)
     expected = expected_gamma[:, None] * F.one_hot(y, V).double() + (1 - expected_gamma)[:, None] * residual
     torch.testing.assert_close(normalised, expected, rtol=1e-9, atol=1e-12)
 
