@@ -522,4 +522,5 @@ if step == total_steps:
     if rank == 0:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png")
         print(f"done: {out / 'hf'} (transformers / vLLM), {out / 'metrics.png'}")
+dist.barrier()  # every rank tears gloo/NCCL down together, none while rank 0 is still plotting
 dist.destroy_process_group()
