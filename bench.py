@@ -7,6 +7,8 @@
     python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
     python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
+    python bench.py train --layers 2 --vocab 8192 --micro-batch-size 2 --accumulation 1 --samples 8 \
+        --checkpointing both                  # on a CPU: activation memory at the 1.5B width, +-checkpointing
     python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
     python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
     python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache (GPU)
@@ -312,7 +314,9 @@ def write_random_model(path, shape):
 
 def bench_train(args):
     shape = dict(QWEN25_15B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=4096) if args.tiny else QWEN25_15B
+                 vocab_size=4096) if args.tiny else dict(QWEN25_15B)
+    shape.update({key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab))
+                  if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     write_random_model(work / "model", shape)
     words = MATH16.read_text().split()
@@ -325,7 +329,7 @@ def bench_train(args):
                     str(work / "cache"), *common], check=True)
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
           f"{args.samples} samples of {args.seq_len} tokens, micro-batch {args.micro_batch_size}")
-    rows = []
+    rows, peaks = [], {}
     for checkpointing in ([False, True] if args.checkpointing == "both" else [args.checkpointing == "on"]):
         step_seconds = {}
         for variant in ("sft", "target"):
@@ -339,7 +343,7 @@ def bench_train(args):
             step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
             tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
             mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
-            peak = max(s.get("peak_gib", float("nan")) for s in steps)
+            peak = peaks[variant, checkpointing] = max(s["peak_gib"] for s in steps)
             case = f"{variant}, checkpointing {'on' if checkpointing else 'off'}"
             print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  peak {peak:6.1f} GiB  "
                   f"step {step_seconds[variant]:.2f} s")
@@ -348,6 +352,12 @@ def bench_train(args):
         print(f"target / sft step time: {ratio:.3f}")
         rows.append(("train", f"target / sft, checkpointing {'on' if checkpointing else 'off'}",
                      f"{ratio:.3f}x the step time"))
+    if args.checkpointing == "both":  # of L layers, checkpointing keeps the inputs of L and recomputes one in full
+        for variant in ("sft", "target"):
+            saved = peaks[variant, False] - peaks[variant, True]
+            per_token = saved * 2**30 / (args.micro_batch_size * args.seq_len) / 1024
+            print(f"{variant}: checkpointing saves {saved:.2f} GiB, {per_token:.1f} KiB per micro-batch token")
+            rows.append(("train", f"{variant}, checkpointing saves", f"{saved:.2f} GiB, {per_token:.1f} KiB a token"))
     return rows
 
 
@@ -364,7 +374,7 @@ def bench_gpu(args):
     rows = bench_loss(namespace(paper=not args.tiny, tiny=args.tiny, variants="sft,dft,target", repeats=3,
                                 liger=importlib.util.find_spec("liger_kernel") is not None))
     rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=3,
-                                  micro_batch_size=4, accumulation=2, checkpointing="both"))
+                                  micro_batch_size=4, accumulation=2, checkpointing="both", layers=None, vocab=None))
     rows += bench_layout(namespace(lengths="1400,1100,900,700", hidden=128 if args.tiny else 1536,
                                    layers=2 if args.tiny else 28, repeats=3))
     rows += bench_cache(namespace(repeat=1 if args.tiny else 16, batch_tokens=2048 if args.tiny else 16384, k=64,
@@ -521,6 +531,8 @@ def main():
     train = commands.add_parser("train", help="train.py tokens/s and MFU, target vs sft")
     train.add_argument("--tiny", action="store_true", help="a tiny model, to check the script on a CPU")
     train.add_argument("--seq-len", type=int, default=3072)
+    train.add_argument("--layers", type=int, help="fewer layers of the 1.5B shape (e.g. 2 on a CPU)")
+    train.add_argument("--vocab", type=int, help="a smaller vocabulary than Qwen2.5's 151936")
     train.add_argument("--samples", type=int, default=64)
     train.add_argument("--steps", type=int, default=4)
     train.add_argument("--micro-batch-size", type=int, default=4)

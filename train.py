@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import shutil
 import socket
 import time
@@ -498,8 +499,8 @@ while step < stop:
     metrics.update({logged[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
-    if device_type == "cuda":
-        metrics["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    metrics["peak_gib"] = (torch.cuda.max_memory_allocated() if device_type == "cuda"  # on CPU: the peak RSS
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")

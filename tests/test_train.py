@@ -345,6 +345,15 @@ def test_model_flops_charge_the_lm_head_to_label_tokens_only(setup, one_process)
         assert step["tflops"] * 1e12 * step["seconds"] == pytest.approx(flops, rel=1e-9)
 
 
+def test_peak_memory_is_logged_on_cpu_as_the_processs_peak_rss(one_process):
+    """On a CPU, peak_gib is ru_maxrss (KiB on Linux): a running torch process holds hundreds of MiB, and less
+    than the machine's memory; a peak never falls."""
+    machine_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    peaks = [step["peak_gib"] for step in one_process]
+    assert peaks == sorted(peaks)
+    assert 0.1 < peaks[0] and peaks[-1] < machine_gib
+
+
 def test_token_budget_below_the_max_length_is_refused_and_out_of_memory_names_the_budget(setup, monkeypatch,
                                                                                          capsys):
     with pytest.raises(ValueError, match="--micro-batch-tokens 200 is less than the max length 256"):
