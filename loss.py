@@ -315,6 +315,8 @@ class ChunkedQTargetLoss(torch.autograd.Function):
                     grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary per chunk
                 elif want_weight:
                     grad_weight += grad.T @ h  # a [V, H] bf16 product per chunk, summed over chunks in fp32
+                del grad, scaled
+            del exp_z, q  # before the next chunk's logits (and GEM's dense residual): not two chunks' at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.used = weight.dtype, False
         return total / normalizer
