@@ -55,7 +55,7 @@ def loss_inputs(n, h, v, k, dtype, device, seed=0):
 
 
 def loss_step(impl, variant, hidden, weight, labels, *side):
-    """One forward and backward; returns nothing, leaves .grad on hidden and weight."""
+    """One forward and backward ("matmuls": its three products alone); leaves .grad on hidden and weight."""
     hidden.grad = weight.grad = None
     if impl == "chunked":
         value = L.q_target_loss(hidden, weight, labels, *side, loss=variant)
@@ -63,11 +63,13 @@ def loss_step(impl, variant, hidden, weight, labels, *side):
         value = L.reference_q_target_loss(hidden @ weight.T, labels, *side, loss=variant)
     elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        value = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
-    elif impl == "matmuls":  # the three unavoidable matmuls: logits, grad_hidden, grad_weight
+        labelled = labels != -100  # given the labelled rows only, like the chunked loss, and an fp32 grad_weight
+        value = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)(weight, hidden[labelled], labels[labelled])
+    elif impl == "matmuls":  # the three unavoidable matmuls on the labelled rows: logits, grad_hidden, grad_weight
         with torch.no_grad():
-            logits = hidden @ weight.T
-            hidden.grad, weight.grad = logits @ weight, logits.T @ hidden
+            labelled = hidden[labels != -100]
+            logits = labelled @ weight.T
+            grad_hidden, grad_weight = logits @ weight, logits.T @ labelled  # timed, not kept
         return
     value.backward()
 
@@ -250,8 +252,8 @@ def bench_cache(args):
         print(f"vocab {vocab:>6}: teacher_rows {micro_labels / read:>9.0f} label tok/s | training step (fwd+bwd+"
               f"AdamW, micro-batch {args.micro_batch_size}) {micro_labels / train:>9.0f} label tok/s | "
               f"reader/train {train / read:.0f}x")
-        print(json.dumps({"vocab": vocab, "bytes_per_token": 4 * args.k,
-                          "cache_bytes": (work / f"cache-{vocab}" / "topk.npy").stat().st_size}))
+        cache_bytes = sum(f.stat().st_size for f in (work / f"cache-{vocab}").rglob("*") if f.is_file())
+        print(f"vocab {vocab:>6}: the cache holds {cache_bytes / labels:.1f} bytes per label token")
     return rows
 
 
@@ -343,11 +345,12 @@ def bench_train(args):
             step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
             tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
             mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
-            peak = peaks[variant, checkpointing] = max(s["peak_gib"] for s in steps)
+            peak = max(s["peak_gib"] for s in steps)
+            peaks[variant, checkpointing] = max(s["peak_fwd_bwd_gib"] for s in steps)  # before the update
             case = f"{variant}, checkpointing {'on' if checkpointing else 'off'}"
-            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  peak {peak:6.1f} GiB  "
-                  f"step {step_seconds[variant]:.2f} s")
-            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB"))
+            memory = f"peak {peak:.1f} GiB ({peaks[variant, checkpointing]:.1f} before the update)"
+            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  step {step_seconds[variant]:.2f} s")
+            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, {memory}"))
         ratio = step_seconds["target"] / step_seconds["sft"]
         print(f"target / sft step time: {ratio:.3f}")
         rows.append(("train", f"target / sft, checkpointing {'on' if checkpointing else 'off'}",
@@ -373,7 +376,9 @@ def bench_gpu(args):
     namespace = argparse.Namespace
     rows = bench_loss(namespace(paper=not args.tiny, tiny=args.tiny, variants="sft,dft,target", repeats=3,
                                 liger=importlib.util.find_spec("liger_kernel") is not None))
-    rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=3,
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the naive loss's ~30 GB stays cached otherwise, while train.py runs beside it
+    rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=5,
                                   micro_batch_size=4, accumulation=2, checkpointing="both", layers=None, vocab=None))
     rows += bench_layout(namespace(lengths="1400,1100,900,700", hidden=128 if args.tiny else 1536,
                                    layers=2 if args.tiny else 28, repeats=3))
