@@ -22,7 +22,7 @@ import importlib.util
 import json
 import math
 import os
-import resource
+import re
 import shutil
 import socket
 import time
@@ -271,6 +271,26 @@ def to_device(value):
     return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
 
 
+PROC = Path("/proc/self")  # Linux: where a CPU run reads and resets its peak RSS
+
+
+def reset_peak_memory():
+    """Each step's peak is its own, not the run's so far."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif (PROC / "clear_refs").exists():
+        (PROC / "clear_refs").write_text("5")  # the peak RSS restarts from the current RSS
+
+
+def peak_memory_gib():
+    """Peak memory since reset_peak_memory: the allocator's on a GPU, the process's RSS on a Linux CPU."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    if (PROC / "clear_refs").exists():
+        return int(re.search(r"VmHWM:\s*(\d+) kB", (PROC / "status").read_text())[1]) / 2**20
+    return None
+
+
 def load_pretrained(model):
     """Rank 0 reads the weights once and broadcasts them into every rank's shards: host RAM holds one full
     fp32 copy, not one per GPU (8 x 30 GB at 7B)."""
@@ -450,6 +470,7 @@ while step < stop:
     step_stats = dict.fromkeys(logged, 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     micro_batches = plan[rank]
+    reset_peak_memory()
     upcoming = prepare_next.submit(prepare, micro_batches[0])
     try:
         for j in range(len(micro_batches)):
@@ -473,6 +494,7 @@ while step < stop:
                         else ("--micro-batch-tokens", str(args.micro_batch_tokens)))
         raise SystemExit(f"out of memory at step {step + 1} with {flag} {budget}: try a smaller {flag}" +
                          ("" if args.activation_checkpointing else " or --activation-checkpointing")) from e
+    peak_fwd_bwd = peak_memory_gib()  # what --micro-batch-tokens and --activation-checkpointing govern
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
@@ -499,8 +521,8 @@ while step < stop:
     metrics.update({logged[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
-    metrics["peak_gib"] = (torch.cuda.max_memory_allocated() if device_type == "cuda"  # on CPU: the peak RSS
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    if peak_fwd_bwd is not None:  # the step's peak, and its peak before the optimizer's update
+        metrics.update(peak_gib=peak_memory_gib(), peak_fwd_bwd_gib=peak_fwd_bwd)
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
