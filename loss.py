@@ -239,9 +239,11 @@ def logit_gradient_(exp_z, sum_exp, y, q: Target):
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
     """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits; their exp, turned in place into the
     gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the
-    GPU's memory, at most 4 GiB, and 256 MiB on CPU, where a larger chunk buys no speed. Read off the device's
-    total, not its free memory: the chunks, and so the summation order, are the same at every step and resume."""
-    budget = (min(torch.cuda.get_device_properties(device).total_memory // 16, 4 * 2**30)
+    GPU's memory, at most 2 GiB, and 256 MiB on CPU, where a larger chunk buys no speed. At V = 151936, 2 GiB is
+    ~700 rows: each chunk's three matmuls are still ~1 TFLOP, and a chunk (~0.9 GB) with the fp32 grad_weight
+    (0.9 GB at H = 1536) stays under a tenth of the naive loss's ~30 GB at N = 16384. Read off the device's total, not its free memory: the
+    chunks, and so the summation order, are the same at every step and resume."""
+    budget = (min(torch.cuda.get_device_properties(device).total_memory // 16, 2 * 2**30)
               if device.type == "cuda" else 2**28)
     return max(1, min(num_rows, budget // (20 * vocab_size)))
 

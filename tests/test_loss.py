@@ -1,6 +1,7 @@
 """loss.py against independent references: autograd through Table 4 in float64, torch's own cross-entropy,
 the paper's closed forms (Eq. 13, 16) and Table 5's (gamma, residual) read back through Eq. 6."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -349,6 +350,15 @@ def test_default_chunk_size_bounds_memory():
     assert L.default_chunk_size(16384, 151936) == 2**28 // (20 * 151936)
     assert L.default_chunk_size(100, 1000) == 100  # everything fits: one chunk
     assert L.default_chunk_size(0, 100) == 1
+
+
+@pytest.mark.parametrize("gpu_bytes, budget", [(143_771 * 2**20, 2 * 2**30), (24 * 2**30, 24 * 2**30 // 16)])
+def test_default_chunk_size_on_a_gpu_is_a_sixteenth_of_its_memory_at_most_2_gib(monkeypatch, gpu_bytes, budget):
+    """An H200 (143,771 MiB) gets the 2 GiB cap, ~700 rows at Qwen2.5's vocabulary; a 24 GiB card its sixteenth."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gpu_bytes))
+    rows = L.default_chunk_size(16384, 151936, torch.device("cuda", 0))
+    assert rows == budget // (20 * 151936)
+    assert rows * 151936 * 20 <= budget < (rows + 1) * 151936 * 20
 
 
 @pytest.mark.parametrize("kwargs, message", [
