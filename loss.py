@@ -206,11 +206,16 @@ def check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprob
 # ----------------------------------------------------------------------------------------------------
 # The chunked, exact loss
 
+def matmul_writes_fp32(hidden, weight):
+    """Under bf16 on CUDA the matmul writes fp32 logits itself (torch >= 2.8): no upcast of the inputs."""
+    return hidden.is_cuda and hidden.dtype == weight.dtype == torch.bfloat16
+
+
 def logits_fp32(hidden, weight):
-    """fp32 logits h W^T. Under bf16 on CUDA the matmul writes fp32 directly (torch >= 2.8; no bf16 rounding of
-    logits of 12-30, which would move a renormalised top-64 probability by up to 1e-2); elsewhere the inputs
-    are upcast (a no-op for fp32 ones)."""
-    if hidden.is_cuda and hidden.dtype == weight.dtype == torch.bfloat16:
+    """fp32 logits h W^T. Under bf16 on CUDA the matmul writes fp32 directly (no bf16 rounding of logits of
+    12-30, which would move a renormalised top-64 probability by up to 1e-2); elsewhere the inputs are upcast
+    (a no-op for fp32 ones)."""
+    if matmul_writes_fp32(hidden, weight):
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when checking in fp64
     return hidden.to(acc_dtype) @ weight.to(acc_dtype).T
@@ -241,8 +246,8 @@ def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
     gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the
     GPU's memory, at most 2 GiB, and 256 MiB on CPU, where a larger chunk buys no speed. At V = 151936, 2 GiB is
     ~700 rows: each chunk's three matmuls are still ~1 TFLOP, and a chunk (~0.9 GB) with the fp32 grad_weight
-    (0.9 GB at H = 1536) stays under a tenth of the naive loss's ~30 GB at N = 16384. Read off the device's total, not its free memory: the
-    chunks, and so the summation order, are the same at every step and resume."""
+    (0.9 GB at H = 1536) stays under a tenth of the naive loss's ~30 GB at N = 16384. Read off the device's
+    total, not its free memory: the chunks, and so the summation order, are the same at every step and resume."""
     budget = (min(torch.cuda.get_device_properties(device).total_memory // 16, 2 * 2**30)
               if device.type == "cuda" else 2**28)
     return max(1, min(num_rows, budget // (20 * vocab_size)))
@@ -288,7 +293,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
         # the head the logits are computed with: upcast once here, unless the matmul itself writes fp32 (CUDA)
-        head = weight if hidden.is_cuda and weight.dtype == torch.bfloat16 else weight.to(acc_dtype)
+        head = weight if matmul_writes_fp32(hidden, weight) else weight.to(acc_dtype)
         for chunk in rows.split(chunk_size):
             h, y = hidden[chunk], labels[chunk]
             chunk_side = side.rows(chunk, acc_dtype)

@@ -108,9 +108,15 @@ class TeacherCache:
         return len(self.offsets) - 1
 
     def __getitem__(self, i):
-        rows = slice(self.offsets[i], self.offsets[i + 1])
-        return *unpack_topk(torch.from_numpy(np.array(self.packed[rows]))), torch.from_numpy(
-            np.array(self.label_logprobs[rows]))
+        return self.rows([i])
+
+    def rows(self, sample_ids, device="cpu"):
+        """(ids [n, k] long, logprobs [n, k] float32, label_logprobs [n] float32) of these samples' label
+        positions, in order."""
+        spans = [slice(self.offsets[i], self.offsets[i + 1]) for i in sample_ids]
+        packed = torch.from_numpy(np.concatenate([self.packed[s] for s in spans])).to(device)
+        label_logprobs = torch.from_numpy(np.concatenate([self.label_logprobs[s] for s in spans])).to(device)
+        return *unpack_topk(packed), label_logprobs
 
     def check_matches(self, data):
         """Refuse a cache built on other token ids: the rows would silently belong to other tokens."""
@@ -130,14 +136,12 @@ def teacher_rows(cache, batch, device):
     """(ids [n, k] long, logprobs [n, k] float32, label_logprobs [n] float32) for the batch's label positions,
     in the order of `batch["labels"].view(-1) != -100` (packed or padded: samples in order, label positions
     in order)."""
-    spans = [slice(cache.offsets[i], cache.offsets[i + 1]) for i in batch["sample_ids"]]
     n = int((batch["labels"] != data_lib.IGNORE_INDEX).sum())
-    if sum(s.stop - s.start for s in spans) != n:
-        raise ValueError(f"the batch has {n} label positions, the cache {sum(s.stop - s.start for s in spans)} "
-                         "for its samples; the batch was not built from the data this cache was checked against")
-    packed = torch.from_numpy(np.concatenate([cache.packed[s] for s in spans])).to(device)
-    label_logprobs = torch.from_numpy(np.concatenate([cache.label_logprobs[s] for s in spans])).to(device)
-    return *unpack_topk(packed), label_logprobs
+    cached = int(sum(cache.offsets[i + 1] - cache.offsets[i] for i in batch["sample_ids"]))
+    if cached != n:
+        raise ValueError(f"the batch has {n} label positions, the cache {cached} for its samples; the batch was "
+                         "not built from the data this cache was checked against")
+    return cache.rows(batch["sample_ids"], device)
 
 
 def fixed_batches(data, batch_tokens):
