@@ -349,7 +349,8 @@ def bench_train(args):
             peaks[variant, checkpointing] = max(s["peak_fwd_bwd_gib"] for s in steps)  # before the update
             case = f"{variant}, checkpointing {'on' if checkpointing else 'off'}"
             memory = f"peak {peak:.1f} GiB ({peaks[variant, checkpointing]:.1f} before the update)"
-            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  step {step_seconds[variant]:.2f} s")
+            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  "
+                  f"step {step_seconds[variant]:.2f} s")
             rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, {memory}"))
         ratio = step_seconds["target"] / step_seconds["sft"]
         print(f"target / sft step time: {ratio:.3f}")
@@ -403,27 +404,7 @@ def sample_lengths(mean, sd, count, max_len, rng):
 
 def step_cost(plan, lengths, padded):
     """Tokens of compute time per step: in every slot, all ranks wait for the costliest."""
-    return sum(max(data.micro_batch_cost([lengths[i] for i in rank[slot]], padded) for rank in plan)
-               for slot in range(len(plan[0])))
-
-
-def bench_demo(args):
-    """The default demo end to end into a fresh folder: wall time, and the seconds of each script it ran (from
-    the `[N s: SCRIPT]` line it prints after each command)."""
-    with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
-        output = subprocess.run([sys.executable, "demo.py", "--out", out, *args.demo_args], check=True,
-                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-        wall = time.perf_counter() - started
-    seconds = {}
-    for script, took in ((m.group(2), float(m.group(1))) for m in re.finditer(r"^\[(\d+) s: (\S+)\]$", output, re.M)):
-        seconds.setdefault(script, []).append(took)
-    print(f"python demo.py {' '.join(args.demo_args)}: {wall:.0f} s wall ({os.cpu_count()} cores, "
-          f"torch {torch.__version__})")
-    for script, took in seconds.items():
-        print(f"  {script:18} {len(took):>2} runs {sum(took):6.0f} s ({min(took):.0f}-{max(took):.0f} s each)")
-    print(f"  {'in demo.py itself':18} {'':>7} {wall - sum(map(sum, seconds.values())):6.0f} s "
-          "(the world, the analysis forwards, the figures)")
+    return int(data.slot_costs(plan, lengths, padded).max(0).sum())
 
 
 def bench_batching(args):
@@ -441,16 +422,14 @@ def bench_batching(args):
                 results = {"fixed": [], "balanced": []}
                 for _ in range(args.steps):
                     dealt = sampler.take_global(args.global_batch_size // world)
-                    plans = {"fixed": [[ids[i:i + args.micro_batch_size] for i in range(0, len(ids),
-                                                                                         args.micro_batch_size)]
-                                       for ids in dealt],
+                    plans = {"fixed": data.fixed_micro_batches(dealt, args.micro_batch_size),
                              "balanced": data.balanced_micro_batches(sum(dealt, []), lengths, world,
                                                                      args.micro_batch_tokens, padded)}
                     real = sum(lengths[i] for ids in dealt for i in ids)
                     for kind, plan in plans.items():
-                        results[kind].append((data.balance(plan, lengths, padded),
-                                              real / (world * step_cost(plan, lengths, padded)),
-                                              step_cost(plan, lengths, padded), len(plan[0])))
+                        cost = step_cost(plan, lengths, padded)
+                        results[kind].append((data.balance(plan, lengths, padded), real / (world * cost), cost,
+                                              len(plan[0])))
                 fixed, balanced = (np.mean(results[k], axis=0) for k in ("fixed", "balanced"))
                 print(f"{name:12} {world:5} {'padded' if padded else 'packed':7} {fixed[0]:13.3f} {balanced[0]:9.3f} "
                       f"{fixed[1]:12.1%} {balanced[1]:9.1%} {fixed[2] / balanced[2]:7.2f} {balanced[3]:5.1f}")
@@ -497,6 +476,28 @@ def bench_layout(args):
         print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
     return [("layout", name, f"{seconds * 1e3:.1f} ms, {packed / seconds:.2f}x the packed row's speed")
             for name, seconds in results.items()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py demo: the demo a newcomer runs, timed script by script
+
+def bench_demo(args):
+    """The default demo end to end into a fresh folder: wall time, and the seconds of each script it ran (from
+    the `[N s: SCRIPT]` line it prints after each command)."""
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        output = subprocess.run([sys.executable, "demo.py", "--out", out, *args.demo_args], check=True,
+                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+        wall = time.perf_counter() - started
+    seconds = {}
+    for script, took in ((m.group(2), float(m.group(1))) for m in re.finditer(r"^\[(\d+) s: (\S+)\]$", output, re.M)):
+        seconds.setdefault(script, []).append(took)
+    print(f"python demo.py {' '.join(args.demo_args)}: {wall:.0f} s wall ({os.cpu_count()} cores, "
+          f"torch {torch.__version__})")
+    for script, took in seconds.items():
+        print(f"  {script:18} {len(took):>2} runs {sum(took):6.0f} s ({min(took):.0f}-{max(took):.0f} s each)")
+    print(f"  {'in demo.py itself':18} {'':>7} {wall - sum(map(sum, seconds.values())):6.0f} s "
+          "(the world, the analysis forwards, the figures)")
 
 
 def main():

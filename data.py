@@ -571,7 +571,17 @@ def padded_runs(by_length, count, budget):
     return runs
 
 
+def fixed_micro_batches(dealt, size):
+    """Instead of balancing: each rank's samples ([rank][count]) in the sampler's order, `size` a micro-batch."""
+    return [[ids[i:i + size] for i in range(0, len(ids), size)] for ids in dealt]
+
+
+def slot_costs(plan, lengths, padded):
+    """[rank, slot]: the tokens each micro-batch of a [rank][slot] plan computes on (micro_batch_cost)."""
+    return np.array([[micro_batch_cost([lengths[i] for i in ids], padded) for ids in rank] for rank in plan])
+
+
 def balance(plan, lengths, padded):
     """Mean over slots of (mean cost / max cost across ranks): 1 when no rank waits for another."""
-    costs = np.array([[micro_batch_cost([lengths[i] for i in ids], padded) for ids in rank] for rank in plan])
+    costs = slot_costs(plan, lengths, padded)
     return float(np.mean(costs.mean(0) / costs.max(0)))

@@ -272,13 +272,14 @@ def to_device(value):
 
 
 PROC = Path("/proc/self")  # Linux: where a CPU run reads and resets its peak RSS
+PEAK_RSS = (PROC / "clear_refs").exists()
 
 
 def reset_peak_memory():
     """Each step's peak is its own, not the run's so far."""
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    elif (PROC / "clear_refs").exists():
+    elif PEAK_RSS:
         (PROC / "clear_refs").write_text("5")  # the peak RSS restarts from the current RSS
 
 
@@ -286,7 +287,7 @@ def peak_memory_gib():
     """Peak memory since reset_peak_memory: the allocator's on a GPU, the process's RSS on a Linux CPU."""
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    if (PROC / "clear_refs").exists():
+    if PEAK_RSS:
         return int(re.search(r"VmHWM:\s*(\d+) kB", (PROC / "status").read_text())[1]) / 2**20
     return None
 
@@ -463,8 +464,7 @@ while step < stop:
     dealt = sampler.take_global(args.global_batch_size // world_size)  # every rank's samples of this step
     step_ids = sum(dealt, [])
     plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
-            if args.micro_batch_tokens else [[ids[i:i + args.micro_batch_size]
-                                              for i in range(0, len(ids), args.micro_batch_size)] for ids in dealt])
+            if args.micro_batch_tokens else data.fixed_micro_batches(dealt, args.micro_batch_size))
     label_tokens, all_tokens = int(label_counts[step_ids].sum()), int(lengths[step_ids].sum())
     squared_lengths = int((lengths[step_ids] ** 2).sum())
     step_stats = dict.fromkeys(logged, 0.0)
