@@ -12,6 +12,7 @@ import json
 import linecache
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -96,6 +97,47 @@ def report_user_errors(parser=None):
     previous, sys.excepthook = sys.excepthook, hook
 
 
+def is_hub_id(name):
+    """'owner/name' as the hub spells repository ids (a path that does not exist may look the same)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) is not None and not str(name).startswith((".", "/"))
+
+
+def check_model(flag, name):
+    """Finds a model's config.json before anything heavy starts: in a local folder, in the local hub cache, or
+    (online) on the hub. Anything else is the user's mistake, named with its flag."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{flag} {name}: a folder without config.json; give a model folder (train.py's OUT/hf) "
+                             "or a hub id such as Qwen/Qwen2.5-Math-1.5B")
+        return
+    if not is_hub_id(name):
+        raise ValueError(f"{flag} {name}: no such folder, and not a hub id (owner/name such as "
+                         "Qwen/Qwen2.5-Math-1.5B)")
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{flag} {name}: not a local folder and not in the local hub cache ({constants.HF_HUB_CACHE}), "
+                         f"and HF_HUB_OFFLINE=1 forbids downloading it; download it first (hf download {name}) "
+                         "or unset HF_HUB_OFFLINE")
+    try:
+        hf_hub_download(name, "config.json")
+    except Exception as e:  # no network, no such repository, a gated one without a token: all end here
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{flag} {name}: not a local folder, not in the local hub cache, and not reachable on the "
+                         f"hub ({reason}); check the id and the network; gated repositories (meta-llama) need a "
+                         "hub token (hf auth login)") from None
+
+
+def check_source(source):
+    """A data source is a paper set's name or an existing .jsonl/.parquet file."""
+    path = Path(source)
+    if source not in HF_SOURCES and (path.suffix not in (".jsonl", ".parquet") or not path.is_file()):
+        raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
+                         "existing .jsonl/.parquet file with prompt/response fields or a messages list")
+
+
 def read_jsonl(path):
     """The rows of a .jsonl file; a line that is not a JSON object is an error naming the file and the line."""
     rows = []
@@ -115,12 +157,15 @@ def read_jsonl(path):
 
 
 def load_rows(source):
+    check_source(source)
     if source in HF_SOURCES:
-        return datasets.load_dataset(HF_SOURCES[source], split="train")
+        try:
+            return datasets.load_dataset(HF_SOURCES[source], split="train")
+        except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, not cached
+            raise ValueError(f"data source {source}: the hub dataset {HF_SOURCES[source]} could not be loaded "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the network, "
+                             "or download it first while online") from None
     path = Path(source)
-    if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
-        raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
-                         "existing .jsonl/.parquet file with prompt/response fields or a messages list")
     try:
         rows = datasets.load_dataset("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path),
                                      split="train")

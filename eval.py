@@ -209,13 +209,11 @@ def check_args(args):
         return
     if not args.model:
         sys.exit("error: pass --model (a model folder or a hub id)")
-    model = Path(args.model).expanduser()
-    if model.is_dir() and not (model / "config.json").is_file():
-        sys.exit(f"error: --model {args.model!r} is a folder without a config.json; pass the folder train.py "
-                 "saved (OUT/hf) or any Hugging Face model folder")
-    if not model.exists() and not is_hub_id(args.model):
-        sys.exit(f"error: --model {args.model!r} does not exist; pass a model folder (train.py's OUT/hf) or a "
-                 "hub id such as Qwen/Qwen2.5-Math-1.5B")
+    import data
+    try:
+        data.check_model("--model", args.model)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     for flag in ("n", "max_tokens", "tp", "dp", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -231,11 +229,6 @@ def check_args(args):
             sys.exit(f"error: benchmark file {path} does not exist")
         if path is not None and not path.endswith(".jsonl") and spec(name)[1] != "medical":
             sys.exit(f"error: {path}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
-
-
-def is_hub_id(name):
-    """'owner/name' as the hub spells repository ids (a path that does not exist may look the same)."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
 
 
 def resolve_model(name):
@@ -787,7 +780,8 @@ def paper_method(run, results):
                         ("sft-p", "SFT (p)"), ("p-loss", "SFT (p)"), ("sft", "SFT"), ("base", "Base")):
         if key in name:
             return method
-    return "Base" if is_hub_id(results.get("model", "")) else None
+    import data
+    return "Base" if data.is_hub_id(results.get("model", "")) else None
 
 
 def paper_comparison(runs, setting):

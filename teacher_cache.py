@@ -21,24 +21,40 @@ from its done batches, and a partial cache is never taken for a complete one. Ba
 alone (not by the number of ranks or the resume point), so every build of the same inputs is byte-identical.
 """
 import argparse
+import gc
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data as data_lib
 from loss import logits_fp32
 
+TOP_K = 64  # Appendix A: the teacher's logits truncated to its top-64 tokens
+# The paper's student -> teacher pairs (Appendix A, Section 7.1), by hub id exactly as typed: train.py builds
+# this teacher's cache when --loss target or distill is given no --teacher-cache and no --teacher.
+PAPER_TEACHERS = {
+    "Qwen/Qwen2.5-Math-1.5B": "Qwen/Qwen2.5-Math-1.5B-Instruct",
+    "Qwen/Qwen2.5-Math-7B": "Qwen/Qwen2.5-Math-7B-Instruct",
+    "Qwen/Qwen3-1.7B-Base": "Qwen/Qwen3-4B-Instruct-2507",
+    "Qwen/Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+    "meta-llama/Llama-3.2-3B": "meta-llama/Llama-3.2-3B-Instruct",  # gated: a hub token
+    "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B-Instruct",
+}
 FORMAT = "int32 v3: token_id << 14 | fp16 bits of -logprob / 256; float32 label logprobs"
 ID_BITS, VALUE_BITS = 18, 14
 LOGPROB_SCALE = 256.0  # -logprob / 256 < 1 has fp16 bits below 0x3C00: 14 bits keep fp16's full precision
@@ -73,12 +89,7 @@ class TeacherCache:
 
     def __init__(self, path, data=None, k=None):
         self.path = Path(path)
-        if not (self.path / "meta.json").is_file():
-            partial = self.path.with_name(self.path.name + ".partial")
-            raise FileNotFoundError(
-                f"{self.path} is not a complete teacher cache (no meta.json); "
-                + (f"{partial} holds an unfinished build: rerun the same teacher_cache.py command to finish it"
-                   if partial.exists() else "build it with teacher_cache.py"))
+        check_complete(self.path)
         self.meta = json.loads((self.path / "meta.json").read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: storage format {self.meta.get('format')!r}, this code reads "
@@ -130,6 +141,17 @@ class TeacherCache:
             if sample_hash(data, i) != h:
                 raise ValueError(f"{self.path}: sample {i}'s token ids differ from those the cache was built "
                                  "on; rebuild the cache (or the tokenisation cache is corrupt)")
+
+
+def check_complete(path):
+    """A cache folder that a finished build renamed into place (its meta.json is written last)."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        partial = path.with_name(path.name + ".partial")
+        raise FileNotFoundError(
+            f"{path} is not a complete teacher cache (no meta.json); "
+            + (f"{partial} holds an unfinished build: rerun the command that started it to finish it"
+               if partial.exists() else "build it with teacher_cache.py"))
 
 
 def teacher_rows(cache, batch, device):
@@ -206,15 +228,21 @@ def to_host(tensors):
     return copies, ready
 
 
-def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_fingerprint="", flush_every=16):
-    """Write the cache of `data` under `out`, resuming an unfinished build. Every rank calls it. Rows reach
+def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokenizer_fingerprint="", flush_every=16):
+    """Write the cache of `data` under `out`, resuming an unfinished build; a complete one is only checked
+    against `data`. Every rank calls it. Rows reach
     the files on a background thread while the GPU computes the next batch; every `flush_every` batches the
     files are flushed, and only then are those batches marked done."""
     if flush_every < 1:
         raise ValueError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
-    check_head(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out)
+    if (out / "meta.json").exists():  # model may be None then: nothing is computed
+        TeacherCache(out, data, k)
+        if rank == 0:
+            print(f"{out} is complete: reused, not rebuilt")
+        return
+    check_head(model)
     partial = out.with_name(out.name + ".partial")
     batches = fixed_batches(data, batch_tokens)
     counts = data.label_counts()
@@ -222,11 +250,6 @@ def build(model, data, out, k=64, batch_tokens=8192, teacher_name="", tokenizer_
     plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "data_fingerprint": data.fingerprint,
             "tokenizer_fingerprint": tokenizer_fingerprint, "samples": len(data), "labels": int(offsets[-1]),
             "batch_tokens": batch_tokens}
-    if (out / "meta.json").exists():
-        TeacherCache(out, data, k)
-        if rank == 0:
-            print(f"{out} is complete")
-        return
 
     def start_or_check_partial():
         if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()) != plan:
@@ -299,13 +322,83 @@ def load_teacher(name, device):
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn).to(device).eval()
 
 
+def free(model):
+    """Give a model's memory back before the next one loads (train.py's student after its teacher)."""
+    model.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def exclusive(path, poll_seconds=60):
+    """One run at a time builds `path`, whichever runs want it (jobs launched side by side on one shared
+    filesystem): rank 0 holds an exclusive lock on path.lock (flock, released if the process dies), and its
+    ranks follow it. A waiting run says so once, and its rank 0 checks in every poll_seconds, so no rank sits
+    in one collective past the process group's timeout while another run builds."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    lock = None
+    if rank == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+    waiting = False
+    while True:
+        held = [True]
+        if rank == 0:
+            try:
+                lock.acquire(timeout=poll_seconds if waiting else 0)
+            except Timeout:
+                held = [False]
+        if dist.is_initialized():
+            dist.broadcast_object_list(held, src=0)
+        if held[0]:
+            break
+        if rank == 0 and not waiting:
+            print(f"waiting for another run that is building {path}", flush=True)
+        waiting = True
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8192, flush_every=16):
+    """teacher_cache.py's whole job, and train.py's when it builds its own cache: `teacher` (a name or folder)
+    scores `data`, tokenised with `tokenizer` (the student's), into `out`. A complete cache is checked and
+    reused without loading the teacher; otherwise every rank loads it, builds (or finishes) the cache, and
+    frees it. One run at a time (exclusive)."""
+    with exclusive(out):
+        model = None
+        if not (Path(out) / "meta.json").exists():
+            check_vocabularies(AutoTokenizer.from_pretrained(teacher), tokenizer,
+                               AutoConfig.from_pretrained(teacher).vocab_size)
+            model = load_teacher(teacher, device)
+        build(model, data, out, k=k, batch_tokens=batch_tokens, teacher_name=teacher,
+              tokenizer_fingerprint=data_lib.tokenizer_fingerprint(tokenizer), flush_every=flush_every)
+        if model is not None:
+            free(model)
+
+
+def auto_path(teacher, student, source, k=TOP_K, **data_options):
+    """Where train.py keeps the cache it builds for itself: cache/teacher/<teacher>--<data>--top<k>-<hash>,
+    named by the inputs as given (names, not contents: meta.json's fingerprints refuse changed contents). The
+    student is among them because its tokenizer gives the token ids."""
+    key = json.dumps({"teacher": teacher, "student": student, "data": str(source), "k": k, **data_options},
+                     sort_keys=True)
+    digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(Path(teacher).parts[-2:])).strip("-")
+    source_slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(str(source)).name).strip("-")
+    return Path("cache") / "teacher" / f"{slug}--{source_slug}--top{k}-{digest}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher (or reference) model name or folder")
     p.add_argument("--data", required=True, help="numina67k, openr1-15k, m23k, or a .jsonl/.parquet file")
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's); the ids train.py sees")
-    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--k", type=int, default=TOP_K)
     p.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
     p.add_argument("--system-prompt", default=None, help="default: the recipe's")
     p.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="truncate (or drop) over-length "
@@ -317,6 +410,10 @@ def main():
                    "redoes at most this many per rank)")
     data_lib.report_user_errors(p)
     args = p.parse_args()
+    data_lib.check_model("--teacher", args.teacher)  # before the process group and any download
+    if args.tokenizer:
+        data_lib.check_model("--tokenizer", args.tokenizer)
+    data_lib.check_source(args.data)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # before the process group: NCCL binds each rank to its own GPU, not all to GPU 0
@@ -325,14 +422,11 @@ def main():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
     student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
-    check_vocabularies(AutoTokenizer.from_pretrained(args.teacher), student_tok,
-                       AutoConfig.from_pretrained(args.teacher).vocab_size)
     data = data_lib.tokenize_dataset(args.data, student_tok, max_len=args.max_len,
                                      system_prompt=args.system_prompt, cache_dir=args.data_cache,
                                      truncate=args.truncate, skip_bad=args.skip_bad)
-    build(load_teacher(args.teacher, device), data, args.out, k=args.k, batch_tokens=args.batch_tokens,
-          teacher_name=args.teacher, tokenizer_fingerprint=data_lib.tokenizer_fingerprint(student_tok),
-          flush_every=args.flush_every)
+    build_by_name(args.teacher, student_tok, data, args.out, device, k=args.k, batch_tokens=args.batch_tokens,
+                  flush_every=args.flush_every)
     if dist.is_initialized():
         dist.destroy_process_group()
 

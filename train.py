@@ -1,17 +1,21 @@
 """Supervised fine-tuning toward a Q-target (loss.py) with torch FSDP2: the whole run, top to bottom.
 
-The paper's TARGET-SFT run (Qwen2.5-Math-1.5B on NuminaMath-CoT 67k, teacher Qwen2.5-Math-1.5B-Instruct):
+The paper's TARGET-SFT run (Qwen2.5-Math-1.5B on NuminaMath-CoT 67k, teacher Qwen2.5-Math-1.5B-Instruct), as typed:
 
-    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B-Instruct --tokenizer Qwen/Qwen2.5-Math-1.5B \\
-        --data numina67k --out cache/numina67k-top64
-    torchrun --nproc_per_node 8 train.py --loss target --eta 0.5 --model Qwen/Qwen2.5-Math-1.5B \\
-        --data numina67k --teacher-cache cache/numina67k-top64 --out runs/target
+    torchrun --nproc_per_node 8 train.py --loss target
+
+--model and --data default to that setting; the teacher comes from the paper's pairs (teacher_cache.PAPER_TEACHERS,
+or --teacher MODEL), and its top-64 cache is built first, by the same ranks, under cache/teacher/ (then reused:
+a rerun, or --loss distill on the same data, builds nothing). A cache built beforehand is passed instead:
+
+    torchrun --nproc_per_node 8 teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B-Instruct \\
+        --tokenizer Qwen/Qwen2.5-Math-1.5B --data numina67k --out cache/numina67k-top64
+    torchrun --nproc_per_node 8 train.py --loss target --teacher-cache cache/numina67k-top64
 
 Baselines: --loss sft, --loss dft, --loss distill --c 0.8 (Table 1); others: see loss.RULES, e.g.
 
-    python teacher_cache.py --teacher Qwen/Qwen2.5-Math-1.5B --data numina67k --out cache/numina67k-ref
-    torchrun --nproc_per_node 8 train.py --loss psft --ref-cache cache/numina67k-ref ...   # pi_old: the start
-    torchrun --nproc_per_node 8 train.py --loss weighted --data mine.jsonl ...   # rows carry weight / weight_spans
+    torchrun --nproc_per_node 8 train.py --loss psft      # pi_old: the starting model's own cache, built likewise
+    torchrun --nproc_per_node 8 train.py --loss weighted --data mine.jsonl   # rows carry weight / weight_spans
 
 `python train.py ...` runs the same code in one process, CPU included (gloo); `python demo.py` runs it all on a
 toy world. --resume continues the last checkpoint in --out.
@@ -54,9 +58,13 @@ import teacher_cache
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF id or local folder of the student")
 parser.add_argument("--data", default="numina67k", help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet")
-parser.add_argument("--teacher-cache", default=None, help="teacher top-k cache (teacher_cache.py): target, distill")
-parser.add_argument("--ref-cache", default=None, help="reference-model cache, same format, from the starting model: "
-                    "kl, asft, psft (its label log-probs are psft's pi_old)")
+parser.add_argument("--teacher", default=None, help="target, distill: the teacher (hub id or folder) whose top-64 "
+                    "cache is built under cache/teacher/ when no --teacher-cache is given (default: the paper's "
+                    "teacher of --model, teacher_cache.PAPER_TEACHERS)")
+parser.add_argument("--teacher-cache", default=None, help="target, distill: a teacher top-k cache built beforehand "
+                    "(teacher_cache.py)")
+parser.add_argument("--ref-cache", default=None, help="kl, asft, psft: a cache of the starting model, same format "
+                    "(its label log-probs are psft's pi_old); default: built from --model under cache/teacher/")
 parser.add_argument("--out", default="runs/default")
 parser.add_argument("--loss", default="target", choices=sorted(qloss.RULES))
 parser.add_argument("--eta", type=float, default=0.5, help="target: teacher intensity in the residual (Sec. 6)")
@@ -320,7 +328,8 @@ def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logpr
 
 
 # ----------------------------------------------------------------------------------------------------
-# Setup: checks first, then distributed, data, teacher cache, model, optimiser
+# Setup: checks first (one `error:` line each, before the process group and any download), then distributed,
+# data, teacher cache, model, optimiser
 
 variant_kwargs = {name: value for name, value in {"alpha": args.alpha, "tau": args.tau, "k": args.eaft_k,
                                                    "lam": args.lam, "beta": args.beta, "eps": args.eps}.items()
@@ -329,10 +338,28 @@ try:
     qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
 except ValueError as e:
     parser.error(str(e))
-cache_flag = "--ref-cache" if args.loss in qloss.REFERENCE_LOSSES else "--teacher-cache"
-cache_path = args.ref_cache if args.loss in qloss.REFERENCE_LOSSES else args.teacher_cache
-if args.loss in qloss.NEEDS_TEACHER and cache_path is None:
-    parser.error(f"--loss {args.loss} needs {cache_flag} DIR (build it with teacher_cache.py)")
+reference = args.loss in qloss.REFERENCE_LOSSES  # its cache is the starting model's own
+cache_path = args.ref_cache if reference else args.teacher_cache
+teacher = None  # the model whose cache this run builds for itself, when it is given none
+if args.loss in qloss.NEEDS_TEACHER:
+    if reference and args.teacher:
+        parser.error(f"--loss {args.loss} reads the starting model's own cache (--ref-cache, else built from "
+                     "--model); --teacher names the teacher of target and distill")
+    if cache_path is not None and args.teacher:
+        parser.error("give --teacher or --teacher-cache, not both: a cache already names its teacher")
+    if cache_path is not None:
+        teacher_cache.check_complete(cache_path)
+    else:
+        teacher = args.model if reference else args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
+    if cache_path is None and teacher is None:
+        pairs = "; ".join(f"{student} -> {t}" for student, t in teacher_cache.PAPER_TEACHERS.items())
+        parser.error(f"--loss {args.loss} needs a teacher, and --model {args.model} has none among the paper's "
+                     f"pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is built), or "
+                     f"--teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
+data.check_model("--model", args.model)
+if teacher not in (None, args.model):
+    data.check_model("--teacher", teacher)
+data.check_source(args.data)
 
 if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same code path as torchrun
     with closing(socket.socket()) as s:
@@ -373,6 +400,14 @@ tokenizer = AutoTokenizer.from_pretrained(args.model)
 tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
                               cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad,
                               weights=args.loss in qloss.NEEDS_WEIGHTS)
+if teacher is not None:  # as teacher_cache.py --teacher TEACHER --tokenizer MODEL with this run's data options
+    cache_path = teacher_cache.auto_path(teacher, args.model, args.data, max_len=args.max_len,
+                                         system_prompt=args.system_prompt, truncate=args.truncate,
+                                         skip_bad=args.skip_bad)
+    if rank == 0:
+        print(f"{'reference' if reference else 'teacher'} cache: {cache_path} (top-{teacher_cache.TOP_K} of "
+              f"{teacher} on this run's token ids; built first unless complete)", flush=True)
+    teacher_cache.build_by_name(teacher, tokenizer, tokens, cache_path, device)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
 if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
     print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "

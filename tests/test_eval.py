@@ -4,8 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub import constants
 
 import eval as evaluation
+from conftest import hub_snapshot
 
 DATA = Path(__file__).parent / "data"
 
@@ -233,12 +235,18 @@ def test_bad_input_fails_early_with_the_fix(tmp_path, argv, message):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path)] + argv))
 
 
-def test_missing_model_dir_fails_early(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+def test_missing_model_dir_or_hub_id_fails_early(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="no such folder, and not a hub id"):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path / "nope")]))
-    with pytest.raises(SystemExit, match="a folder without a config.json"):
+    with pytest.raises(SystemExit, match="a folder without config.json"):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path)]))
-    evaluation.check_args(evaluation.parse_args(["--model", "Qwen/Qwen2.5-Math-1.5B"]))  # a hub id passes
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match="Qwen/Qwen2.5-Math-1.5B: not a local folder and not in the local hub cache"):
+        evaluation.check_args(evaluation.parse_args(["--model", "Qwen/Qwen2.5-Math-1.5B"]))
+    hub_snapshot(tmp_path / "hub", "Qwen/Qwen2.5-Math-1.5B").mkdir(parents=True)
+    (hub_snapshot(tmp_path / "hub", "Qwen/Qwen2.5-Math-1.5B") / "config.json").write_text("{}")
+    evaluation.check_args(evaluation.parse_args(["--model", "Qwen/Qwen2.5-Math-1.5B"]))  # in the hub cache
 
 
 def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
