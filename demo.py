@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -266,14 +267,27 @@ def shown(path):
 ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run(args):
-    """Runs `python SCRIPT ARGS...` from the repository root, printed first as a user would type it."""
+def run(args, log=None):
+    """Runs `python SCRIPT ARGS...` from the repository root, printed first as a user would type it; with
+    `log`, its output goes to that file (runs side by side), whose end is shown if it fails."""
     args = [shown(a) if isinstance(a, Path) else str(a) for a in args]
     env = {key: value for key, value in ENV.items() if key not in os.environ}
-    print("$ " + shlex.join([*(f"{k}={v}" for k, v in env.items()), "python", *args]), flush=True)
+    redirect = f" > {shown(log)} 2>&1" if log else ""
+    # one write per line (print writes the newline apart): lines of runs side by side never run together
+    print("$ " + shlex.join([*(f"{k}={v}" for k, v in env.items()), "python", *args]) + redirect + "\n", end="",
+          flush=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env}, check=True)
-    print(f"[{time.perf_counter() - started:.0f} s: {args[0]}]", flush=True)
+    if log is None:
+        subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env}, check=True)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            done = subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **env}, stdout=f,
+                                  stderr=subprocess.STDOUT)
+        if done.returncode:
+            sys.stdout.write(log.read_text()[-3000:])
+            done.check_returncode()
+    print(f"[{time.perf_counter() - started:.0f} s: {args[0]}]\n", end="", flush=True)
 
 
 def data_flags(out, split):
@@ -282,8 +296,9 @@ def data_flags(out, split):
             "--data-cache", out / "cache" / "tokenized"]
 
 
-def train(out, name, model, split, steps, lr, loss_args, seed=0, cache=None):
-    """One train.py run; a killed one continues from its last checkpoint (--resume with --save-every)."""
+def train(out, name, model, split, steps, lr, loss_args, seed=0, cache=None, log=False):
+    """One train.py run; a killed one continues from its last checkpoint (--resume with --save-every). log: its
+    output goes to its folder's train.log."""
     run_dir = out / "runs" / name
     cache_flag = "--ref-cache" if loss_args[1] in qloss.REFERENCE_LOSSES else "--teacher-cache"
     if not (run_dir / "hf" / "config.json").is_file():
@@ -292,7 +307,7 @@ def train(out, name, model, split, steps, lr, loss_args, seed=0, cache=None):
              *([cache_flag, cache] if cache else []), "--out", run_dir,
              "--max-steps", steps, "--epochs", -(-steps * BATCH // samples), "--lr", lr, "--seed", seed,
              "--global-batch-size", BATCH, "--micro-batch-size", MICRO_BATCH, "--dtype", "fp32",
-             "--save-every", 25, "--keep", 1, "--resume"])
+             "--save-every", 25, "--keep", 1, "--resume"], log=run_dir / "train.log" if log else None)
     return run_dir
 
 
@@ -304,17 +319,21 @@ def build_cache(out, teacher, name):
     return cache
 
 
-def evaluate(out, name, model, world, backend):
-    """Average@n on both held-out splits in one eval.py call (one engine start). --protocol strict prompts as
-    the toy world trains (data.py's system prompt, the bare question); the paper's harness prompt is Qwen's."""
-    result = out / "eval" / name / "results.json"
-    if not (result.is_file() and set(json.loads(result.read_text())["benchmarks"]) == set(SPLITS)):
-        run(["eval.py", "--model", model, "--benchmarks",
+def evaluate(out, models, world, backend):
+    """Average@n on both held-out splits for every model ({name: folder}; each model's folder is
+    runs/<name>/hf, so eval.py names it so), in one eval.py call: one process, one vLLM engine that takes each
+    model's weights in turn. --protocol strict prompts as the toy world trains (data.py's system prompt, the
+    bare question); the paper's harness prompt is Qwen's. Returns {name: results.json}."""
+    results = {name: out / "eval" / name / "results.json" for name in models}
+    todo = [model for name, model in models.items()
+            if not (results[name].is_file() and set(json.loads(results[name].read_text())["benchmarks"]) == set(SPLITS))]
+    if todo:  # one model writes to --out itself, several each to --out/<name>/
+        where = out / "eval" / (todo[0].parent.name if len(todo) == 1 else "")
+        run(["eval.py", "--model", *todo, "--benchmarks",
              ",".join(f"{split}={shown(out / 'world' / f'{split}.jsonl')}" for split in SPLITS),
              "--protocol", "strict", "--n", world["n"], "--max-tokens", world["max_tokens"], "--backend", backend,
-             "--workers", 2,
-             "--out", result.parent, *(["--enforce-eager"] if backend == "vllm" else [])])
-    return json.loads(result.read_text())
+             "--workers", 2, "--out", where, *(["--enforce-eager"] if backend == "vllm" else [])])
+    return {name: json.loads(path.read_text()) for name, path in results.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,14 +553,18 @@ def main(argv=None):
     # kl, asft and psft read a reference model's cache: the base student's own (the model before SFT)
     needs_ref = any(a[1] in qloss.REFERENCE_LOSSES for a in args.runs.values())
     ref_cache = build_cache(out, base, "reference") if needs_ref else None
-    runs = {spec: [train(out, run_name(spec, seed), base, "sft", world["sft_steps"], world["sft_lr"], loss_args, seed,
-                         ref_cache if loss_args[1] in qloss.REFERENCE_LOSSES else cache)
-                   for seed in range(args.seeds)] for spec, loss_args in args.runs.items()}
-    results = {"Base": [evaluate(out, "base", base, world, args.backend)]}
-    for spec, run_dirs in runs.items():
-        results[TABLE1.get(spec, spec)] = [evaluate(out, run_dir.name, run_dir / "hf", world, args.backend)
-                                           for run_dir in run_dirs]
-    results["Teacher (reference)"] = [evaluate(out, "teacher", teacher, world, args.backend)]
+    # the SFT runs are independent and each has one thread (ENV): as many run at once as there are cores
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as side_by_side:
+        runs = {spec: [side_by_side.submit(train, out, run_name(spec, seed), base, "sft", world["sft_steps"],
+                                           world["sft_lr"], loss_args, seed,
+                                           ref_cache if loss_args[1] in qloss.REFERENCE_LOSSES else cache, log=True)
+                       for seed in range(args.seeds)] for spec, loss_args in args.runs.items()}
+        runs = {spec: [run.result() for run in started] for spec, started in runs.items()}
+    models = {"base": base, **{d.name: d / "hf" for run_dirs in runs.values() for d in run_dirs}, "teacher": teacher}
+    evaluated = evaluate(out, models, world, args.backend)
+    results = {"Base": [evaluated["base"]],
+               **{TABLE1.get(spec, spec): [evaluated[d.name] for d in run_dirs] for spec, run_dirs in runs.items()},
+               "Teacher (reference)": [evaluated["teacher"]]}
     report(out, args, base, teacher, cache, runs, results)
     print(f"{time.perf_counter() - started:.0f} s in all")
 

