@@ -576,9 +576,19 @@ def grade_math(response, answer, protocol="paper"):
     pred = harness_answer(response) if protocol == "paper" else last_boxed(response)
     if not pred or not pred.strip():
         return False
+    if plain_text(pred) == plain_text(answer):
+        return True
     pred = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
     gold = parse_gold(answer)
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+
+
+def plain_text(answer):
+    """An answer as bare text, compared before math-verify: without $ signs, whitespace or a final full stop. A
+    gold that is prose (`A solution exists and is unique.`) or several $...$ pieces (`$x=a$ or $x=b$`,
+    OlympiadBench's `$69$,$84$`) parses to no single expression, so a response boxing its very text would
+    otherwise grade wrong."""
+    return re.sub(r"\s+", "", answer.replace("$", "")).removesuffix(".")
 
 
 def has_math_mode(text):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants
 
+import data
 import eval as evaluation
 from conftest import hub_snapshot
 
@@ -36,6 +37,15 @@ MATH_CASES = [  # (response, gold, correct under --protocol paper, under strict)
     ("\\boxed{Solution is: $[x=2, y=4, z=5]$}", "Solution is: $[x=2, y=4, z=5]$", True, True),
     ("\\boxed{The value is $7$}", "7", True, True),
     ("\\boxed{The value is $7$}", "8", False, False),
+    # golds that are prose or several $...$ pieces: a box holding the gold's text grades right, another wrong
+    ("\\boxed{A solution exists and is unique.}", "A solution exists and is unique.", True, True),
+    ("\\boxed{A solution exists but is not unique.}", "A solution exists and is unique.", False, False),
+    ("\\boxed{x=\\frac{\\pi}{3}+\\pi k$ or $x=\\frac{2 \\pi}{3}+\\pi k}",
+     "$x=\\frac{\\pi}{3}+\\pi k$ or $x=\\frac{2 \\pi}{3}+\\pi k$", True, True),
+    ("\\boxed{x=\\frac{\\pi}{3}+\\pi k$ or $x=\\frac{\\pi}{6}+\\pi k}",
+     "$x=\\frac{\\pi}{3}+\\pi k$ or $x=\\frac{2 \\pi}{3}+\\pi k$", False, False),
+    ("\\boxed{69, 84}", "$69$,$84$", True, True),
+    ("\\boxed{69, 85}", "$69$,$84$", False, False),
     # the harness's fallbacks, in its order; strict reads only a closed \\boxed{...}
     ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac34", True, False),
     ("\\boxed{2}. The final answer is $3$. I hope it is correct.", "3", True, False),  # 1. before 2.
@@ -60,6 +70,21 @@ def test_grade_math_under_both_protocols(response, gold, paper, strict):
     assert evaluation.grade_math(response, gold) is paper  # the paper's protocol is the default
     assert evaluation.grade_math(response, gold, protocol="paper") is paper
     assert evaluation.grade_math(response, gold, protocol="strict") is strict
+
+
+@pytest.mark.parametrize("name", ["math500", "minerva", "olympiadbench", "aime24", "amc23", "golds_in_pieces"])
+def test_every_gold_boxed_as_written_grades_right_and_another_gold_wrong(name):
+    """Each real gold of the eval sets in tests/data, its outer $ removed and boxed, grades right under both
+    protocols; the next row's different gold grades wrong. golds_in_pieces.jsonl: OlympiadBench and Minerva
+    rows whose golds are several $...$ pieces (or hold a stray `$ $`), which failed this before plain_text."""
+    golds = [evaluation.to_item(row)["answer"] for row in data.read_jsonl(DATA / f"{name}.jsonl")]
+    for gold, other in zip(golds, golds[1:] + golds[:1]):
+        text = gold.strip()
+        text = text[1:-1] if len(text) > 1 and text[0] == text[-1] == "$" else text
+        for protocol in ("paper", "strict"):
+            assert evaluation.grade_math(f"So \\boxed{{{text}}}", gold, protocol), (gold, protocol)
+            if evaluation.plain_text(other) != evaluation.plain_text(gold):
+                assert not evaluation.grade_math(f"So \\boxed{{{text}}}", other, protocol), (gold, other, protocol)
 
 
 @pytest.mark.parametrize("response,answer", [

