@@ -9,11 +9,13 @@ top-64 tokens"), computed on exactly data.py's token ids, stored only at label p
 template usually differs from its base model's). Data options must match train.py's (same flag names).
 
 Format v3 (DIR/): topk.npy, int32 [labels, k], each entry `token_id << 14 | fp16 bits of -logprob / 256`
-(4 bytes per entry; ids up to 2^18, so a 152k vocabulary fits); label_logprobs.npy, float32 [labels], the
+(4 bytes per entry; ids up to 2^18, so a 152k or 262,144 vocabulary fits; a larger one, Gemma-3 4B's 262,208,
+gets int64 entries of the same layout, named in meta.json's `entry`); label_logprobs.npy, float32 [labels], the
 teacher's log-probability of the observed label y_t over the full vocabulary, whether or not y_t is in its
 top-k (Figure 4's p_T(y_t), Proximal SFT's pi_old(y_t)); offsets.npy, int64 [samples + 1], sample i owns rows
 offsets[i]:offsets[i+1] (its label positions, in order); meta.json (teacher, k, format, tokenizer and data
-fingerprints, a hash of every sample's token ids, counts). 260 bytes per label token at k=64.
+fingerprints, a hash of every sample's token ids, counts, the entry type). 260 bytes per label token at k=64
+(516 with int64 entries).
 The same format serves the reference-model cache of the kl/asft/psft losses (--teacher REF_MODEL).
 
 A build writes into DIR.partial/ and renames it to DIR when every batch is done: a killed build resumes
@@ -56,23 +58,29 @@ PAPER_TEACHERS = {
     "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B-Instruct",
 }
 FORMAT = "int32 v3: token_id << 14 | fp16 bits of -logprob / 256; float32 label logprobs"
-ID_BITS, VALUE_BITS = 18, 14
+VALUE_BITS = 14  # the rest of an entry is the token id: 18 bits in int32, 50 in int64
 LOGPROB_SCALE = 256.0  # -logprob / 256 < 1 has fp16 bits below 0x3C00: 14 bits keep fp16's full precision
 LOGPROB_FLOOR = -255.9  # e^-255.9 is 0 to every loss; lower logprobs are stored as this
 
 
-def pack_topk(ids, logprobs):
-    """ids [N, k] long and logprobs [N, k] float -> int32 [N, k]: 18-bit id, 14-bit value (relative error
-    <= 2^-11, as fp16; absolute <= 2^-17 near logprob 0)."""
+def entry_dtype(vocab_size):
+    """int32 entries while every id fits their 18 bits (260 bytes a label token at k=64), else int64."""
+    return torch.int32 if vocab_size <= 1 << (32 - VALUE_BITS) else torch.int64
+
+
+def pack_topk(ids, logprobs, dtype=torch.int32):
+    """ids [N, k] long and logprobs [N, k] float -> [N, k] entries of `dtype` (entry_dtype): the id, then a
+    14-bit value (relative error <= 2^-11, as fp16; absolute <= 2^-17 near logprob 0)."""
     # the mask drops the sign bit of -0.0 (a top-1 logprob of exactly 0): sign-extended, it would wipe the id
-    value = (-logprobs.clamp(LOGPROB_FLOOR, 0) / LOGPROB_SCALE).half().view(torch.int16).to(torch.int32)
+    value = (-logprobs.clamp(LOGPROB_FLOOR, 0) / LOGPROB_SCALE).half().view(torch.int16).to(dtype)
     bits = value & ((1 << VALUE_BITS) - 1)
-    return (ids.to(torch.int32) << VALUE_BITS) | bits
+    return (ids.to(dtype) << VALUE_BITS) | bits
 
 
 def unpack_topk(packed):
-    """int32 [N, k] -> (ids [N, k] long, logprobs [N, k] float32); runs on the tensor's device."""
-    ids = (packed >> VALUE_BITS) & ((1 << ID_BITS) - 1)
+    """int32 or int64 [N, k] -> (ids [N, k] long, logprobs [N, k] float32); runs on the tensor's device."""
+    id_bits = 8 * packed.element_size() - VALUE_BITS  # the mask undoes the sign extension of ids past 2^17
+    ids = (packed >> VALUE_BITS) & ((1 << id_bits) - 1)
     bits = (packed & ((1 << VALUE_BITS) - 1)).to(torch.int16)
     return ids.long(), bits.view(torch.float16).float() * -LOGPROB_SCALE
 
@@ -105,11 +113,12 @@ class TeacherCache:
         except (ValueError, OSError) as e:
             raise ValueError(f"{self.path}: a file is truncated or unreadable ({e}); rebuild the cache") from e
         labels = int(self.offsets[-1])
-        if (self.packed.dtype != np.int32 or self.packed.shape != (labels, self.meta["k"])
+        entry = self.meta.get("entry", "int32")  # caches from before int64 entries have no key
+        if (self.packed.dtype != np.dtype(entry) or self.packed.shape != (labels, self.meta["k"])
                 or self.label_logprobs.dtype != np.float32 or self.label_logprobs.shape != (labels,)
                 or len(self) != self.meta["samples"]):
             raise ValueError(f"{self.path}: topk.npy is {self.packed.dtype} {self.packed.shape} and label_logprobs.npy "
-                             f"{self.label_logprobs.dtype} {self.label_logprobs.shape}, meta.json promises int32 "
+                             f"{self.label_logprobs.dtype} {self.label_logprobs.shape}, meta.json promises {entry} "
                              f"{(labels, self.meta['k'])} and float32 ({labels},) over {self.meta['samples']} "
                              "samples; rebuild the cache")
         if data is not None:
@@ -181,7 +190,7 @@ def fixed_batches(data, batch_tokens):
 
 @torch.no_grad()
 def topk_rows(model, batch, k, chunk=1024):
-    """(packed top-k [n, k] int32, label logprobs [n] float32) of the teacher's log-softmax at the batch's
+    """(packed top-k [n, k] entries, label logprobs [n] float32) of the teacher's log-softmax at the batch's
     label positions. The lm head runs on `chunk` positions at a time, so no fp32 [T, V] tensor of the batch
     exists; log-softmax is never materialised either: top-k and the label are read off the logits, then
     shifted by their logsumexp."""
@@ -190,12 +199,13 @@ def topk_rows(model, batch, k, chunk=1024):
     is_label = batch["labels"][0] != data_lib.IGNORE_INDEX
     hidden, labels = hidden[is_label], batch["labels"][0][is_label]
     weight = model.get_output_embeddings().weight  # check_head: the head is this matmul alone
+    dtype = entry_dtype(weight.shape[0])
     packed, label_logprobs = [], []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         z = logits_fp32(h, weight)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         values, ids = z.topk(k, dim=-1)
-        packed.append(pack_topk(ids, values - lse))
+        packed.append(pack_topk(ids, values - lse, dtype))
         label_logprobs.append((z.gather(1, y[:, None]) - lse).squeeze(1))
     return torch.cat(packed), torch.cat(label_logprobs)
 
@@ -212,9 +222,9 @@ def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise ValueError("teacher and student tokenizers have different vocabularies: the teacher's top-k ids "
                          "would name other tokens in the student; use a teacher of the student's family")
-    if not len(student_tok) <= teacher_vocab_size <= 1 << ID_BITS:
-        raise ValueError(f"teacher vocab_size {teacher_vocab_size} must cover the tokenizer ({len(student_tok)}) "
-                         f"and fit the cache's {ID_BITS}-bit ids ({1 << ID_BITS})")
+    if teacher_vocab_size < len(student_tok):
+        raise ValueError(f"teacher vocab_size {teacher_vocab_size} does not cover the tokenizer's "
+                         f"{len(student_tok)} tokens: some label ids would have no teacher logit")
 
 
 def to_host(tensors):
@@ -247,7 +257,8 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     batches = fixed_batches(data, batch_tokens)
     counts = data.label_counts()
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "data_fingerprint": data.fingerprint,
+    entry = str(entry_dtype(model.get_output_embeddings().weight.shape[0])).removeprefix("torch.")
+    plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "entry": entry, "data_fingerprint": data.fingerprint,
             "tokenizer_fingerprint": tokenizer_fingerprint, "samples": len(data), "labels": int(offsets[-1]),
             "batch_tokens": batch_tokens}
 
@@ -258,7 +269,7 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
         if not (partial / "plan.json").exists():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            np.lib.format.open_memmap(partial / "topk.npy", "w+", np.int32, (int(offsets[-1]), k)).flush()
+            np.lib.format.open_memmap(partial / "topk.npy", "w+", np.dtype(entry), (int(offsets[-1]), k)).flush()
             np.lib.format.open_memmap(partial / "label_logprobs.npy", "w+", np.float32, (int(offsets[-1]),)).flush()
             np.lib.format.open_memmap(partial / "done.npy", "w+", np.uint8, (len(batches),)).flush()
             np.save(partial / "offsets.npy", offsets)
@@ -310,7 +321,7 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         os.rename(partial, out)
         print(f"wrote {out}: {len(data)} samples, {int(offsets[-1])} label tokens, top-{k}, "
-              f"{4 * k + 4} bytes per token")
+              f"{np.dtype(entry).itemsize * k + 4} bytes per token")
     if world > 1:
         dist.barrier()
 

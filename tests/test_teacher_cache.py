@@ -226,8 +226,54 @@ def test_top64_cache_fits_272_bytes_per_label_token(math16, teacher, tmp_path):
 def test_vocabularies_must_match():
     with pytest.raises(ValueError, match="different vocabularies"):
         tc.check_vocabularies(demo.make_tokenizer(400), demo.make_tokenizer(), 400)
-    with pytest.raises(ValueError, match="18-bit ids"):
-        tc.check_vocabularies(demo.make_tokenizer(), demo.make_tokenizer(), 300_000)
+    with pytest.raises(ValueError, match="does not cover the tokenizer's 384 tokens"):
+        tc.check_vocabularies(demo.make_tokenizer(), demo.make_tokenizer(), 300)
+    tc.check_vocabularies(demo.make_tokenizer(), demo.make_tokenizer(), 262_208)  # Gemma-3 4B's size is fine
+
+
+def teacher_backing(tok, vocab_size, ids):
+    """A tiny teacher of `vocab_size` logits whose top ones at every position are `ids`, in that order: a
+    residual stream held on one dimension (no layer writes to it), read by those ids' lm_head rows alone."""
+    model = demo.make_model(tok)
+    model.resize_token_embeddings(vocab_size)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for rank, i in enumerate(ids):
+            model.lm_head.weight[i, 0] = 0.2 - 0.05 * rank
+    return model
+
+
+@pytest.mark.parametrize("vocab_size, ids, entry", [
+    (1 << 18, [(1 << 18) - 1, 5, 300], "int32"),                    # Gemma-3-270M's 262,144: the 18 bits' last id
+    (262_208, [1 << 18, 262_207, (1 << 18) - 1], "int64"),          # Gemma-3 4B+: past 18 bits
+])
+def test_ids_past_18_bits_keep_their_value_precision(tok, tmp_path, vocab_size, ids, entry):
+    rows = [{"prompt": "1 + 1?", "response": "It is 2."}, {"prompt": "2 + 3?", "response": "The answer is 5."}]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    two = data.tokenize_dataset(tmp_path / "two.jsonl", tok, cache_dir=tmp_path / "tok")
+    teacher = teacher_backing(tok, vocab_size, ids)
+    tc.build(teacher, two, tmp_path / "cache", k=4)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["entry"] == entry and meta["format"] == tc.FORMAT
+    cache = tc.TeacherCache(tmp_path / "cache", two, 4)
+    assert cache.packed.dtype == np.dtype(entry)
+    for i in range(len(two)):
+        got_ids, logprobs, label_logprobs = cache[i]
+        alone = torch.from_numpy(two.input_ids(i).astype(np.int64))[None]
+        with torch.no_grad():
+            direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].double(), -1)
+        labels = torch.from_numpy(two.labels(i))
+        direct, labels = direct[labels != -100], labels[labels != -100]
+        assert (got_ids[:, :3] == torch.tensor(ids)).all()
+        tol = 1e-5 + direct.abs().max() * 2.0 ** -11  # fp16's precision, as for 18-bit ids
+        torch.testing.assert_close(logprobs.double(), direct.gather(1, got_ids), atol=tol, rtol=0)
+        torch.testing.assert_close(label_logprobs.double(), direct.gather(1, labels[:, None])[:, 0], atol=1e-5,
+                                   rtol=1e-6)
+    labels = int(two.label_counts().sum())
+    assert (tmp_path / "cache" / "topk.npy").stat().st_size - 128 == labels * 4 * np.dtype(entry).itemsize
 
 
 def test_two_process_build_equals_one_process_build(tmp_path):
