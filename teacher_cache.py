@@ -175,10 +175,11 @@ def teacher_rows(cache, batch, device):
     return cache.rows(batch["sample_ids"], device)
 
 
-def fixed_batches(data, batch_tokens):
-    """Consecutive samples packed up to batch_tokens tokens (a longer sample goes alone)."""
+def fixed_batches(data, batch_tokens, count=None):
+    """Consecutive samples (the first `count`, default all) packed up to batch_tokens tokens (a longer sample
+    goes alone)."""
     batches, current, tokens = [], [], 0
-    for i in range(len(data)):
+    for i in range(len(data) if count is None else min(count, len(data))):
         n = len(data.input_ids(i))
         if current and tokens + n > batch_tokens:
             batches.append(current)
@@ -326,8 +327,9 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
         dist.barrier()
 
 
-def load_teacher(name, device):
-    """bf16 on GPU, fp32 on CPU; flash-attn varlen when installed, else sdpa (both honour packed rows)."""
+def load_model(name, device):
+    """A model to score packed rows with (the teacher here, the student in lens.py): bf16 on GPU, fp32 on CPU;
+    flash-attn varlen when installed, else sdpa (both honour packed rows)."""
     attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn).to(device).eval()
@@ -384,7 +386,7 @@ def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8
         if not (Path(out) / "meta.json").exists():
             check_vocabularies(AutoTokenizer.from_pretrained(teacher), tokenizer,
                                AutoConfig.from_pretrained(teacher).vocab_size)
-            model = load_teacher(teacher, device)
+            model = load_model(teacher, device)
         build(model, data, out, k=k, batch_tokens=batch_tokens, teacher_name=teacher,
               tokenizer_fingerprint=data_lib.tokenizer_fingerprint(tokenizer), flush_every=flush_every)
         if model is not None:

@@ -1,15 +1,40 @@
+import json
+import random
 import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts are the API
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data  # noqa: E402
 import demo  # noqa: E402
+import teacher_cache  # noqa: E402
 
 MATH16 = Path(__file__).parent / "data" / "math16.jsonl"  # 16 short MATH-500 problems and solutions
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """train.py's and lens.py's world: a student, a teacher (another seed), 32 arithmetic samples of varied
+    length (with CFT-style label weights), their tokenisation and the teacher's top-8 cache."""
+    root = tmp_path_factory.mktemp("train")
+    student, teacher = demo.save_tiny(root / "student", seed=0), demo.save_tiny(root / "teacher", seed=1)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(32):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        response = f"{a} + {b} = {a + b}. " * rng.randint(1, 4) + f"The answer is \\boxed{{{a + b}}}."
+        answer = response.rindex(str(a + b))  # CFT-style: the final answer's digits are the critical tokens
+        lines.append(json.dumps({"prompt": f"What is {a} + {b}?", "response": response, "weight": 0.5,
+                                 "weight_spans": [[answer, answer + len(str(a + b)), 1.0]]}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    tokens = data.tokenize_dataset(root / "train.jsonl", AutoTokenizer.from_pretrained(student), max_len=256,
+                                   cache_dir=root / "tokenized")
+    teacher_cache.build(AutoModelForCausalLM.from_pretrained(teacher), tokens, root / "cache", k=8)
+    return root
 
 
 @pytest.fixture(scope="module")

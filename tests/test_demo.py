@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import demo
-import loss as qloss
+import lens
 import teacher_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,18 +63,6 @@ def test_problem_kinds_by_the_tens_digit():
             tens_changes = [a // 10 != b // 10 for a, b in zip(values, values[1:])]
             assert all(tens_changes) if kind == "all" else not any(tens_changes)
             assert 100 <= start and values[-1] <= 999
-
-
-def test_quadrants_hand_checked_and_as_loss_py_logs_them():
-    p_student = np.array([0.1, 0.1, 0.9, 0.9, 0.5, 0.2])
-    p_teacher = np.array([0.9, 0.1, 0.9, 0.1, 0.5, 0.7])
-    assert demo.quadrant_of(p_student, p_teacher).tolist() == [0, 1, 2, 3, 2, 0]
-    assert list(demo.quadrants(p_student, p_teacher).values()) == pytest.approx([2 / 6, 1 / 6, 2 / 6, 1 / 6])
-    p_student, p_teacher = np.random.default_rng(0).random((2, 1000))
-    stats = {}
-    qloss.quadrant_sums(stats, torch.from_numpy(p_student), torch.from_numpy(p_teacher), demo.THRESHOLD)
-    logged = [float(stats[key]) / 1000 for key in ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")]
-    assert list(demo.quadrants(p_student, p_teacher).values()) == pytest.approx(logged)
 
 
 def test_parse_loss():
@@ -136,8 +124,10 @@ def test_quick_artifacts(quick):
         assert min(plt.imread(out / png).shape[:2]) > 100
     html = (out / "tokens.html").read_text()
     labels = sft_tokens(out).label_counts()
-    shown = re.findall(r"<h3>sample (\d+): rescue · \d+, filter · \d+, response · (\d+) tokens</h3>", html)
+    shown = re.findall(r"<h3>Sample (\d+) &nbsp; Rescue · \d+ &nbsp; Filter · \d+ &nbsp; Response · (\d+) tokens</h3>",
+                       html)
     assert len(shown) == 4 and all(int(n) == labels[int(i)] for i, n in shown)
+    assert json.loads((out / "lens.json").read_text())["labels"] == labels.sum()  # lens.py's outputs, in-process
     assert html.count("<span style") == 4 + sum(int(n) for _, n in shown)  # the legend, then a span per label
     assert any(line.startswith("| TARGET-SFT (after) |") for line in summary)
 
@@ -163,7 +153,7 @@ def test_quick_label_probs_match_an_unpacked_forward(quick):
     assert len(p_base) == tokens.label_counts().sum()
     np.testing.assert_allclose(p_base[:len(expected)], expected, rtol=1e-4, atol=1e-6)
     p_teacher = np.exp(teacher_cache.TeacherCache(out / "cache" / "teacher", data=tokens).label_logprobs)
-    shares = demo.quadrants(p_base, p_teacher)
+    shares = lens.shares(p_base, p_teacher, demo.THRESHOLD)
     summary = (out / "summary.md").read_text().splitlines()
     base_row = next(line for line in summary if line.startswith("| Base (before)"))
     assert base_row.split("|")[2:6] == [f" {s:.1%} " for s in shares.values()]

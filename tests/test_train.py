@@ -24,26 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A student, a teacher (another seed), 32 arithmetic samples of varied length, the teacher's top-8."""
-    root = tmp_path_factory.mktemp("train")
-    student, teacher = demo.save_tiny(root / "student", seed=0), demo.save_tiny(root / "teacher", seed=1)
-    rng = random.Random(0)
-    lines = []
-    for _ in range(32):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        response = f"{a} + {b} = {a + b}. " * rng.randint(1, 4) + f"The answer is \\boxed{{{a + b}}}."
-        answer = response.rindex(str(a + b))  # CFT-style: the final answer's digits are the critical tokens
-        lines.append(json.dumps({"prompt": f"What is {a} + {b}?", "response": response, "weight": 0.5,
-                                 "weight_spans": [[answer, answer + len(str(a + b)), 1.0]]}))
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    tokens = data.tokenize_dataset(root / "train.jsonl", AutoTokenizer.from_pretrained(student), max_len=256,
-                                   cache_dir=root / "tokenized")
-    teacher_cache.build(AutoModelForCausalLM.from_pretrained(teacher), tokens, root / "cache", k=8)
-    return root
-
-
 def train_args(setup, out, *extra):
     return ["--model", str(setup / "student"), "--data", str(setup / "train.jsonl"), "--teacher-cache",
             str(setup / "cache"), "--ref-cache", str(setup / "cache"), "--out", str(setup / out),
@@ -299,18 +279,18 @@ def test_a_second_method_reuses_the_cache_and_changed_data_is_refused(setup, cli
     monkeypatch.chdir(tmp_path)
     run_in_process(auto_args(setup, tmp_path / "target", "--teacher", str(setup / "teacher")), monkeypatch)
     (folder,) = cache_folders(tmp_path)
-    before, load_teacher = stamps(folder), teacher_cache.load_teacher
+    before, load_model = stamps(folder), teacher_cache.load_model
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded for a complete cache")
-    monkeypatch.setattr(teacher_cache, "load_teacher", no_teacher)
+    monkeypatch.setattr(teacher_cache, "load_model", no_teacher)
     run_in_process(auto_args(setup, tmp_path / "distill", "--loss", "distill", "--teacher", str(setup / "teacher")),
                    monkeypatch)
     assert cache_folders(tmp_path) == [folder] and stamps(folder) == before  # not one file rewritten
     assert files(folder) == files(cli_cache)
     assert metrics(tmp_path, "distill")[0]["p_teacher_label"] == metrics(tmp_path, "target")[0]["p_teacher_label"]
     # the same inputs by name, other contents: the data file changed since its cache was built
-    monkeypatch.setattr(teacher_cache, "load_teacher", load_teacher)
+    monkeypatch.setattr(teacher_cache, "load_model", load_model)
     edited = tmp_path / "train.jsonl"
     edited.write_text((setup / "train.jsonl").read_text().replace("answer is", "result is"))
     run_in_process(auto_args(setup, tmp_path / "edited-1", "--data", str(edited), "--teacher", str(setup / "teacher")),
