@@ -14,6 +14,7 @@
     python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache (GPU)
     python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
     python bench.py demo                      # `python demo.py` at its defaults into a fresh folder, timed
+    python bench.py real                      # teacher_cache and train.py on SmolLM2-135M vs plain transformers
 """
 import argparse
 import importlib.util
@@ -366,6 +367,70 @@ def bench_train(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py real: the scripts on a real pretrained LM, each against plain transformers on the same batches
+
+def bench_real(args):
+    """SmolLM2-135M-Instruct (demo.real_model) on real MATH-500 solutions, fp32 on this machine's CPU:
+    teacher_cache.build against a plain forward over the same packed batches, and train.py (one process, sft
+    and target) against a plain transformers step, forward, cross-entropy backward and AdamW, over the same
+    micro-batches. Tokens/s side by side in one run; train.py's are its logged steps after the first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = demo.real_model("smollm2-135m-instruct")
+    work = Path(tempfile.mkdtemp(prefix="bench-real-"))
+    (work / "rows.jsonl").write_text(MATH16.read_text() * args.repeat)
+    common = ["--data", str(work / "rows.jsonl"), "--max-len", "512", "--data-cache", str(work / "tok")]
+    ds = data.tokenize_dataset(work / "rows.jsonl", AutoTokenizer.from_pretrained(model_dir), max_len=512,
+                               cache_dir=work / "tok")
+    model = teacher_cache.load_model(str(model_dir), torch.device("cpu"))
+    batches = teacher_cache.fixed_batches(ds, args.batch_tokens)
+    tokens = sum(len(ds.input_ids(i)) for i in range(len(ds)))
+    print(f"SmolLM2-135M-Instruct, cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), fp32, "
+          f"torch {torch.__version__}: {len(ds)} samples, {tokens} tokens")
+
+    def plain_forward():
+        with torch.no_grad():
+            for b in batches:
+                batch = data.pack(ds, b)
+                model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.sum()
+
+    plain_forward()  # warm-up
+    plain = timed(plain_forward)
+    build = timed(lambda: teacher_cache.build(model, ds, work / "cache", k=64, batch_tokens=args.batch_tokens))
+    rows = [("real", "teacher cache: build / plain forward", f"{tokens / build:.0f} / {tokens / plain:.0f} tok/s "
+                                                             f"= {plain / build:.2f}")]
+
+    sampler = data.Sampler(len(ds), seed=0)
+    steps = [data.fixed_micro_batches(sampler.take_global(args.global_batch_size), args.micro_batch_size)[0]
+             for _ in range(args.steps)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    model.train()
+    step_rates = []
+    for step in steps:
+        started, step_tokens = time.perf_counter(), 0
+        for ids in step:
+            batch = data.pad_batch(ds, ids)
+            model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
+            step_tokens += sum(len(ds.input_ids(i)) for i in ids)
+        optimizer.step()
+        optimizer.zero_grad()
+        step_rates.append(step_tokens / (time.perf_counter() - started))
+    plain_train = statistics.median(step_rates[1:])
+    for variant in ("sft", "target"):
+        out = work / f"run-{variant}"
+        subprocess.run([sys.executable, "train.py", "--model", str(model_dir), "--loss", variant, "--teacher-cache",
+                        str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps), "--dtype", "fp32",
+                        "--global-batch-size", str(args.global_batch_size), "--micro-batch-size",
+                        str(args.micro_batch_size), *common], check=True, capture_output=True)
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+        rate = statistics.median(m["tokens_per_s"] for m in logged)
+        rows.append(("real", f"train.py {variant} / plain step", f"{rate:.0f} / {plain_train:.0f} tok/s = "
+                                                                f"{rate / plain_train:.2f}"))
+    for bench, case, result in rows:
+        print(f"{bench:6} {case:40} {result}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py gpu: everything that needs a GPU, in one device command, then one table
 
 def bench_gpu(args):
@@ -576,6 +641,13 @@ def main():
     demo_cmd = commands.add_parser("demo", help="python demo.py at its defaults, timed")
     demo_cmd.add_argument("demo_args", nargs="*", help="extra demo.py arguments, e.g. -- --seeds 3")
     demo_cmd.set_defaults(run=bench_demo)
+    real = commands.add_parser("real", help="teacher_cache and train.py on SmolLM2-135M against plain transformers")
+    real.add_argument("--repeat", type=int, default=4, help="copies of the 16 MATH-500 solutions")
+    real.add_argument("--batch-tokens", type=int, default=2048, help="teacher cache: tokens per packed forward")
+    real.add_argument("--global-batch-size", type=int, default=16)
+    real.add_argument("--micro-batch-size", type=int, default=4)
+    real.add_argument("--steps", type=int, default=4, help="the first is a warm-up, left out")
+    real.set_defaults(run=bench_real)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
     gpu.set_defaults(run=bench_gpu)
