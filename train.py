@@ -28,7 +28,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -106,7 +108,10 @@ parser.add_argument("--layout", default="auto", choices=["auto", "packed", "padd
                     "packed rows (flash-attn's varlen kernel) or right-padded rows without an attention mask "
                     "(sdpa's causal flash kernel); auto: packed with flash-attn installed, else padded")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--save-every", type=int, default=0, help="steps between sharded checkpoints (0: none)")
+parser.add_argument("--save-minutes", type=float, default=30, help="minutes between sharded checkpoints, on rank "
+                    "0's clock (0: none by time); SIGTERM or SIGUSR1 also saves one, then the run stops")
+parser.add_argument("--save-every", type=int, default=0, help="steps between sharded checkpoints as well (0: none "
+                    "by count); with --save-minutes 0, no checkpoints at all")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
 parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
 parser.add_argument("--resume", action="store_true")
@@ -119,6 +124,15 @@ parser.add_argument("--skip-bad", action="store_true", help="skip and count malf
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
 data.report_user_errors(parser)  # a bad flag, bad data or a mismatched cache: one `error:` line, not a traceback
 args = parser.parse_args()
+
+# A preempted job gets SIGTERM (Slurm, then SIGKILL after a grace period) or SIGUSR1: every rank notes it, the
+# step's all-reduce shares it, and after that step all save a checkpoint and exit with UNFINISHED
+UNFINISHED = 75  # sysexits.h's EX_TEMPFAIL: stopped before the end, --resume continues
+stop_signals = []
+SAVING = args.save_minutes > 0 or args.save_every > 0
+if SAVING:
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signal.Signals(signum).name))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,7 +162,8 @@ def save_checkpoint(out, step, model, optimizer, extra):
 
 # may change on resume: they steer the run or name where things are (the caches are validated on their own)
 # (micro-batching and layout too: the normaliser is the step's global label count, so the maths is unchanged)
-RUN_CONTROL = {"resume", "stop_after", "save_every", "keep", "export_on_save", "wandb", "activation_checkpointing",
+RUN_CONTROL = {"resume", "stop_after", "save_every", "save_minutes", "keep", "export_on_save", "wandb",
+               "activation_checkpointing",
                "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "micro_batch_tokens", "layout",
                "accumulate_unsharded", "loss_chunk_size", "quadrant_threshold"}
 
@@ -386,6 +401,8 @@ if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
                  "longest sample would fit no micro-batch")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
+if args.save_minutes < 0 or args.save_every < 0:
+    parser.error("--save-minutes and --save-every must be >= 0 (0: no checkpoints by time, or by steps)")
 out = Path(args.out)
 checkpoints = checkpoint_dirs(out)
 if checkpoints and not args.resume:
@@ -492,8 +509,16 @@ if cache is not None and args.loss in qloss.REFERENCE_LOSSES:
     logged.update(in_topk="in_topk", p_teacher_label="p_ref_label")
 elif cache is not None:
     logged.update({key: key for key in ("in_topk", "p_teacher_label", *qloss.QUADRANTS)})
+if rank == 0 and not SAVING:
+    print("checkpoints: off (--save-minutes 0 and --save-every 0): a killed run starts over")
+elif rank == 0:
+    every = " and ".join(([f"{args.save_minutes:g} minutes"] if args.save_minutes else [])
+                         + ([f"{args.save_every} steps"] if args.save_every else []))
+    print(f"checkpoints: every {every} into {out / 'checkpoints'}, the last {args.keep} kept; on SIGTERM or SIGUSR1 "
+          f"one more, then exit {UNFINISHED} (--resume continues)")
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
+last_save, stopping = time.monotonic(), False
 while step < stop:
     started = time.perf_counter()
     dealt = sampler.take_global(args.global_batch_size // world_size)  # every rank's samples of this step
@@ -532,10 +557,13 @@ while step < stop:
     peak_fwd_bwd = peak_memory_gib()  # what --micro-batch-tokens and --activation-checkpointing govern
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    # the ranks agree in the step's one all-reduce: save when rank 0's clock says so, stop when a rank was signalled
+    save_due = rank == 0 and args.save_minutes > 0 and time.monotonic() - last_save >= 60 * args.save_minutes
     sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
-                                      for v in step_stats.values()])
+                                      for v in [*step_stats.values(), save_due, bool(stop_signals)]])
     dist.all_reduce(sums)
-    step_loss, stat_sums = sums[0].item(), sums[1:].tolist()
+    step_loss, stat_sums = sums[0].item(), sums[1:-2].tolist()
+    save_due, stopping = (sums[-2:] > 0).tolist()
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
         raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite "
                          f"(rank {rank}'s samples {sum(micro_batches, [])}); the run stops before the update")
@@ -567,19 +595,29 @@ while step < stop:
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         progress.update()
     stopping_early = step == stop < total_steps  # --stop-after: the checkpoint is what --resume continues
-    if (args.save_every and (step % args.save_every == 0 or step == stop)) or stopping_early:
+    counted = args.save_every and (step % args.save_every == 0 or step == stop)
+    if counted or save_due or stopping_early or stopping:
         save_checkpoint(out, step, model, optimizer, {
             "step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
             "rng": torch.get_rng_state(), "model": model_identity(args.model, model.config), "args": vars(args)})
+        last_save = time.monotonic()
         if args.export_on_save:
             export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype)
+    if stopping:
+        break
 progress.close()
 prepare_next.shutdown()
 
-if step == total_steps:
+if step == total_steps and not stopping:
     export_hf(out / "hf", model, tokenizer, compute_dtype)
     if rank == 0:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png")
         print(f"done: {out / 'hf'} (transformers / vLLM), {out / 'metrics.png'}")
 dist.barrier()  # every rank tears gloo/NCCL down together, none while rank 0 is still plotting
 dist.destroy_process_group()
+if stopping:
+    if rank == 0:
+        received = stop_signals[0] if stop_signals else "another rank's signal"
+        print(f"stopped after step {step} on {received}: saved {out / 'checkpoints' / f'step_{step:08d}'}; rerun the "
+              "same command with --resume to continue", flush=True)
+    sys.exit(UNFINISHED)

@@ -6,8 +6,10 @@ import random
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,11 @@ def run_in_process(args, monkeypatch):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def checkpoint_dirs(out):
+    """Complete checkpoints, oldest first (a step_N.tmp is an unfinished save)."""
+    return sorted(p for p in (out / "checkpoints").glob("step_*") if p.suffix != ".tmp")
 
 
 def metrics(setup, out):
@@ -113,6 +120,69 @@ def test_resume_continues_exactly(setup, one_process):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
     assert sorted(p.name for p in (setup / "resumed" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_sigterm_mid_run_saves_stops_unfinished_and_resume_matches_an_uninterrupted_run(setup):
+    """As Slurm preempts a job: SIGTERM to every process of a 2-rank torchrun (torchrun forwards it too). The
+    ranks finish the step, save it, exit with 75; --resume then gives the uninterrupted run's losses."""
+    args = train_args(setup, "sigterm", "--micro-batch-size", "2", "--epochs", "3", "--max-steps", "12")
+    run(train_args(setup, "sigterm-whole", "--micro-batch-size", "2", "--epochs", "3", "--max-steps", "12"), nproc=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    job = subprocess.Popen([*torchrun, TRAIN, *args], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    logged = setup / "sigterm" / "metrics.jsonl"
+    while not (logged.exists() and len(logged.read_text().splitlines()) >= 2):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=300)
+    steps = len(logged.read_text().splitlines())
+    assert job.returncode != 0 and 2 <= steps < 12, err[-3000:]
+    assert f"stopped after step {steps} on SIGTERM" in out and "--resume to continue" in out, out[-2000:]
+    assert [p.name for p in checkpoint_dirs(setup / "sigterm")][-1] == f"step_{steps:08d}"
+    assert not (setup / "sigterm" / "hf").exists()
+    run([*args, "--resume"], nproc=2)
+    whole, resumed = metrics(setup, "sigterm-whole"), metrics(setup, "sigterm")
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    for a, b in zip(whole, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+def test_a_python_run_exits_75_on_sigterm(setup):
+    """Without torchrun the exit status is train.py's own: 75 (EX_TEMPFAIL), what a requeue script reads."""
+    job = subprocess.Popen([sys.executable, TRAIN, *train_args(setup, "sigterm-75", "--micro-batch-size", "8",
+                                                                "--epochs", "3", "--max-steps", "12")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logged = setup / "sigterm-75" / "metrics.jsonl"
+    while not (logged.exists() and logged.read_text()):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 75 and "on SIGUSR1" in out, err[-2000:]
+
+
+def test_checkpoints_come_on_the_clock_and_saving_off_says_so(setup, monkeypatch, capsys):
+    run_in_process(train_args(setup, "clock", "--micro-batch-size", "8", "--save-minutes", "1e-6"), monkeypatch)
+    assert "checkpoints: every 1e-06 minutes into" in capsys.readouterr().out
+    assert [p.name for p in checkpoint_dirs(setup / "clock")] == ["step_00000003", "step_00000004"]  # --keep 2
+    run_in_process(train_args(setup, "no-saving", "--micro-batch-size", "8", "--save-minutes", "0"), monkeypatch)
+    assert "checkpoints: off (--save-minutes 0 and --save-every 0)" in capsys.readouterr().out
+    assert not (setup / "no-saving" / "checkpoints").exists()
+
+
+def test_a_checkpoint_holds_12_bytes_a_parameter(setup, monkeypatch):
+    """README's sizing: fp32 master weights and AdamW's two fp32 moments, sharded; the rest is metadata."""
+    run_in_process(train_args(setup, "sized", "--micro-batch-size", "8", "--max-steps", "1", "--save-every", "1"),
+                   monkeypatch)
+    (checkpoint,) = checkpoint_dirs(setup / "sized")
+    size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    tensors = list(AutoModelForCausalLM.from_pretrained(setup / "student").parameters())
+    params = sum(p.numel() for p in tensors)
+    # beyond the bytes: a few KiB of record per stored tensor (weight, two moments) and the metadata
+    assert 12 * params <= size <= 12 * params + 3 * len(tensors) * 4096, (size, 12 * params)
 
 
 def test_checkpoints_that_would_resume_wrongly_are_refused(setup, monkeypatch, capsys):
