@@ -277,7 +277,8 @@ def bench_grade(args):
                         for w, j in zip(wrong, others)])
         expected.append(~wrong)
     start = time.perf_counter()
-    correct, timed_out = evaluation.grade_samples(items, samples, args.workers, args.timeout)
+    with evaluation.grading_pool(args.workers) as pool:
+        correct, timed_out = evaluation.grade_samples(pool, items, samples, args.timeout)
     seconds = time.perf_counter() - start
     answers = correct.size
     generate = answers * args.tokens_per_response / args.gen_tokens_per_s

@@ -32,7 +32,7 @@ import re
 import signal
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from difflib import SequenceMatcher
 from functools import lru_cache, partial
 from importlib import metadata
@@ -191,6 +191,8 @@ def parse_args(argv=None):
     p.add_argument("--dp", type=int, default=1, help="data-parallel engines, each on its own --tp GPUs")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation: faster start")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="grading processes")
+    p.add_argument("--shard-problems", type=int, default=64, help="problems generated and graded at a time; each "
+                   "finished shard is appended to generations.jsonl, so a killed run keeps it")
     p.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per graded sample")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print runs side by side and plot")
@@ -224,7 +226,7 @@ def check_args(args):
         if len(set(names)) < len(names):
             sys.exit(f"error: several --model share a name ({', '.join(names)}), and each is written to OUT/<name>/; "
                      "evaluate them in separate calls with --name")
-    for flag in ("n", "max_tokens", "tp", "dp", "workers"):
+    for flag in ("n", "max_tokens", "tp", "dp", "workers", "shard_problems"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if (args.temperature or 0) < 0 or not 0 < args.top_p <= 1:
@@ -450,37 +452,54 @@ class Generators:
     """The generator of each model in turn. A single vLLM engine is kept for the next model of the same
     engine_key: its weights are swapped in (vLLM's reload_weights, as RL trainers update a policy) instead of
     a new engine starting, which is most of a small model's evaluation. Samples do not depend on the order:
-    every request carries its own seed."""
+    every request carries its own seed (request_seed)."""
 
     def __init__(self):
-        self.key = self.llm = self.pool = self.max_model_len = None
+        self.key = self.llm = self.pool = self.max_model_len = self.generate = None
 
     def load(self, args, key):
         if self.llm is not None and key == self.key and args.max_model_len <= self.max_model_len:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": args.model_dir})
             self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
-            return partial(generate_vllm, self.llm)
+            return
         self.close()
         self.key, self.max_model_len = key, args.max_model_len
         if args.dp > 1:
-            generate, self.pool = data_parallel_generator(args)
-            return generate
-        if args.backend == "hf":
-            return load_generator(args)
-        self.llm = load_vllm(args.model_dir, args)
-        return partial(generate_vllm, self.llm)
+            self.pool = data_parallel_engines(args)
+        elif args.backend == "hf":
+            self.generate = load_generator(args)
+        else:
+            self.llm = load_vllm(args.model_dir, args)
+            self.generate = partial(generate_vllm, self.llm)
+
+    def run(self, jobs):
+        """(index, samples) of each job (prompts, sampling, stop, seeds) as it finishes: in turn on one engine;
+        with --dp, as the engines free up."""
+        if self.pool is None:
+            for i, job in enumerate(jobs):
+                yield i, self.generate(*job)
+            return
+        futures = {self.pool.submit(_dp_generate, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
         if self.llm is not None:  # before the next engine starts, not whenever the garbage collector runs
             self.llm.llm_engine.engine_core.shutdown()
-        self.key = self.llm = self.pool = None
+        self.key = self.llm = self.pool = self.generate = None
 
 
-def generate_vllm(llm, prompts, sampling, stop):
+def request_seed(seed, problem):
+    """Problem `problem`'s own sampling seed: its samples do not depend on the problems batched or sharded with
+    it, so a benchmark resumed after a kill draws what an uninterrupted one draws."""
+    return int(np.random.SeedSequence([seed, problem]).generate_state(1)[0])
+
+
+def generate_vllm(llm, prompts, sampling, stop, seeds):
     from vllm import SamplingParams
-    params = SamplingParams(**sampling, stop_token_ids=stop)
+    params = [SamplingParams(**{**sampling, "seed": seed}, stop_token_ids=stop) for seed in seeds]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
     return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
 
@@ -493,13 +512,13 @@ def load_hf(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def generate_hf(model_tok, prompts, sampling, stop):
+def generate_hf(model_tok, prompts, sampling, stop, seeds):
     import torch
     model, tokenizer = model_tok
-    torch.manual_seed(sampling["seed"])
     greedy = sampling["temperature"] == 0
     samples = []
-    for ids in tqdm(prompts, desc="generate (hf)"):
+    for ids, seed in zip(tqdm(prompts, desc="generate (hf)"), seeds):
+        torch.manual_seed(seed)
         with torch.no_grad():
             out = model.generate(torch.tensor([ids], device=model.device), do_sample=not greedy,
                                  temperature=None if greedy else sampling["temperature"],
@@ -528,19 +547,13 @@ def _dp_generate(job):
     return _GENERATE(*job)
 
 
-def data_parallel_generator(args):
-    """--dp engines in spawned processes, each pinned to its own --tp GPUs; prompts split in contiguous shards."""
+def data_parallel_engines(args):
+    """--dp engines in spawned processes, each pinned to its own --tp GPUs; each takes a shard at a time."""
     ctx = get_context("spawn")
     gpu_groups = ctx.Queue()
     for rank in range(args.dp):
         gpu_groups.put(",".join(str(rank * args.tp + i) for i in range(args.tp)))
-    pool = ProcessPoolExecutor(args.dp, mp_context=ctx, initializer=_init_dp_worker, initargs=(gpu_groups, args))
-
-    def generate(prompts, sampling, stop):
-        bounds = np.linspace(0, len(prompts), args.dp + 1).astype(int)
-        shards = [(prompts[a:b], sampling, stop) for a, b in zip(bounds[:-1], bounds[1:])]
-        return [sample for shard in pool.map(_dp_generate, shards) for sample in shard]
-    return generate, pool
+    return ProcessPoolExecutor(args.dp, mp_context=ctx, initializer=_init_dp_worker, initargs=(gpu_groups, args))
 
 
 # ------------------------------------------------------------------------------------------------- grading
@@ -686,12 +699,16 @@ def grade_item(job, timeout, protocol):
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def grade_samples(items, samples, workers, timeout, protocol="paper"):
-    """Grade every sample in a process pool; returns (correct, timed_out) bool arrays shaped problems x n."""
+def grading_pool(workers):
+    """Processes for grade_samples, started once per run: math-verify's timeouts need each one's main thread."""
+    return get_context("spawn").Pool(workers)
+
+
+def grade_samples(pool, items, samples, timeout, protocol="paper"):
+    """Grade every sample in the pool; returns (correct, timed_out) bool arrays shaped problems x n."""
     jobs = [(text, item) for item, row in zip(items, samples) for text, _, _ in row]
-    with get_context("spawn").Pool(workers) as pool:
-        grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout, protocol=protocol), jobs, chunksize=32),
-                           total=len(jobs), desc="grade"))
+    grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout, protocol=protocol), jobs, chunksize=32),
+                       total=len(jobs), desc="grade"))
     grades = np.array(grades, dtype=bool).reshape(len(items), -1, 2)
     return grades[..., 0], grades[..., 1]
 
@@ -765,17 +782,44 @@ def run_info(args):
 
 
 def load_previous(out, info):
-    """results.json and generations.jsonl rows of the finished benchmarks of an earlier run into out."""
-    if not (out / "results.json").is_file():
-        return {**info, "benchmarks": {}}, []
-    results = json.loads((out / "results.json").read_text())
-    for key in ("model", "backend", "protocol", "sampling", "system_prompt"):
-        if results.get(key) != info[key]:
-            sys.exit(f"error: {out} holds a run with another {key} ({results[key]} vs {info[key]}); "
-                     "pass another --out or delete it")
-    lines = (out / "generations.jsonl").read_text().splitlines()
-    rows = [row for row in map(json.loads, lines) if row["benchmark"] in results["benchmarks"]]
-    return results, rows
+    """The run so far in `out`: results.json, whose settings must be this run's (a new folder gets one at once,
+    so that a rerun is checked against them), and every whole row of generations.jsonl (a line torn by a kill
+    mid-write is dropped: its problem is generated again)."""
+    if (out / "results.json").is_file():
+        results = json.loads((out / "results.json").read_text())
+        for key in ("model", "backend", "protocol", "sampling", "system_prompt"):
+            if results.get(key) != info[key]:
+                sys.exit(f"error: {out} holds a run with another {key} ({results.get(key)} vs {info[key]}); "
+                         "pass another --out or delete it")
+    else:
+        results = {**info, "benchmarks": {}}
+        write_atomic(out / "results.json", json.dumps(results, indent=1))
+    rows = []
+    if (out / "generations.jsonl").is_file():
+        for line in (out / "generations.jsonl").read_text().splitlines(keepends=True):
+            try:
+                rows.append(json.loads(line) if line.endswith("\n") else None)
+            except json.JSONDecodeError:
+                pass
+    return results, [row for row in rows if row is not None]
+
+
+def whole_problems(rows, name, n):
+    """{problem: its n rows in sample order} of benchmark `name`, for the problems whose every sample is among
+    `rows`: a shard cut short by a kill leaves some without theirs."""
+    samples = {}
+    for row in rows:
+        if row["benchmark"] == name:
+            samples.setdefault(row["problem"], {})[row["sample"]] = row
+    return {i: [got[j] for j in range(n)] for i, got in samples.items() if set(got) == set(range(n))}
+
+
+def append_rows(path, rows):
+    """One write, flushed to disk: a finished shard survives a kill that comes after it."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def suite_averages(benchmarks):
@@ -918,13 +962,17 @@ def evaluate(args):
     """Every --model in turn, each into its own results.json; returns the results (a list for several)."""
     generators = Generators()
     try:
-        results = [evaluate_model(each, generators) for each in per_model(args)]
+        with grading_pool(args.workers) as grader:
+            results = [evaluate_model(each, generators, grader) for each in per_model(args)]
     finally:
         generators.close()
     return results if len(results) > 1 else results[0]
 
 
-def evaluate_model(args, generators):
+def evaluate_model(args, generators, grader):
+    """One model's benchmarks, each generated and graded in shards of --shard-problems problems: a finished
+    shard's rows are appended to generations.jsonl, so a rerun into the same --out keeps them and generates
+    only the rest; a benchmark enters results.json once complete, its metrics over all its rows."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, rows = load_previous(out, run_info(args))
@@ -939,28 +987,41 @@ def evaluate_model(args, generators):
                      "data, so save the trained model's tokenizer (with its template) into that folder")
         stop = stop_ids(tokenizer, style)
     data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
+    params = {name: sampling(args, spec(name)[1]) for name in data}
+    done = {name: whole_problems(rows, name, params[name]["n"]) for name in data}
+    kept = [row for row in rows if row["benchmark"] in results["benchmarks"]]
+    kept += [row for problems in done.values() for problem in problems.values() for row in problem]
+    write_atomic(out / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in kept))  # no torn line left
     if todo:
         prompts = {name: [prompt_ids(tokenizer, item, style) for item in items] for name, items in data.items()}
         args.max_model_len = context_length(args.model_dir, sum(prompts.values(), []), args.max_tokens)
-        generate = generators.load(args, engine_key(args.model_dir, tokenizer))
+        generators.load(args, engine_key(args.model_dir, tokenizer))
     for name, items in data.items():
+        n = params[name]["n"]
+        left = [i for i in range(len(items)) if i not in done[name]]
+        if done[name]:
+            print(f"{name}: {len(done[name])} of {len(items)} problems kept from an earlier run, {len(left)} to go")
+        shards = [left[at:at + args.shard_problems] for at in range(0, len(left), args.shard_problems)]
+        jobs = [([prompts[name][i] for i in shard], params[name], stop, [request_seed(args.seed, i) for i in shard])
+                for shard in shards]
+        for index, samples in generators.run(jobs):
+            shard = shards[index]
+            correct, timed_out = grade_samples(grader, [items[i] for i in shard], samples, args.grade_timeout,
+                                               args.protocol)
+            new = [{"benchmark": name, "problem": i, "sample": j, **items[i], "response": text, "tokens": length,
+                    "truncated": trunc, "correct": bool(correct[k, j]), "timeout": bool(timed_out[k, j])}
+                   for k, (i, row) in enumerate(zip(shard, samples)) for j, (text, length, trunc) in enumerate(row)]
+            append_rows(out / "generations.jsonl", new)
+            done[name].update({i: new[k * n:(k + 1) * n] for k, i in enumerate(shard)})
+        matrix = {key: np.array([[row[key] for row in done[name][i]] for i in range(len(items))])
+                  for key in ("correct", "tokens", "truncated", "timeout")}
         suite = spec(name)[1]
-        params = sampling(args, suite)
-        samples = generate(prompts[name], params, stop)
-        correct, timed_out = grade_samples(items, samples, args.workers, args.grade_timeout, args.protocol)
-        lengths = np.array([[s[1] for s in row] for row in samples])
-        truncated = np.array([[s[2] for s in row] for row in samples])
         rounded = args.protocol == "paper" and suite != "medical"
-        results["benchmarks"][name] = {**metrics(correct, lengths, truncated, timed_out, rounded),
-                                       "sampling": params, "stop_token_ids": stop, "system_prompt": style[1],
-                                       "average_rule": average_rule(args.protocol, suite, params)}
+        results["benchmarks"][name] = {**metrics(matrix["correct"], matrix["tokens"], matrix["truncated"],
+                                                 matrix["timeout"], rounded),
+                                       "sampling": params[name], "stop_token_ids": stop, "system_prompt": style[1],
+                                       "average_rule": average_rule(args.protocol, suite, params[name])}
         results["suites"] = suite_averages(results["benchmarks"])
-        rows += [{"benchmark": name, "problem": i, "sample": j, **item, "response": text, "tokens": length,
-                  "truncated": trunc, "correct": bool(correct[i, j]), "timeout": bool(timed_out[i, j])}
-                 for i, (item, row) in enumerate(zip(items, samples))
-                 for j, (text, length, trunc) in enumerate(row)]
-        # generations first: a crash between the two leaves the benchmark unfinished, so it is redone
-        write_atomic(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_atomic(out / "results.json", json.dumps(results, indent=1))
     print(table([(results["name"], results)]))
     print(notes([results]))

@@ -159,11 +159,12 @@ def test_grade_samples_pool_keeps_order_and_counts_timeouts():
     items = [{"answer": "5", "options": None}, {"answer": "B", "options": OPTIONS}]
     samples = [[("\\boxed{5}", 3, False), ("\\boxed{6}", 3, False)],
                [("\\boxed{A}", 3, False), ("the answer is (B)", 5, False)]]
-    correct, timed_out = evaluation.grade_samples(items, samples, workers=2, timeout=10.0)
-    assert correct.tolist() == [[True, False], [False, True]]
-    assert not timed_out.any()
-    correct, timed_out = evaluation.grade_samples(items[:1], [samples[0]], workers=1, timeout=1e-5)
-    assert timed_out.all() and not correct.any()
+    with evaluation.grading_pool(2) as pool:
+        correct, timed_out = evaluation.grade_samples(pool, items, samples, timeout=10.0)
+        assert correct.tolist() == [[True, False], [False, True]]
+        assert not timed_out.any()
+        correct, timed_out = evaluation.grade_samples(pool, items[:1], [samples[0]], timeout=1e-5)
+        assert timed_out.all() and not correct.any()
 
 
 def test_pass_at_k_and_average_by_hand():

@@ -3,8 +3,10 @@
 A random model's accuracy means nothing; these check the outputs' shape and consistency and resumption."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,14 +159,58 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
         evaluation.main([*argv, "--n", "3"])
 
 
-def test_data_parallel_shards_keep_problem_order(model, tmp_path):
-    out = tmp_path / "run"
-    evaluation.main(["--model", model, "--backend", "hf", "--dp", "2",
-                     "--benchmarks", f"math500={DATA}/math500.jsonl",
-                     "--n", "2", "--max-tokens", "4", "--workers", "1", "--out", str(out)])
-    _, rows = check_outputs(out, 4, {"math500": 3})
+def samples_of(out):
+    """{(benchmark, problem, sample): response} of a run's generations.jsonl, and its number of rows."""
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    return {(r["benchmark"], r["problem"], r["sample"]): r["response"] for r in rows}, len(rows)
+
+
+def test_data_parallel_engines_take_shards_and_sample_as_one_engine(model, tmp_path):
+    """--dp 2 with a shard a problem: shards finish in any order on either engine; every problem's samples are
+    those of one engine (each problem's own seed), and each row names its problem."""
+    argv = ["--model", model, "--backend", "hf", "--benchmarks", f"math500={DATA}/math500.jsonl", "--n", "2",
+            "--max-tokens", "4", "--workers", "1", "--shard-problems", "1"]
+    evaluation.main([*argv, "--dp", "2", "--out", str(tmp_path / "dp")])
+    _, rows = check_outputs(tmp_path / "dp", 4, {"math500": 3})
     questions = [item["question"] for item in evaluation.load_benchmark("math500", f"{DATA}/math500.jsonl")]
-    assert [r["question"] for r in rows if r["sample"] == 0] == questions
+    assert {r["problem"]: r["question"] for r in rows} == dict(enumerate(questions))
+    evaluation.main([*argv, "--out", str(tmp_path / "one")])
+    assert samples_of(tmp_path / "dp") == samples_of(tmp_path / "one")
+
+
+def test_a_killed_eval_keeps_its_finished_shards_and_resumes_to_the_same_samples(model, tmp_path):
+    """SIGKILL once the first shard is on disk, plus a torn line as a kill mid-write leaves: the rerun keeps the
+    shard as written, drops the torn line, generates the rest, and ends with exactly problems x n rows, none
+    twice, the samples and metrics of an uninterrupted run (the hf backend seeds each problem's requests)."""
+    rows = [{"problem": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(12)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [sys.executable, "eval.py", "--model", model, "--backend", "hf", "--benchmarks",
+            f"sums={tmp_path / 'sums.jsonl'}", "--n", "2", "--max-tokens", "24", "--shard-problems", "3",
+            "--workers", "1", "--protocol", "strict"]
+    subprocess.run([*argv, "--out", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True)
+    killed = subprocess.Popen([*argv, "--out", str(tmp_path / "run")], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    generations = tmp_path / "run" / "generations.jsonl"
+    while not (generations.exists() and len(generations.read_text().splitlines()) >= 3 * 2):
+        assert killed.poll() is None, "eval.py ended before it could be killed"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["benchmarks"] == {}  # unfinished: not in results.json
+    written = generations.read_text()
+    assert len(written.splitlines()) < 12 * 2
+    with open(generations, "a") as f:
+        f.write('{"benchmark": "sums", "problem": 11, "sam')  # torn
+    subprocess.run([*argv, "--out", str(tmp_path / "run")], cwd=REPO, check=True, capture_output=True)
+    final = generations.read_text()
+    assert final.startswith(written)  # the finished shards' rows, as they were written
+    resumed, count = samples_of(tmp_path / "run")
+    whole, _ = samples_of(tmp_path / "whole")
+    assert count == len(resumed) == 12 * 2 and resumed == whole
+    metrics = [json.loads((tmp_path / out / "results.json").read_text())["benchmarks"]["sums"]
+               for out in ("whole", "run")]
+    assert metrics[0] == metrics[1]
 
 
 def test_a_model_without_chat_template_fails_before_generation(tmp_path):
