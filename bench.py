@@ -375,7 +375,7 @@ def bench_real(args):
     teacher_cache.build against a plain forward over the same packed batches, and train.py (one process, sft
     and target) against a plain transformers step, forward, cross-entropy backward and AdamW, over the same
     micro-batches. Tokens/s side by side in one run; train.py's are its logged steps after the first."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     model_dir = demo.real_model("smollm2-135m-instruct")
     work = Path(tempfile.mkdtemp(prefix="bench-real-"))
     (work / "rows.jsonl").write_text(MATH16.read_text() * args.repeat)

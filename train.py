@@ -18,7 +18,8 @@ Baselines: --loss sft, --loss dft, --loss distill --c 0.8 (Table 1); others: see
     torchrun --nproc_per_node 8 train.py --loss weighted --data mine.jsonl   # rows carry weight / weight_spans
 
 `python train.py ...` runs the same code in one process, CPU included (gloo); `python demo.py` runs it all on a
-toy world. --resume continues the last checkpoint in --out.
+toy world. A checkpoint is saved every --save-minutes (30) and on SIGTERM or SIGUSR1, after which the run stops
+with exit status 75; the same command with --resume continues it.
 """
 import argparse
 import dataclasses

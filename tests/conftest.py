@@ -3,7 +3,9 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts are the API
@@ -54,3 +56,12 @@ def hub_snapshot(hub, repo_id):
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text("0" * 40)
     return repo / "snapshots" / ("0" * 40)
+
+
+def alone(model, tokens, i):
+    """Sample i of `tokens` run alone through `model`: float64 log-probabilities at its label positions (the
+    independent reference for what packed rows, caches and lenses compute), and its labels there."""
+    labels = torch.from_numpy(tokens.labels(i))
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(tokens.input_ids(i).astype(np.int64))[None], use_cache=False).logits
+    return logits[0][labels != -100].double().log_softmax(-1), labels[labels != -100]

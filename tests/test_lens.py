@@ -17,6 +17,7 @@ import demo
 import lens
 import loss as qloss
 import teacher_cache
+from conftest import alone
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
@@ -67,13 +68,10 @@ def test_lens_json_counts_every_label_token_of_the_cache_against_a_plain_forward
     # independently: p_theta from a plain forward of each sample alone, p_T from the cache's label log-probs
     tokens, model = tokens_of(setup), AutoModelForCausalLM.from_pretrained(setup / "student").eval()
     p_student, label_ids = [], []
-    with torch.no_grad():
-        for i in range(len(tokens)):
-            labels = torch.from_numpy(tokens.labels(i))
-            logits = model(torch.from_numpy(tokens.input_ids(i).astype(np.int64))[None]).logits[0].double()
-            rows = labels != -100
-            p_student.append(logits[rows].log_softmax(-1).gather(1, labels[rows, None])[:, 0].exp().numpy())
-            label_ids.append(labels[rows].numpy())
+    for i in range(len(tokens)):
+        logp, labels = alone(model, tokens, i)
+        p_student.append(logp.gather(1, labels[:, None])[:, 0].exp().numpy())
+        label_ids.append(labels.numpy())
     p_student, label_ids = np.concatenate(p_student), np.concatenate(label_ids)
     p_teacher = np.exp(cache.label_logprobs.astype(np.float64))
     index = np.where(p_teacher >= 0.5, np.where(p_student >= 0.5, 2, 0), np.where(p_student >= 0.5, 3, 1))

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +18,7 @@ import data
 import demo
 import eval as evaluation
 import teacher_cache
-from conftest import MATH16
+from conftest import MATH16, alone
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -56,22 +55,12 @@ def pipeline(request, tmp_path_factory):
     return request.param, model, root, tokens
 
 
-def log_softmax_float64(model_dir, tokens):
-    """Each sample run alone through a float64 copy of the model: log pi at its label positions, and labels."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    out = []
-    with torch.no_grad():
-        for i in range(len(tokens)):
-            labels = torch.from_numpy(tokens.labels(i))
-            logits = model(torch.from_numpy(tokens.input_ids(i).astype(np.int64))[None], use_cache=False).logits[0]
-            out.append((logits[labels != -100].log_softmax(-1), labels[labels != -100]))
-    return out
-
-
 @pytest.fixture(scope="module")
 def float64(pipeline):
+    """Each sample run alone through a float64 copy of the model: log pi at its label positions, and labels."""
     name, model, root, tokens = pipeline
-    return log_softmax_float64(model, tokens)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64).eval()
+    return [alone(reference, tokens, i) for i in range(len(tokens))]
 
 
 def test_the_cache_is_a_float64_forward_of_the_same_ids(pipeline, float64):

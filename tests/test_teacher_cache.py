@@ -12,7 +12,7 @@ import torch
 import data
 import demo
 import teacher_cache as tc
-from conftest import MATH16
+from conftest import MATH16, alone
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 16
@@ -40,11 +40,7 @@ def test_cached_topk_is_the_teachers_topk_at_label_positions(built, math16, teac
     assert len(cache) == len(math16)
     for i in range(len(math16)):
         ids, logprobs, label_logprobs = cache[i]
-        alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None]
-        with torch.no_grad():
-            direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].double(), -1)
-        labels = torch.from_numpy(math16.labels(i))
-        direct, labels = direct[labels != -100], labels[labels != -100]
+        direct, labels = alone(teacher, math16, i)
         assert ids.shape == logprobs.shape == (math16.label_counts()[i], K)
         assert label_logprobs.shape == (math16.label_counts()[i],) and label_logprobs.dtype == torch.float32
         # the label's own log-prob over the full vocabulary, inside the top-k or not: fp32, as computed
@@ -262,11 +258,7 @@ def test_ids_past_18_bits_keep_their_value_precision(tok, tmp_path, vocab_size, 
     assert cache.packed.dtype == np.dtype(entry)
     for i in range(len(two)):
         got_ids, logprobs, label_logprobs = cache[i]
-        alone = torch.from_numpy(two.input_ids(i).astype(np.int64))[None]
-        with torch.no_grad():
-            direct = torch.log_softmax(teacher(input_ids=alone, use_cache=False).logits[0].double(), -1)
-        labels = torch.from_numpy(two.labels(i))
-        direct, labels = direct[labels != -100], labels[labels != -100]
+        direct, labels = alone(teacher, two, i)
         assert (got_ids[:, :3] == torch.tensor(ids)).all()
         tol = 1e-5 + direct.abs().max() * 2.0 ** -11  # fp16's precision, as for 18-bit ids
         torch.testing.assert_close(logprobs.double(), direct.gather(1, got_ids), atol=tol, rtol=0)

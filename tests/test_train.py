@@ -2,7 +2,6 @@
 resume, every loss variant, the HF export, and the refusals."""
 import json
 import os
-import random
 import re
 import runpy
 import shutil
@@ -454,6 +453,13 @@ def test_the_paper_pairs_give_the_teacher_of_the_command_as_typed(setup, tmp_pat
     assert line.startswith("error: --loss target needs a teacher, and --model someone/unknown-base has none")
     assert "pass --teacher MODEL" in line and "Qwen/Qwen2.5-Math-1.5B -> Qwen/Qwen2.5-Math-1.5B-Instruct" in line
     assert not (tmp_path / "never").exists()  # nothing tokenised
+
+
+def test_a_missing_cache_folder_is_refused_before_anything_starts(setup, monkeypatch):
+    args = train_args(setup, "no-cache", "--teacher-cache", str(setup / "absent"))
+    with pytest.raises(FileNotFoundError, match="absent is not a complete teacher cache .* build it with"):
+        run_in_process(args, monkeypatch)
+    assert not (setup / "no-cache").exists() and not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("script, flags", [
