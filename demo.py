@@ -1,6 +1,6 @@
 """TARGET-SFT end to end on one CPU in minutes, with no downloads: a toy world, the real scripts, the mechanism.
 
-    python demo.py                       # the whole pipeline into runs/demo (3-4 minutes on 2 CPU cores)
+    python demo.py                       # the whole pipeline into runs/demo (2-3 minutes on 2 CPU cores)
     python demo.py --quick               # a smaller world and n=4: CI's end-to-end check
     python demo.py --seeds 3 --losses "target --eta 1.0,beyond-log"   # mean ± std, and more rows
 
