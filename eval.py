@@ -794,14 +794,14 @@ def load_previous(out, info):
     else:
         results = {**info, "benchmarks": {}}
         write_atomic(out / "results.json", json.dumps(results, indent=1))
-    rows = []
-    if (out / "generations.jsonl").is_file():
-        for line in (out / "generations.jsonl").read_text().splitlines(keepends=True):
+    generations, rows = out / "generations.jsonl", []
+    for line in generations.read_text().splitlines(keepends=True) if generations.is_file() else []:
+        if line.endswith("\n"):  # the last line of a kill mid-write has none
             try:
-                rows.append(json.loads(line) if line.endswith("\n") else None)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-    return results, [row for row in rows if row is not None]
+    return results, rows
 
 
 def whole_problems(rows, name, n):

@@ -167,7 +167,8 @@ def write(out, model, tokenizer, tokens, cache, p_student, threshold=0.5, sample
     p_teacher = np.exp(cache.label_logprobs[:len(p_student)].astype(np.float64))
     covered = int(np.searchsorted(cache.offsets, len(p_student)))
     label_ids = np.concatenate([y[y != data.IGNORE_INDEX] for y in map(tokens.labels, range(covered))])
-    lens = {**report(p_student, p_teacher, label_ids, tokenizer, threshold, top), "inputs": inputs or {}}
+    lens = {**report(p_student, p_teacher, label_ids, tokenizer, threshold, top),
+            "inputs": {**(inputs or {}), "samples_covered": covered}}
     (out / "lens.json").write_text(json.dumps(lens, indent=1, ensure_ascii=False))
     figure4(p_student, p_teacher, out / "figure4.png", threshold, title)
     tokens_html(model, tokenizer, tokens, cache, p_student, p_teacher, out / "tokens.html", threshold, samples, eta)
@@ -213,8 +214,7 @@ def main():
     model = teacher_cache.load_model(args.student, device)
     p_student = label_probs(model, tokens, args.max_samples)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        inputs = {**{k: v for k, v in vars(args).items() if k not in ("out",)}, "teacher": cache.meta["teacher"],
-                  "samples_covered": int(np.searchsorted(cache.offsets, len(p_student)))}
+        inputs = {**{k: v for k, v in vars(args).items() if k != "out"}, "teacher": cache.meta["teacher"]}
         lens = write(args.out, model, tokenizer, tokens, cache, p_student, args.quadrant_threshold, args.samples,
                      args.eta, f"{Path(args.student).name} on {Path(str(args.data)).name}", inputs, args.top_tokens)
         for name, quadrant in lens["quadrants"].items():

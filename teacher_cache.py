@@ -400,9 +400,11 @@ def auto_path(teacher, student, source, k=TOP_K, **data_options):
     key = json.dumps({"teacher": teacher, "student": student, "data": str(source), "k": k, **data_options},
                      sort_keys=True)
     digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(Path(teacher).parts[-2:])).strip("-")
-    source_slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(str(source)).name).strip("-")
-    return Path("cache") / "teacher" / f"{slug}--{source_slug}--top{k}-{digest}"
+
+    def slug(text):
+        return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+    name = f"{slug('-'.join(Path(teacher).parts[-2:]))}--{slug(Path(str(source)).name)}--top{k}-{digest}"
+    return Path("cache") / "teacher" / name
 
 
 def main():

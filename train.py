@@ -354,6 +354,8 @@ try:
     qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
 except ValueError as e:
     parser.error(str(e))
+if args.save_minutes < 0 or args.save_every < 0:
+    parser.error("--save-minutes and --save-every must be >= 0 (0: no checkpoints by time, or by steps)")
 reference = args.loss in qloss.REFERENCE_LOSSES  # its cache is the starting model's own
 cache_path = args.ref_cache if reference else args.teacher_cache
 teacher = None  # the model whose cache this run builds for itself, when it is given none
@@ -402,8 +404,6 @@ if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
                  "longest sample would fit no micro-batch")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
-if args.save_minutes < 0 or args.save_every < 0:
-    parser.error("--save-minutes and --save-every must be >= 0 (0: no checkpoints by time, or by steps)")
 out = Path(args.out)
 checkpoints = checkpoint_dirs(out)
 if checkpoints and not args.resume:
