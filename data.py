@@ -515,18 +515,32 @@ class Sampler:
 def pack(data, sample_ids):
     """One padding-free row. position_ids restart at 0 per sequence, which is what makes flash-attn varlen
     and transformers' sdpa (attention_mask=None, use_cache=False) keep the sequences apart. The sequence
-    boundaries come along as flash-attn's varlen offsets (int32): given them, transformers does not re-derive
-    them from position_ids in every layer, with a host sync each time."""
+    boundaries come along as flash-attn's varlen arguments (int32 offsets, the longest length): given them,
+    transformers does not re-derive them from position_ids in every layer, with two host syncs each time."""
     ids = [np.asarray(data.input_ids(i), dtype=np.int64) for i in sample_ids]
     lengths = [len(x) for x in ids]
     cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
             "position_ids": torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
             "labels": torch.from_numpy(np.concatenate([data.labels(i) for i in sample_ids]))[None],
+            # the maxima as Python ints: as tensors they would cost a host sync in every layer
             "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths), "max_length_k": max(lengths),
             **({} if data.weights is None else {"token_weights": torch.from_numpy(
                 np.concatenate([data.label_weights(i) for i in sample_ids]))[None]}),
             "sample_ids": list(sample_ids)}
+
+
+# what a packed (pack) or padded (pad_batch) batch hands the model: no attention_mask, since right padding
+# follows each sequence and causal attention never looks ahead
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def model_inputs(batch, device=None):
+    """The model's keyword arguments in a batch, its tensors moved to `device` (None: left where they are).
+    Every packed forward (train.py, the teacher cache, the lens) goes through here, varlen arguments included."""
+    return {k: v.to(device, non_blocking=True) if device is not None and torch.is_tensor(v) else v
+            for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def pad_batch(data, sample_ids):

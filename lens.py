@@ -45,13 +45,11 @@ def label_probs(model, tokens, count=None, batch_tokens=8192):
     order, computed as the teacher's are (teacher_cache.topk_rows: packed rows, fp32 logits). Under
     torch.distributed each rank scores every world-th batch and all ranks receive the whole."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
     batches = teacher_cache.fixed_batches(tokens, batch_tokens, count)
     mine = {}
     for b in range(rank, len(batches), world):
-        batch = data.pack(tokens, batches[b])
-        mine[b] = teacher_cache.topk_rows(model, {k: v.to(device) for k, v in batch.items() if k != "sample_ids"},
-                                          k=1)[1].double().exp().cpu().numpy()
+        label_logprobs = teacher_cache.topk_rows(model, data.pack(tokens, batches[b]), k=1)[1]
+        mine[b] = label_logprobs.double().exp().cpu().numpy()
     if dist.is_initialized():
         shards = [None] * world
         dist.all_gather_object(shards, mine)
@@ -193,6 +191,8 @@ def main():
     p.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut (or drop) over-long samples")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
     p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
+    p.add_argument("--dtype", default="auto", choices=sorted(teacher_cache.DTYPES), help="the student's compute "
+                   "dtype (auto: bf16 on GPU, fp32 on CPU); its logits are fp32 either way")
     data.report_user_errors(p)
     args = p.parse_args()
     if not 0 < args.quadrant_threshold < 1:
@@ -211,7 +211,7 @@ def main():
     tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
                                    cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad)
     cache = teacher_cache.TeacherCache(args.teacher_cache, data=tokens)  # other token ids: refused
-    model = teacher_cache.load_model(args.student, device)
+    model = teacher_cache.load_model(args.student, device, teacher_cache.DTYPES[args.dtype])
     p_student = label_probs(model, tokens, args.max_samples)
     if not dist.is_initialized() or dist.get_rank() == 0:
         inputs = {**{k: v for k, v in vars(args).items() if k != "out"}, "teacher": cache.meta["teacher"]}

@@ -221,6 +221,18 @@ def logits_fp32(hidden, weight):
     return hidden.to(acc_dtype) @ weight.to(acc_dtype).T
 
 
+def add_weight_gradient_(grad_weight, grad, h, vocab_block=2**15):
+    """grad_weight += grad^T h, summed in grad_weight's fp32 with no bf16 rounding of the chunk's partial product.
+    Same dtypes: one addmm_ in place. bf16 on CUDA: the matmul writes fp32 (torch.mm's out_dtype) one block of
+    the vocabulary at a time, so the fp32 temporary is [vocab_block, H], not [V, H] (0.9 GB at Qwen's width)."""
+    if grad.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad.T, h)
+        return
+    for start in range(0, grad.shape[1], vocab_block):
+        block = slice(start, start + vocab_block)
+        grad_weight[block] += torch.mm(grad[:, block].T, h, out_dtype=grad_weight.dtype)
+
+
 def residual_cross_entropy(z, lse, q: Target):
     """CE(res, pi) = -sum_v res(v) log pi(v), with res on the teacher's ids or on the whole vocabulary."""
     if q.res is None:
@@ -315,13 +327,12 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             del z  # freed before the gradient matmuls: the chunk's peak is two [n, V] tensors, not three
             if want_hidden or want_weight:
                 scaled = q._replace(a=q.a / normalizer, b=q.b / normalizer)  # 1/normalizer folded into a and b
-                grad = logit_gradient_(exp_z, sum_exp, y, scaled).to(weight.dtype)
+                # in the head's dtype: bf16 for the tensor cores where the matmul writes fp32, else fp32 as it is
+                grad = logit_gradient_(exp_z, sum_exp, y, scaled).to(head.dtype)
                 if want_hidden:
-                    grad_hidden[chunk] = grad @ weight
-                if want_weight and grad.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary per chunk
-                elif want_weight:
-                    grad_weight += grad.T @ h  # a [V, H] bf16 product per chunk, summed over chunks in fp32
+                    grad_hidden[chunk] = (grad @ head).to(grad_hidden.dtype)
+                if want_weight:
+                    add_weight_gradient_(grad_weight, grad, h.to(head.dtype))
                 del grad, scaled
             del exp_z, q  # before the next chunk's logits (and GEM's dense residual): not two chunks' at once
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -25,7 +25,6 @@ alone (not by the number of ranks or the resume point), so every build of the sa
 import argparse
 import gc
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import common
 import data as data_lib
 from loss import logits_fp32
 
@@ -191,14 +191,15 @@ def fixed_batches(data, batch_tokens, count=None):
 
 @torch.no_grad()
 def topk_rows(model, batch, k, chunk=1024):
-    """(packed top-k [n, k] entries, label logprobs [n] float32) of the teacher's log-softmax at the batch's
-    label positions. The lm head runs on `chunk` positions at a time, so no fp32 [T, V] tensor of the batch
-    exists; log-softmax is never materialised either: top-k and the label are read off the logits, then
-    shifted by their logsumexp."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 use_cache=False).last_hidden_state[0]
-    is_label = batch["labels"][0] != data_lib.IGNORE_INDEX
-    hidden, labels = hidden[is_label], batch["labels"][0][is_label]
+    """(packed top-k [n, k] entries, label logprobs [n] float32) of the teacher's log-softmax at the label
+    positions of a packed batch (data.pack, on the host). The lm head runs on `chunk` positions at a time, so no
+    fp32 [T, V] tensor of the batch exists; log-softmax is never materialised either: top-k and the label are
+    read off the logits, then shifted by their logsumexp."""
+    device = next(model.parameters()).device
+    hidden = model.get_decoder()(**data_lib.model_inputs(batch, device), use_cache=False).last_hidden_state[0]
+    labels = batch["labels"][0].to(device)
+    is_label = labels != data_lib.IGNORE_INDEX
+    hidden, labels = hidden[is_label], labels[is_label]
     weight = model.get_output_embeddings().weight  # check_head: the head is this matmul alone
     dtype = entry_dtype(weight.shape[0])
     packed, label_logprobs = [], []
@@ -259,7 +260,9 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     counts = data.label_counts()
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     entry = str(entry_dtype(model.get_output_embeddings().weight.shape[0])).removeprefix("torch.")
-    plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "entry": entry, "data_fingerprint": data.fingerprint,
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # a resumed build computes as it began
+    plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "entry": entry, "dtype": dtype,
+            "data_fingerprint": data.fingerprint,
             "tokenizer_fingerprint": tokenizer_fingerprint, "samples": len(data), "labels": int(offsets[-1]),
             "batch_tokens": batch_tokens}
 
@@ -281,7 +284,6 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     label_logprobs = np.load(partial / "label_logprobs.npy", mmap_mode="r+")
     done = np.load(partial / "done.npy", mmap_mode="r+")
     mine = [b for b in range(rank, len(batches), world) if not done[b]]
-    device = next(model.parameters()).device
     bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
     def write(span, host_rows, ready):
@@ -302,7 +304,7 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     with ThreadPoolExecutor(max_workers=1) as writer:
         for b in mine:
             batch = data_lib.pack(data, batches[b])
-            rows = topk_rows(model, {key: v.to(device) for key, v in batch.items() if key != "sample_ids"}, k)
+            rows = topk_rows(model, batch, k)
             span = slice(offsets[batches[b][0]], offsets[batches[b][-1] + 1])
             written[b] = writer.submit(write, span, *to_host(rows))
             if len(written) == flush_every:
@@ -327,12 +329,18 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
         dist.barrier()
 
 
-def load_model(name, device):
-    """A model to score packed rows with (the teacher here, the student in lens.py): bf16 on GPU, fp32 on CPU;
-    flash-attn varlen when installed, else sdpa (both honour packed rows)."""
-    attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn).to(device).eval()
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype of teacher_cache.py and lens.py
+
+
+def load_model(name, device, dtype=None):
+    """A model to score packed rows with (the teacher here, the student in lens.py): in `dtype`, by default bf16
+    on GPU and fp32 on CPU (the logits are fp32 either way: loss.logits_fp32); flash-attn varlen where it can
+    run, else sdpa (both honour packed rows). Says which on rank 0."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    attention, why = common.attention_implementation(device, dtype)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{name}: {str(dtype).removeprefix('torch.')}, attention: {attention} ({why})", flush=True)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention).to(device).eval()
 
 
 def free(model):
@@ -376,17 +384,17 @@ def exclusive(path, poll_seconds=60):
             lock.release()
 
 
-def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8192, flush_every=16):
+def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8192, flush_every=16, dtype=None):
     """teacher_cache.py's whole job, and train.py's when it builds its own cache: `teacher` (a name or folder)
     scores `data`, tokenised with `tokenizer` (the student's), into `out`. A complete cache is checked and
     reused without loading the teacher; otherwise every rank loads it, builds (or finishes) the cache, and
-    frees it. One run at a time (exclusive)."""
+    frees it. One run at a time (exclusive). dtype: the teacher's compute dtype (load_model's default)."""
     with exclusive(out):
         model = None
         if not (Path(out) / "meta.json").exists():
             check_vocabularies(AutoTokenizer.from_pretrained(teacher), tokenizer,
                                AutoConfig.from_pretrained(teacher).vocab_size)
-            model = load_model(teacher, device)
+            model = load_model(teacher, device, dtype)
         build(model, data, out, k=k, batch_tokens=batch_tokens, teacher_name=teacher,
               tokenizer_fingerprint=data_lib.tokenizer_fingerprint(tokenizer), flush_every=flush_every)
         if model is not None:
@@ -423,6 +431,8 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "
                    "redoes at most this many per rank)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="the teacher's compute dtype (auto: bf16 "
+                   "on GPU, fp32 on CPU); its logits are fp32 either way")
     data_lib.report_user_errors(p)
     args = p.parse_args()
     data_lib.check_model("--teacher", args.teacher)  # before the process group and any download
@@ -441,7 +451,7 @@ def main():
                                      system_prompt=args.system_prompt, cache_dir=args.data_cache,
                                      truncate=args.truncate, skip_bad=args.skip_bad)
     build_by_name(args.teacher, student_tok, data, args.out, device, k=args.k, batch_tokens=args.batch_tokens,
-                  flush_every=args.flush_every)
+                  flush_every=args.flush_every, dtype=DTYPES[args.dtype])
     if dist.is_initialized():
         dist.destroy_process_group()
 

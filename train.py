@@ -23,7 +23,6 @@ with exit status 75; the same command with --resume continues it.
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+import common
 import data
 import loss as qloss
 import teacher_cache
@@ -107,7 +107,7 @@ parser.add_argument("--accumulate-unsharded", action="store_true", help="keep gr
                     "(4 bytes x parameters: 6 GB at 1.5B, 30 GB at 7B)")
 parser.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"], help="micro-batch layout: "
                     "packed rows (flash-attn's varlen kernel) or right-padded rows without an attention mask "
-                    "(sdpa's causal flash kernel); auto: packed with flash-attn installed, else padded")
+                    "(sdpa's causal flash kernel); auto: packed where flash-attn can run (CUDA, bf16), else padded")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save-minutes", type=float, default=30, help="minutes between sharded checkpoints, on rank "
                     "0's clock (0: none by time); SIGTERM or SIGUSR1 also saves one, then the run stops")
@@ -270,10 +270,6 @@ def plot_metrics(metrics_path, png_path):
     plt.close(fig)
 
 
-# no attention_mask: right padding follows each sequence, and causal attention never looks ahead
-MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
 def prepare(sample_ids):
     """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
     where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
@@ -281,11 +277,8 @@ def prepare(sample_ids):
     teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None,) * 3
     labels = batch["labels"].view(-1)
     positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
-    batch = {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "label_positions": positions,
-             "label_ids": labels[positions],
+    batch = {**data.model_inputs(batch), "label_positions": positions, "label_ids": labels[positions],
              **({"label_weights": batch["token_weights"].view(-1)[positions]} if "token_weights" in batch else {})}
-    if "cu_seq_lens_q" in batch:  # flash-attn's maxima as Python ints: tensors would cost a host sync per layer
-        batch["max_length_q"] = batch["max_length_k"] = int(batch["cu_seq_lens_q"].diff().max())
     pin = device_type == "cuda"
     return ({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()},
             tuple(t.pin_memory() if pin and t is not None else t for t in teacher))
@@ -333,7 +326,7 @@ def load_pretrained(model):
 def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
     """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
     an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
-    hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)[0]
+    hidden = self.model(**data.model_inputs(batch), use_cache=False)[0]
     stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
     value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
                                 self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
@@ -437,21 +430,21 @@ total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 if total_steps == 0:
     parser.error(f"{len(tokens)} samples make no step of --global-batch-size {args.global_batch_size}")
 
-attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+attention, why = common.attention_implementation(device, compute_dtype)
 layout = args.layout if args.layout != "auto" else "packed" if attention == "flash_attention_2" else "padded"
 if rank == 0:
     sizing = (f"{args.micro_batch_size} sequences" if args.micro_batch_size
               else f"<= {args.micro_batch_tokens} tokens, balanced over ranks")
     slow = " (sdpa keeps packed rows apart with a dense [T, T] mask: slow)" if (attention, layout) == (
         "sdpa", "packed") else ""
-    print(f"attention: {attention} on {layout} micro-batches of {sizing}{slow}")
+    print(f"attention: {attention} ({why}), {args.dtype}, on {layout} micro-batches of {sizing}{slow}")
 with torch.device("meta"):  # the structure only; load_pretrained fills the shards
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32,
                                              attn_implementation=attention)
 if args.activation_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 mesh = init_device_mesh(device_type, (world_size,))
-compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 for layer in model.model.layers:
     fully_shard(layer, mesh=mesh, mp_policy=policy)

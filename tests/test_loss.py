@@ -281,6 +281,47 @@ def test_bf16_within_stated_tolerance(variant):
     assert rel_err(got[1], ref[1]) <= 2e-2 and rel_err(got[2], ref[2]) <= 2e-2
 
 
+def bf16_ulps(got, exact):
+    """|got - exact| in units of the last place of bf16 at exact's magnitude (8 bits of mantissa)."""
+    spacing = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
+    return ((got.double() - exact) / spacing).abs()
+
+
+@pytest.mark.parametrize("variant", ["sft", "target"])
+def test_bf16_weight_gradient_is_rounded_once_not_per_chunk(variant):
+    """Under bf16 the chunks' weight-gradient products add up in fp32, and only the sum is rounded to bf16:
+    every entry is within one bf16 ulp of the float64 gradient of the same bf16 inputs. Summing bf16-rounded
+    partial products, one per chunk (loss.py before), lands several ulps away where the partials cancel."""
+    batch = make_batch(seed=5)
+    h16, w16 = batch[0].bfloat16(), batch[1].bfloat16()
+    exact = reference_in_float64(h16, w16, *batch[2:], loss=variant)[2]
+    got = chunked(h16, w16, *batch[2:], loss=variant, chunk_size=3)[2]  # 12 chunks of labelled rows
+    assert got.dtype == torch.bfloat16
+    assert float(bf16_ulps(got, exact).max()) <= 1.0
+    per_chunk = sum(g.T.bfloat16() @ h for g, h in zip(  # the old summation, on the exact logit gradient
+        logit_gradients_in_float64(h16, w16, *batch[2:], loss=variant).split(3), h16[batch[2] != -100].split(3)))
+    assert float(bf16_ulps(per_chunk.float().bfloat16(), exact).max()) > 1.0  # the check can tell them apart
+
+
+def logit_gradients_in_float64(hidden, weight, labels, *side, **kw):
+    """dloss/dz of the labelled rows, by autograd in float64 (Eq. 6's p - Q, scaled by the normaliser)."""
+    z = (hidden.double() @ weight.double().T).requires_grad_(True)
+    side = [t.double() if t is not None and t.is_floating_point() else t for t in side]
+    (grad,) = grads(L.reference_q_target_loss(z, labels, *side, **kw), z)
+    return grad[labels != -100]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype is CUDA only")
+def test_weight_gradient_blocks_on_cuda_write_fp32():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grad = torch.randn(40, 1000, generator=g, device="cuda").bfloat16()
+    h = torch.randn(40, 24, generator=g, device="cuda").bfloat16()
+    grad_weight = torch.zeros(1000, 24, device="cuda")
+    L.add_weight_gradient_(grad_weight, grad, h, vocab_block=300)  # blocks of 300, 300, 300, 100 rows
+    exact = grad.double().T @ h.double()
+    assert float((grad_weight.double() - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 def test_no_valid_label_gives_zero_loss_and_zero_gradients():
     hidden, weight, _, t_ids, t_logp, *_ = make_batch()
     labels = torch.full((N,), -100)
