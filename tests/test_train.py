@@ -42,17 +42,17 @@ def run(args, nproc=1):
     return result
 
 
-def run_in_process(args, monkeypatch):
-    """train.py in this process (no interpreter start-up): for the many quick runs."""
+def run_in_process(args, monkeypatch, script=TRAIN):
+    """train.py (or another script) in this process (no interpreter start-up): for the many quick runs."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         # set, then deleted: pytest records the key either way, so what train.py sets (a world of one on a free
         # port) is undone after the test instead of leaking into later subprocesses' environments
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
-    monkeypatch.setattr(sys, "argv", [TRAIN, *args])
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # train.py installs its error reporter: undone after
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the scripts install their error reporter: undone after
     try:
-        runpy.run_path(TRAIN, run_name="__main__")
+        runpy.run_path(script, run_name="__main__")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
