@@ -190,7 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
     p.add_argument("--dp", type=int, default=1, help="data-parallel engines, each on its own --tp GPUs")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation: faster start")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="grading processes")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="grading processes (default: "
+                   "the cores, at most 16; grading is a small share of an evaluation, and each worker loads sympy)")
     p.add_argument("--shard-problems", type=int, default=64, help="problems generated and graded at a time; each "
                    "finished shard is appended to generations.jsonl, so a killed run keeps it")
     p.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per graded sample")
@@ -459,9 +460,13 @@ class Generators:
 
     def load(self, args, key):
         if self.llm is not None and key == self.key and args.max_model_len <= self.max_model_len:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": args.model_dir})
-            self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
-            return
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": args.model_dir})
+                self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
+                return
+            except Exception as e:  # a vLLM whose reload_weights takes no weights_path, or a swap that failed
+                print(f"{args.model}: the running engine refused its weights ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); starting a fresh engine", flush=True)
         self.close()
         self.key, self.max_model_len = key, args.max_model_len
         if args.dp > 1:

@@ -1,6 +1,7 @@
 """eval.py's graders, metrics, data loading and input checks, against hand-checked answers."""
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -375,3 +376,40 @@ def test_prompts_are_the_harness_qwen_boxed_and_llama_layouts():
                            "<|start_header_id|>assistant<|end_header_id|>\n\n")
     style = evaluation.prompt_style(evaluation.parse_args(["--model", "m"]), tok)
     assert evaluation.stop_ids(tok, style) == sorted(tok.convert_tokens_to_ids(["<|eot_id|>", "<|im_end|>"]))
+
+
+def test_grading_workers_default_to_the_cores_at_most_16(monkeypatch):
+    for cores, workers in ((2, 2), (200, 16)):
+        monkeypatch.setattr(evaluation.os, "cpu_count", lambda: cores)
+        assert evaluation.parse_args(["--model", "m"]).workers == workers
+    assert evaluation.parse_args(["--model", "m", "--workers", "64"]).workers == 64
+
+
+class Engine:
+    """A stand-in vLLM engine whose weight swap fails as an older vLLM's does (no weights_path)."""
+    started = []
+
+    def __init__(self, model_dir, args):
+        self.model_dir, self.shut = model_dir, False
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self.shutdown))
+        Engine.started.append(self)
+
+    def collective_rpc(self, method, kwargs):
+        raise TypeError(f"{method}() got an unexpected keyword argument 'weights_path'")
+
+    def shutdown(self):
+        self.shut = True
+
+
+def test_a_refused_weight_swap_starts_a_fresh_engine(monkeypatch, capsys):
+    monkeypatch.setattr(evaluation, "load_vllm", Engine)
+    generators = evaluation.Generators()
+    for name in ("a", "b"):  # the same engine_key: b's weights would be swapped into a's engine
+        generators.load(SimpleNamespace(model=name, model_dir=f"/models/{name}", max_model_len=64, dp=1,
+                                        backend="vllm"), key="same architecture")
+    first, second = Engine.started
+    assert first.shut and not second.shut and second.model_dir == "/models/b"
+    assert generators.llm is second and generators.generate.args == (second,)
+    assert capsys.readouterr().out.splitlines() == [
+        "b: the running engine refused its weights (TypeError: reload_weights() got an unexpected keyword argument "
+        "'weights_path'); starting a fresh engine"]
