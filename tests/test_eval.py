@@ -409,7 +409,22 @@ def test_a_refused_weight_swap_starts_a_fresh_engine(monkeypatch, capsys):
                                         backend="vllm"), key="same architecture")
     first, second = Engine.started
     assert first.shut and not second.shut and second.model_dir == "/models/b"
-    assert generators.llm is second and generators.generate.args == (second,)
+    assert generators.llm is second and generators.stream.args == (second,)
     assert capsys.readouterr().out.splitlines() == [
         "b: the running engine refused its weights (TypeError: reload_weights() got an unexpected keyword argument "
         "'weights_path'); starting a fresh engine"]
+
+
+@pytest.mark.parametrize("gpu, backend, flag, mode", [
+    (False, "vllm", None, "per-request seeds"),          # a CPU: seeded requests by default, as before
+    (False, "vllm", False, "engine seed"),
+    (True, "vllm", None, "engine seed"),                 # a GPU: the engine's seed unless asked
+    (True, "vllm", True, "per-request seeds, batch-invariant"),
+    (True, "hf", None, "per-request seeds"),             # one problem at a time: nothing shares its batch
+])
+def test_sampling_mode_says_where_samples_do_not_depend_on_batching(monkeypatch, gpu, backend, flag, mode):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    argv = ["--model", "m", "--backend", backend] + ({True: ["--reproducible"], False: ["--no-reproducible"]}
+                                                     .get(flag, []))
+    assert evaluation.sampling_mode(evaluation.parse_args(argv)) == mode

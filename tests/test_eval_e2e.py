@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
 
     def no_generation(args):
         raise AssertionError("a finished benchmark was generated again")
-    monkeypatch.setattr(evaluation, "load_generator", no_generation)
+    monkeypatch.setattr(evaluation, "load_stream", no_generation)
     evaluation.main(argv)
     assert ((out / "generations.jsonl").read_text(), (out / "results.json").read_text()) == before
 
@@ -165,11 +166,11 @@ def samples_of(out):
     return {(r["benchmark"], r["problem"], r["sample"]): r["response"] for r in rows}, len(rows)
 
 
-def test_data_parallel_engines_take_shards_and_sample_as_one_engine(model, tmp_path):
-    """--dp 2 with a shard a problem: shards finish in any order on either engine; every problem's samples are
+def test_data_parallel_engines_take_problems_and_sample_as_one_engine(model, tmp_path):
+    """--dp 2: problems finish in any order on either engine; every problem is generated once, its samples
     those of one engine (each problem's own seed), and each row names its problem."""
     argv = ["--model", model, "--backend", "hf", "--benchmarks", f"math500={DATA}/math500.jsonl", "--n", "2",
-            "--max-tokens", "4", "--workers", "1", "--shard-problems", "1"]
+            "--max-tokens", "4", "--workers", "1"]
     evaluation.main([*argv, "--dp", "2", "--out", str(tmp_path / "dp")])
     _, rows = check_outputs(tmp_path / "dp", 4, {"math500": 3})
     questions = [item["question"] for item in evaluation.load_benchmark("math500", f"{DATA}/math500.jsonl")]
@@ -178,15 +179,15 @@ def test_data_parallel_engines_take_shards_and_sample_as_one_engine(model, tmp_p
     assert samples_of(tmp_path / "dp") == samples_of(tmp_path / "one")
 
 
-def test_a_killed_eval_keeps_its_finished_shards_and_resumes_to_the_same_samples(model, tmp_path):
-    """SIGKILL once the first shard is on disk, plus a torn line as a kill mid-write leaves: the rerun keeps the
-    shard as written, drops the torn line, generates the rest, and ends with exactly problems x n rows, none
+def test_a_killed_eval_keeps_its_finished_problems_and_resumes_to_the_same_samples(model, tmp_path):
+    """SIGKILL once three problems are on disk, plus a torn line as a kill mid-write leaves: the rerun keeps the
+    rows as written, drops the torn line, generates the rest, and ends with exactly problems x n rows, none
     twice, the samples and metrics of an uninterrupted run (the hf backend seeds each problem's requests)."""
     rows = [{"problem": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(12)]
     (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = [sys.executable, "eval.py", "--model", model, "--backend", "hf", "--benchmarks",
-            f"sums={tmp_path / 'sums.jsonl'}", "--n", "2", "--max-tokens", "24", "--shard-problems", "3",
-            "--workers", "1", "--protocol", "strict"]
+            f"sums={tmp_path / 'sums.jsonl'}", "--n", "2", "--max-tokens", "24", "--workers", "1",
+            "--protocol", "strict"]
     subprocess.run([*argv, "--out", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True)
     killed = subprocess.Popen([*argv, "--out", str(tmp_path / "run")], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -204,7 +205,7 @@ def test_a_killed_eval_keeps_its_finished_shards_and_resumes_to_the_same_samples
         f.write('{"benchmark": "sums", "problem": 11, "sam')  # torn
     subprocess.run([*argv, "--out", str(tmp_path / "run")], cwd=REPO, check=True, capture_output=True)
     final = generations.read_text()
-    assert final.startswith(written)  # the finished shards' rows, as they were written
+    assert final.startswith(written)  # the finished problems' rows, as they were written
     resumed, count = samples_of(tmp_path / "run")
     whole, _ = samples_of(tmp_path / "whole")
     assert count == len(resumed) == 12 * 2 and resumed == whole
@@ -269,3 +270,78 @@ def test_a_malformed_benchmark_file_is_one_error_line_before_any_generation(mode
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: {bad} line 2: not valid JSON")
+
+
+class SlowGrader:
+    """A grading pool whose every problem takes `seconds` in one thread and is logged: (start, end) by problem."""
+
+    def __init__(self, seconds):
+        self.pool, self.seconds, self.graded = ThreadPool(1), seconds, {}
+
+    def apply_async(self, grade_problem, args):
+        def slow(samples, item, timeout, protocol):
+            start = time.monotonic()
+            time.sleep(self.seconds)
+            self.graded[item["question"]] = start, time.monotonic()
+            return [(False, False)] * len(samples)
+        return self.pool.apply_async(slow, args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.terminate()
+
+
+def test_grading_overlaps_generation(model, tmp_path, monkeypatch):
+    """With a grader slowed on purpose (0.3 s a problem), problems are still generated while earlier ones are
+    being graded: the engine never waits for grading, and every problem is written once."""
+    grader, generated = SlowGrader(0.3), {}
+    monkeypatch.setattr(evaluation, "grading_pool", lambda workers: grader)
+    stream_hf = evaluation.stream_hf
+
+    def timed_stream(model_tok, requests, capacity=None):
+        for finished in stream_hf(model_tok, requests, capacity):
+            generated.update({key: time.monotonic() for key, _ in finished})
+            yield finished
+    monkeypatch.setattr(evaluation, "stream_hf", timed_stream)
+    evaluation.main(["--model", model, "--backend", "hf", "--benchmarks", f"math500={DATA}/math500.jsonl,amc23={DATA}"
+                     "/amc23.jsonl", "--n", "2", "--max-tokens", "4", "--out", str(tmp_path / "run")])
+    questions = {(name, i): item["question"] for name in ("math500", "amc23")
+                 for i, item in enumerate(evaluation.load_benchmark(name, f"{DATA}/{name}.jsonl"))}
+    overlaps = [key for key, at in generated.items()
+                if any(start < at < end for other, (start, end) in grader.graded.items() if other != questions[key])]
+    assert len(generated) == len(grader.graded) == 6 and overlaps  # generated while another was being graded
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert sorted((r["benchmark"], r["problem"], r["sample"]) for r in rows) == sorted(
+        (name, i, j) for name, i in questions for j in range(2))
+
+
+def test_vllm_dp_engines_and_a_cut_run_resumed_give_one_engines_samples(model, tmp_path):
+    """vLLM's stream: --dp 2 engines cover every problem once; the rows of a run cut after five problems (a
+    torn line after them, as a kill mid-write leaves), resumed on one engine, are kept byte for byte, and the
+    run ends with exactly problems x n rows and the samples and metrics of the uninterrupted --dp run."""
+    rows = [{"problem": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(12)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    argv = [sys.executable, "eval.py", "--model", model, "--benchmarks", f"sums={tmp_path / 'sums.jsonl'}", "--n",
+            "2", "--max-tokens", "24", "--workers", "1", "--protocol", "strict", "--enforce-eager"]
+    dp = subprocess.run([*argv, "--dp", "2", "--out", str(tmp_path / "dp")], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    results, _ = check_outputs(tmp_path / "dp", 24, {"sums": 12})
+    assert results["sampling_mode"] == "per-request seeds"
+    (tmp_path / "cut").mkdir()
+    lines = (tmp_path / "dp" / "generations.jsonl").read_text().splitlines(keepends=True)
+    kept = "".join(lines[:5 * 2])  # rows are written a whole problem at a time
+    (tmp_path / "cut" / "generations.jsonl").write_text(kept + lines[10][:30])
+    (tmp_path / "cut" / "results.json").write_text(json.dumps({**results, "benchmarks": {}, "suites": {}}))
+    resumed = subprocess.run([*argv, "--out", str(tmp_path / "cut")], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sums: 5 of 12 problems kept from an earlier run, 7 to go" in resumed.stdout
+    assert (tmp_path / "cut" / "generations.jsonl").read_text().startswith(kept)
+    check_outputs(tmp_path / "cut", 24, {"sums": 12})
+    assert samples_of(tmp_path / "cut") == samples_of(tmp_path / "dp")
+    metrics = [json.loads((tmp_path / out / "results.json").read_text())["benchmarks"]["sums"] for out in ("dp", "cut")]
+    assert metrics[0] == metrics[1]

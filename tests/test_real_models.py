@@ -116,7 +116,9 @@ def test_the_fp32_export_greedy_decodes_alike_in_transformers_and_vllm(pipeline)
     stop = evaluation.stop_ids(tokenizer, style)
     prompts = [evaluation.prompt_ids(tokenizer, item(row), style) for row in rows]
     sampling = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": MAX_TOKENS, "seed": 0}
-    hf = evaluation.generate_hf(evaluation.load_hf(str(exported)), prompts, sampling, stop, [0] * len(prompts))
+    requests = [(i, ids, sampling, stop, 0) for i, ids in enumerate(prompts)]
+    hf = [samples for finished in evaluation.stream_hf(evaluation.load_hf(str(exported)), requests)
+          for _, samples in finished]
     assert [(r["response"], r["tokens"], r["truncated"]) for r in rows] == [s[0] for s in hf]
 
 
