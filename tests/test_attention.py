@@ -32,7 +32,8 @@ def flash_stand_in(request, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert importlib.util.find_spec("flash_attn") is not None  # what train.py's choice used to go by
-    return request.param
+    yield request.param
+    sys.modules.pop("flash_attn", None)  # imported during the test (transformers looks): gone with the stand-in
 
 
 @pytest.mark.parametrize("device, dtype, imports, breaks", [
