@@ -737,7 +737,7 @@ def bench_eval(args):
     tokenizer = AutoTokenizer.from_pretrained(model)
     parsed = evaluation.parse_args(flags)
     style = evaluation.prompt_style(parsed, tokenizer)
-    items = evaluation.load_benchmark("math500", work / "problems.jsonl")
+    items = evaluation.load_benchmark("math500", str(work / "problems.jsonl"))
     prompts = [evaluation.prompt_ids(tokenizer, item, style) for item in items]
     job = {"model": str(model), "prompts": prompts, "stop": evaluation.stop_ids(tokenizer, style),
            "seeds": [evaluation.request_seed(0, i) if evaluation.sampling_mode(parsed) != "engine seed" else None
