@@ -552,7 +552,7 @@ def bench_gpu(args):
                                      workers=2 if args.tiny else 16, before="41b9d73"))
     print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
     for bench, case, result in rows:
-        print(f"{bench:6} {case:36} {result}")
+        print(f"{bench:9} {case:44} {result}")
 
 
 # ----------------------------------------------------------------------------------------------------
