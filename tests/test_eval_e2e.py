@@ -144,7 +144,7 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
 
     def no_generation(args):
         raise AssertionError("a finished benchmark was generated again")
-    monkeypatch.setattr(evaluation, "load_stream", no_generation)
+    monkeypatch.setattr(evaluation, "load_hf", no_generation)
     evaluation.main(argv)
     assert ((out / "generations.jsonl").read_text(), (out / "results.json").read_text()) == before
 
