@@ -6,15 +6,13 @@ disk as a memory-mapped token array plus offsets, keyed by a fingerprint of ever
 Sampler shards samples over ranks; balanced_micro_batches() deals a step's samples to ranks and micro-batches,
 which pack() and pad_batch() build.
 """
+import argparse
 import hashlib
 import heapq
 import json
-import linecache
 import math
 import os
-import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -22,8 +20,9 @@ from typing import NamedTuple, Optional
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
+
+from common import UserError, on_rank0
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's default
 HELPFUL_SYSTEM = "You are a helpful assistant."
@@ -71,70 +70,11 @@ HF_SOURCES = {"numina67k": "gaotang/numina-cot-subset-67k", "openr1-15k": "Ellio
               "m23k": "UCSC-VLAA/m23k-tokenized", "m23k-reasoning": "UCSC-VLAA/m23k-tokenized"}
 
 
-def report_user_errors(parser=None):
-    """A user's mistake (a bad flag, bad data, a missing or mismatched cache) ends the script with one
-    `error: ...` line, printed once (rank 0 under torchrun), and exit status 1; a bug keeps its traceback.
-    A mistake is parser.error, or a ValueError / FileNotFoundError raised by a `raise` statement of this
-    repo's scripts: those messages name the problem and the fix."""
-    def refuse(message):
-        raise ValueError(message)
-
-    def hook(kind, error, traceback):
-        last = traceback
-        while last is not None and last.tb_next is not None:
-            last = last.tb_next
-        source = last and last.tb_frame.f_code.co_filename
-        deliberate = (issubclass(kind, (ValueError, FileNotFoundError)) and source is not None
-                      and Path(source).parent == Path(__file__).parent
-                      and linecache.getline(source, last.tb_lineno).lstrip().startswith("raise"))
-        if not deliberate:
-            return previous(kind, error, traceback)
-        if os.environ.get("RANK", "0") == "0":  # sys.__stderr__: torch's hook prefixes what reaches sys.stderr
-            print(f"error: {error}", file=sys.__stderr__, flush=True)
-
-    if parser is not None:
-        parser.error = refuse
-    previous, sys.excepthook = sys.excepthook, hook
-
-
-def is_hub_id(name):
-    """'owner/name' as the hub spells repository ids (a path that does not exist may look the same)."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) is not None and not str(name).startswith((".", "/"))
-
-
-def check_model(flag, name):
-    """Finds a model's config.json before anything heavy starts: in a local folder, in the local hub cache, or
-    (online) on the hub. Anything else is the user's mistake, named with its flag."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{flag} {name}: a folder without config.json; give a model folder (train.py's OUT/hf) "
-                             "or a hub id such as Qwen/Qwen2.5-Math-1.5B")
-        return
-    if not is_hub_id(name):
-        raise ValueError(f"{flag} {name}: no such folder, and not a hub id (owner/name such as "
-                         "Qwen/Qwen2.5-Math-1.5B)")
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise ValueError(f"{flag} {name}: not a local folder and not in the local hub cache "
-                         f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it; download it first "
-                         f"(hf download {name}) or unset HF_HUB_OFFLINE")
-    try:
-        hf_hub_download(name, "config.json")
-    except Exception as e:  # no network, no such repository, a gated one without a token: all end here
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise ValueError(f"{flag} {name}: not a local folder, not in the local hub cache, and not reachable on the "
-                         f"hub ({reason}); check the id and the network; gated repositories (meta-llama) need a "
-                         "hub token (hf auth login)") from None
-
-
 def check_source(source):
     """A data source is a paper set's name or an existing .jsonl/.parquet file."""
     path = Path(source)
     if source not in HF_SOURCES and (path.suffix not in (".jsonl", ".parquet") or not path.is_file()):
-        raise ValueError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
+        raise UserError(f"unknown data source {source!r}: give one of {', '.join(HF_SOURCES)}, or an "
                          "existing .jsonl/.parquet file with prompt/response fields or a messages list")
 
 
@@ -148,10 +88,10 @@ def read_jsonl(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno}); fix or "
+                raise UserError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno}); fix or "
                                  "remove that line") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object with fields")
+                raise UserError(f"{path} line {number}: a JSON {type(row).__name__}, not an object with fields")
             rows.append(row)
     return rows
 
@@ -162,7 +102,7 @@ def load_rows(source):
         try:
             return datasets.load_dataset(HF_SOURCES[source], split="train")
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, not cached
-            raise ValueError(f"data source {source}: the hub dataset {HF_SOURCES[source]} could not be loaded "
+            raise UserError(f"data source {source}: the hub dataset {HF_SOURCES[source]} could not be loaded "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the network, "
                              "or download it first while online") from None
     path = Path(source)
@@ -171,10 +111,10 @@ def load_rows(source):
                                      split="train")
     except Exception:  # datasets' message names neither the bad line nor an empty file: find them
         if path.suffix == ".jsonl" and read_jsonl(path) == []:
-            raise ValueError(f"{path} holds no rows; give a file with one JSON object per line") from None
+            raise UserError(f"{path} holds no rows; give a file with one JSON object per line") from None
         raise
     if len(rows) == 0:
-        raise ValueError(f"{path} holds no rows; give a file with one row per sample")
+        raise UserError(f"{path} holds no rows; give a file with one row per sample")
     return rows
 
 
@@ -286,7 +226,7 @@ def response_token_weights(tokenizer, template, system_prompt, pair, num_prompt,
     prompt_text = render(tokenizer, template, system_prompt, pair[0])
     full_text = render(tokenizer, template, system_prompt, *pair)
     if not (full_text.startswith(prompt_text) and full_text[len(prompt_text):].startswith(pair[1])):
-        raise ValueError("the chat template rewrites the response text, so weight_spans cannot be mapped to its "
+        raise UserError("the chat template rewrites the response text, so weight_spans cannot be mapped to its "
                          "tokens; give a per-row `weight` only, or a template that keeps the response as is")
     offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     for j, (first, last) in enumerate(offsets[num_prompt:num_prompt + num_response]):
@@ -310,7 +250,7 @@ def encode(tokenizer, pairs, system_prompt, template=None):
                           add_special_tokens=False)["input_ids"]
         for j, (prompt, full) in enumerate(zip(prompts, fulls)):
             if full[:len(prompt)] != prompt:
-                raise ValueError(f"row {start + j}: the chat template's prompt is not a token prefix of "
+                raise UserError(f"row {start + j}: the chat template's prompt is not a token prefix of "
                                  "prompt+response; this template cannot be used to mask prompts")
             end = len(full)
             while end > len(prompt) and not tokenizer.decode(full[end - 1:end]).strip():
@@ -365,6 +305,27 @@ class TokenizedData:
         return np.diff(self.offsets) - self.prompt_lens
 
 
+def add_options(parser, source="numina67k"):
+    """The flags that decide a dataset's token ids, shared by train.py, teacher_cache.py and lens.py: a teacher
+    cache built with other ones holds other ids, and TeacherCache refuses it. source: --data's default (None:
+    required)."""
+    group = parser.add_argument_group("data: pass the same to train.py, teacher_cache.py and lens.py")
+    group.add_argument("--data", default=source, required=source is None,
+                       help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet file")
+    group.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
+    group.add_argument("--system-prompt", default=None, help="default: the recipe's")
+    group.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut over-long samples (or, with "
+                       "--no-truncate, drop them) whatever the recipe does")
+    group.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
+    group.add_argument("--data-cache", default="cache/tokenized", help="the tokenisation cache's folder")
+
+
+def options(args):
+    """add_options' recipe flags, as tokenize_dataset's (and teacher_cache.auto_path's) keywords."""
+    return {"max_len": args.max_len, "system_prompt": args.system_prompt, "truncate": args.truncate,
+            "skip_bad": args.skip_bad}
+
+
 def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cache_dir="cache/tokenized",
                      truncate=None, skip_bad=False, weights=False):
     """The tokenised dataset, from the on-disk cache when the key is unchanged. max_len, system_prompt and
@@ -373,7 +334,7 @@ def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cac
     and the other ranks wait for it."""
     template = chat_template(tokenizer, RECIPES.get(str(source), LOCAL_RECIPE).llama_form)
     if not template:
-        raise ValueError(f"{tokenizer.name_or_path} has no chat template, and prompts are templated with the "
+        raise UserError(f"{tokenizer.name_or_path} has no chat template, and prompts are templated with the "
                          "student's (some base models ship none): add one to the model folder, e.g. the instruct "
                          "model's chat_template.jinja")
     rows = load_rows(str(source))
@@ -397,32 +358,13 @@ def tokenize_dataset(source, tokenizer, *, max_len=None, system_prompt=None, cac
     return TokenizedData(path)
 
 
-def on_rank0(work):
-    """Runs work() on rank 0 while the other ranks wait. A user's mistake it raises (a bad row, say) is raised
-    on every rank: each stops on it, and rank 0 alone reports it (report_user_errors)."""
-    distributed = dist.is_available() and dist.is_initialized()
-    failure = None
-    if not distributed or dist.get_rank() == 0:
-        try:
-            work()
-        except (ValueError, FileNotFoundError) as e:
-            failure = e
-    if distributed:
-        message = [None if failure is None else str(failure)]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None and failure is None:
-            raise ValueError(message[0])
-    if failure is not None:
-        raise failure
-
-
 def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, template, skip_bad, weight_fields=None):
     bad = [(i, bad_row_reason(*p) or (weight_fields and weight_error(p[1], *weight_fields[i])))
            for i, p in enumerate(pairs)]
     bad = [(i, reason) for i, reason in bad if reason]
     if bad and not skip_bad:
         i, reason = bad[0]
-        raise ValueError(f"{source} row {i}: {reason} ({len(bad)} bad rows in all); fix the data or pass "
+        raise UserError(f"{source} row {i}: {reason} ({len(bad)} bad rows in all); fix the data or pass "
                          "skip_bad=True (--skip-bad) to skip and count them")
     bad_rows = {i for i, _ in bad}
     kept_rows = [i for i in range(len(pairs)) if i not in bad_rows]
@@ -443,12 +385,12 @@ def build_cache(path, source, pairs, tokenizer, key, fingerprint, recipe, templa
         samples.append((ids, len(prompt), weights))
     if source == "openr1-15k":  # Appendix A: keep the responses that fit, then sample 15k
         if len(samples) < OPENR1_SAMPLES:
-            raise ValueError(f"openr1-15k: only {len(samples)} responses fit max_len={max_len}, "
+            raise UserError(f"openr1-15k: only {len(samples)} responses fit max_len={max_len}, "
                              f"{OPENR1_SAMPLES} needed; raise --max-len")
         keep = np.random.default_rng(OPENR1_SEED).choice(len(samples), OPENR1_SAMPLES, replace=False)
         samples = [samples[i] for i in np.sort(keep)]
     if not samples:
-        raise ValueError(f"{source}: no sample left after dropping bad and over-length rows (max_len={max_len})")
+        raise UserError(f"{source}: no sample left after dropping bad and over-length rows (max_len={max_len})")
     print(f"{source}: {len(samples)} samples; skipped {len(bad)} bad rows; "
           f"{'dropped' if drop_long else 'truncated'} {too_long} over max_len={max_len}"
           + (f", of which {no_room} dropped: no response token fit" if no_room else ""))
@@ -474,7 +416,7 @@ class Sampler:
 
     def __init__(self, num_samples, seed, rank=0, world_size=1):
         if num_samples < world_size:
-            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks")
+            raise UserError(f"{num_samples} samples cannot be shared by {world_size} ranks")
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.epoch, self.position = 0, 0
 
@@ -577,10 +519,10 @@ def balanced_micro_batches(sample_ids, lengths, world_size, token_budget, padded
     length-sorted runs, so rows have similar lengths, with the smallest cost cap that gives enough runs.
     Either way the fewest slots that fit the budget, then bins sorted by cost and dealt slot by slot."""
     if len(sample_ids) % world_size:
-        raise ValueError(f"{len(sample_ids)} samples cannot be shared equally by {world_size} ranks")
+        raise UserError(f"{len(sample_ids)} samples cannot be shared equally by {world_size} ranks")
     longest = max(lengths[i] for i in sample_ids)
     if longest > token_budget:
-        raise ValueError(f"a {longest}-token sample exceeds the micro-batch token budget {token_budget}: "
+        raise UserError(f"a {longest}-token sample exceeds the micro-batch token budget {token_budget}: "
                          "raise --micro-batch-tokens to at least --max-len")
     by_length = sorted(((lengths[i], i) for i in sample_ids), key=lambda pair: -pair[0])
     for slots in range(1, len(sample_ids) // world_size + 1):

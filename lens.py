@@ -21,9 +21,7 @@ Plain `python lens.py` runs on a CPU in fp32. Data options have train.py's names
 import argparse
 import html
 import json
-import os
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
+import common
 import data
 import loss as qloss
 import teacher_cache
@@ -44,7 +43,7 @@ def label_probs(model, tokens, count=None, batch_tokens=8192):
     """p_theta(y_t) at the label positions of the first `count` samples (all by default), in the cache's
     order, computed as the teacher's are (teacher_cache.topk_rows: packed rows, fp32 logits). Under
     torch.distributed each rank scores every world-th batch and all ranks receive the whole."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = common.rank_and_world()
     batches = teacher_cache.fixed_batches(tokens, batch_tokens, count)
     mine = {}
     for b in range(rank, len(batches), world):
@@ -178,7 +177,6 @@ def main():
     p.add_argument("--student", required=True, help="student model: hub id or folder (e.g. train.py's OUT/hf)")
     p.add_argument("--teacher-cache", required=True, help="teacher top-k cache (teacher_cache.py, or the one "
                    "train.py built under cache/teacher/)")
-    p.add_argument("--data", default="numina67k", help="numina67k, openr1-15k, m23k, or a .jsonl/.parquet file")
     p.add_argument("--out", default="runs/lens")
     p.add_argument("--quadrant-threshold", type=float, default=0.5, help="p_theta(y) and p_T(y) at or above it "
                    "count as high (Figure 4's quadrants, as train.py logs them)")
@@ -186,34 +184,23 @@ def main():
     p.add_argument("--eta", type=float, default=0.5, help="TARGET-SFT's teacher intensity for the residual shown")
     p.add_argument("--max-samples", type=int, default=None, help="only the first N samples (default: all)")
     p.add_argument("--top-tokens", type=int, default=20, help="most frequent tokens listed per quadrant")
-    p.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
-    p.add_argument("--system-prompt", default=None, help="default: the recipe's")
-    p.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut (or drop) over-long samples")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
-    p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
     p.add_argument("--dtype", default="auto", choices=sorted(teacher_cache.DTYPES), help="the student's compute "
                    "dtype (auto: bf16 on GPU, fp32 on CPU); its logits are fp32 either way")
-    data.report_user_errors(p)
+    data.add_options(p)
+    common.report_user_errors(p)
     args = p.parse_args()
     if not 0 < args.quadrant_threshold < 1:
         p.error(f"--quadrant-threshold {args.quadrant_threshold} must lie in (0, 1)")
-    data.check_model("--student", args.student)  # before the process group and any download
+    common.check_model("--student", args.student)  # before the process group and any download
     teacher_cache.check_complete(args.teacher_cache)
     data.check_source(args.data)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
+    rank, _, device = common.start_distributed()
     tokenizer = AutoTokenizer.from_pretrained(args.student)
-    tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
-                                   cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad)
+    tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache, **data.options(args))
     cache = teacher_cache.TeacherCache(args.teacher_cache, data=tokens)  # other token ids: refused
     model = teacher_cache.load_model(args.student, device, teacher_cache.DTYPES[args.dtype])
     p_student = label_probs(model, tokens, args.max_samples)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank == 0:
         inputs = {**{k: v for k, v in vars(args).items() if k != "out"}, "teacher": cache.meta["teacher"]}
         lens = write(args.out, model, tokenizer, tokens, cache, p_student, args.quadrant_threshold, args.samples,
                      args.eta, f"{Path(args.student).name} on {Path(str(args.data)).name}", inputs, args.top_tokens)
@@ -223,8 +210,8 @@ def main():
         print(f"mean p_θ(y_t) {lens['mean_p_student']:.3f}, p_T(y_t) {lens['mean_p_teacher']:.3f} over "
               f"{lens['labels']} label tokens; wrote {args.out}/: figure4.png, lens.json, tokens.html")
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0 writes while the others wait
+    common.stop_distributed()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
+from common import UserError
 import data as data_lib
 from loss import logits_fp32
 
@@ -100,24 +100,24 @@ class TeacherCache:
         check_complete(self.path)
         self.meta = json.loads((self.path / "meta.json").read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{self.path}: storage format {self.meta.get('format')!r}, this code reads "
+            raise UserError(f"{self.path}: storage format {self.meta.get('format')!r}, this code reads "
                              f"{FORMAT!r} (v3 adds the label's own log-probability); rebuild the cache with "
                              "this teacher_cache.py")
         if k is not None and self.meta["k"] != k:
-            raise ValueError(f"{self.path} holds top-{self.meta['k']}, but top-{k} was asked for; "
+            raise UserError(f"{self.path} holds top-{self.meta['k']}, but top-{k} was asked for; "
                              f"rebuild with --k {k} or ask for k={self.meta['k']}")
         self.offsets = np.load(self.path / "offsets.npy")
         try:
             self.packed = np.load(self.path / "topk.npy", mmap_mode="r")
             self.label_logprobs = np.load(self.path / "label_logprobs.npy", mmap_mode="r")
         except (ValueError, OSError) as e:
-            raise ValueError(f"{self.path}: a file is truncated or unreadable ({e}); rebuild the cache") from e
+            raise UserError(f"{self.path}: a file is truncated or unreadable ({e}); rebuild the cache") from e
         labels = int(self.offsets[-1])
         entry = self.meta.get("entry", "int32")  # caches from before int64 entries have no key
         if (self.packed.dtype != np.dtype(entry) or self.packed.shape != (labels, self.meta["k"])
                 or self.label_logprobs.dtype != np.float32 or self.label_logprobs.shape != (labels,)
                 or len(self) != self.meta["samples"]):
-            raise ValueError(f"{self.path}: topk.npy is {self.packed.dtype} {self.packed.shape} and label_logprobs.npy "
+            raise UserError(f"{self.path}: topk.npy is {self.packed.dtype} {self.packed.shape} and label_logprobs.npy "
                              f"{self.label_logprobs.dtype} {self.label_logprobs.shape}, meta.json promises {entry} "
                              f"{(labels, self.meta['k'])} and float32 ({labels},) over {self.meta['samples']} "
                              "samples; rebuild the cache")
@@ -141,14 +141,14 @@ class TeacherCache:
     def check_matches(self, data):
         """Refuse a cache built on other token ids: the rows would silently belong to other tokens."""
         if self.meta["data_fingerprint"] != data.fingerprint:
-            raise ValueError(f"{self.path} was built on data {self.meta['data_fingerprint']}, training data is "
+            raise UserError(f"{self.path} was built on data {self.meta['data_fingerprint']}, training data is "
                              f"{data.fingerprint} (another source, tokenizer, template, system prompt or "
                              "max_len); rebuild the cache with the training run's data options")
         if len(self) != len(data) or not np.array_equal(np.diff(self.offsets), data.label_counts()):
-            raise ValueError(f"{self.path}: label counts differ from the data's; rebuild the cache")
+            raise UserError(f"{self.path}: label counts differ from the data's; rebuild the cache")
         for i, h in enumerate(self.meta["sample_hashes"]):
             if sample_hash(data, i) != h:
-                raise ValueError(f"{self.path}: sample {i}'s token ids differ from those the cache was built "
+                raise UserError(f"{self.path}: sample {i}'s token ids differ from those the cache was built "
                                  "on; rebuild the cache (or the tokenisation cache is corrupt)")
 
 
@@ -157,7 +157,7 @@ def check_complete(path):
     path = Path(path)
     if not (path / "meta.json").is_file():
         partial = path.with_name(path.name + ".partial")
-        raise FileNotFoundError(
+        raise UserError(
             f"{path} is not a complete teacher cache (no meta.json); "
             + (f"{partial} holds an unfinished build: rerun the command that started it to finish it"
                if partial.exists() else "build it with teacher_cache.py"))
@@ -170,7 +170,7 @@ def teacher_rows(cache, batch, device):
     n = int((batch["labels"] != data_lib.IGNORE_INDEX).sum())
     cached = int(sum(cache.offsets[i + 1] - cache.offsets[i] for i in batch["sample_ids"]))
     if cached != n:
-        raise ValueError(f"the batch has {n} label positions, the cache {cached} for its samples; the batch was "
+        raise UserError(f"the batch has {n} label positions, the cache {cached} for its samples; the batch was "
                          "not built from the data this cache was checked against")
     return cache.rows(batch["sample_ids"], device)
 
@@ -216,16 +216,16 @@ def check_head(model):
     """topk_rows computes the logits as h W^T: a head with a bias or soft-capped logits would be cached wrong."""
     if getattr(model.get_output_embeddings(), "bias", None) is not None or getattr(
             model.config, "final_logit_softcapping", None):
-        raise ValueError(f"{model.config.model_type}'s lm_head has a bias or soft-caps its logits, which "
+        raise UserError(f"{model.config.model_type}'s lm_head has a bias or soft-caps its logits, which "
                          "teacher_cache.py's fp32 head (h W^T) leaves out; use a teacher without them")
 
 
 def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
     if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise ValueError("teacher and student tokenizers have different vocabularies: the teacher's top-k ids "
+        raise UserError("teacher and student tokenizers have different vocabularies: the teacher's top-k ids "
                          "would name other tokens in the student; use a teacher of the student's family")
     if teacher_vocab_size < len(student_tok):
-        raise ValueError(f"teacher vocab_size {teacher_vocab_size} does not cover the tokenizer's "
+        raise UserError(f"teacher vocab_size {teacher_vocab_size} does not cover the tokenizer's "
                          f"{len(student_tok)} tokens: some label ids would have no teacher logit")
 
 
@@ -246,8 +246,8 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     the files on a background thread while the GPU computes the next batch; every `flush_every` batches the
     files are flushed, and only then are those batches marked done."""
     if flush_every < 1:
-        raise ValueError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        raise UserError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
+    rank, world = common.rank_and_world()
     out = Path(out)
     if (out / "meta.json").exists():  # model may be None then: nothing is computed
         TeacherCache(out, data, k)
@@ -268,7 +268,7 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
 
     def start_or_check_partial():
         if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()) != plan:
-            raise ValueError(f"{partial} is an unfinished build with other inputs "
+            raise UserError(f"{partial} is an unfinished build with other inputs "
                              f"({(partial / 'plan.json').read_text()}); delete it or rerun that build")
         if not (partial / "plan.json").exists():
             shutil.rmtree(partial, ignore_errors=True)
@@ -338,7 +338,7 @@ def load_model(name, device, dtype=None):
     run, else sdpa (both honour packed rows). Says which on rank 0."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     attention, why = common.attention_implementation(device, dtype)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if common.rank_and_world()[0] == 0:
         print(f"{name}: {str(dtype).removeprefix('torch.')}, attention: {attention} ({why})", flush=True)
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention).to(device).eval()
 
@@ -357,7 +357,7 @@ def exclusive(path, poll_seconds=60):
     filesystem): rank 0 holds an exclusive lock on path.lock (flock, released if the process dies), and its
     ranks follow it. A waiting run says so once, and its rank 0 checks in every poll_seconds, so no rank sits
     in one collective past the process group's timeout while another run builds."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = common.rank_and_world()[0]
     lock = None
     if rank == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -418,42 +418,27 @@ def auto_path(teacher, student, source, k=TOP_K, **data_options):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher (or reference) model name or folder")
-    p.add_argument("--data", required=True, help="numina67k, openr1-15k, m23k, or a .jsonl/.parquet file")
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's); the ids train.py sees")
     p.add_argument("--k", type=int, default=TOP_K)
-    p.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
-    p.add_argument("--system-prompt", default=None, help="default: the recipe's")
-    p.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="truncate (or drop) over-length "
-                   "samples whatever the recipe does")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
-    p.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py), as train.py's")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "
                    "redoes at most this many per rank)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="the teacher's compute dtype (auto: bf16 "
                    "on GPU, fp32 on CPU); its logits are fp32 either way")
-    data_lib.report_user_errors(p)
+    data_lib.add_options(p, source=None)
+    common.report_user_errors(p)
     args = p.parse_args()
-    data_lib.check_model("--teacher", args.teacher)  # before the process group and any download
+    common.check_model("--teacher", args.teacher)  # before the process group and any download
     if args.tokenizer:
-        data_lib.check_model("--tokenizer", args.tokenizer)
+        common.check_model("--tokenizer", args.tokenizer)
     data_lib.check_source(args.data)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":  # before the process group: NCCL binds each rank to its own GPU, not all to GPU 0
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
+    _, _, device = common.start_distributed()
     student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
-    data = data_lib.tokenize_dataset(args.data, student_tok, max_len=args.max_len,
-                                     system_prompt=args.system_prompt, cache_dir=args.data_cache,
-                                     truncate=args.truncate, skip_bad=args.skip_bad)
+    data = data_lib.tokenize_dataset(args.data, student_tok, cache_dir=args.data_cache, **data_lib.options(args))
     build_by_name(args.teacher, student_tok, data, args.out, device, k=args.k, batch_tokens=args.batch_tokens,
                   flush_every=args.flush_every, dtype=DTYPES[args.dtype])
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    common.stop_distributed()
 
 
 if __name__ == "__main__":

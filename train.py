@@ -26,15 +26,10 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import signal
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from datetime import timedelta
 from pathlib import Path
 
 # read when torch loads, so set before: micro-batches of varying shapes fragment fixed-size allocator segments
@@ -43,14 +38,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+import checkpoint
 import common
 import data
 import loss as qloss
@@ -60,7 +53,6 @@ import teacher_cache
 # Config: the paper's setup (Appendix A, Table 3)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF id or local folder of the student")
-parser.add_argument("--data", default="numina67k", help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet")
 parser.add_argument("--teacher", default=None, help="target, distill: the teacher (hub id or folder) whose top-64 "
                     "cache is built under cache/teacher/ when no --teacher-cache is given (default: the paper's "
                     "teacher of --model, teacher_cache.PAPER_TEACHERS)")
@@ -93,7 +85,6 @@ micro_batching.add_argument("--micro-batch-tokens", type=int, default=None, help
                             "(default 4 x max-len); each step's samples are balanced over ranks and micro-batches")
 micro_batching.add_argument("--micro-batch-size", type=int, default=None, help="instead, a fixed number of "
                             "sequences per micro-batch, in the sampler's order (ranks then wait for each other)")
-parser.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--max-steps", type=int, default=None, help="cap on the schedule's length (default: epochs)")
 parser.add_argument("--stop-after", type=int, default=None, help="exit after this step, e.g. to fit a time "
@@ -116,14 +107,9 @@ parser.add_argument("--save-every", type=int, default=0, help="steps between sha
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
 parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
 parser.add_argument("--resume", action="store_true")
-parser.add_argument("--data-cache", default="cache/tokenized", help="tokenisation cache (data.py)")
-parser.add_argument("--system-prompt", default=None, help="default: the recipe's; data options: pass teacher_cache.py "
-                    "the same ones, or the cache is refused as built on other token ids")
-parser.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut over-long samples (or, with "
-                    "--no-truncate, drop them) whatever the recipe does")
-parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
-data.report_user_errors(parser)  # a bad flag, bad data or a mismatched cache: one `error:` line, not a traceback
+data.add_options(parser)
+common.report_user_errors(parser)  # a bad flag, bad data or a mismatched cache: one `error:` line, not a traceback
 args = parser.parse_args()
 
 # A preempted job gets SIGTERM (Slurm, then SIGKILL after a grace period) or SIGUSR1: every rank notes it, the
@@ -137,93 +123,9 @@ if SAVING:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers: checkpoints, export, plots
+# Helpers: the plot of the run's curves
 
-def checkpoint_dirs(out):
-    return sorted(p for p in (out / "checkpoints").glob("step_*") if p.suffix != ".tmp")
-
-
-def save_checkpoint(out, step, model, optimizer, extra):
-    """Sharded DCP checkpoint plus each rank's trainer state, written to step_N.tmp, renamed when complete."""
-    final = out / "checkpoints" / f"step_{step:08d}"
-    tmp = final.with_suffix(".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    torch.save(extra, tmp / f"trainer_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-args.keep]:
-            shutil.rmtree(old)
-    dist.barrier()
-
-
-# may change on resume: they steer the run or name where things are (the caches are validated on their own)
-# (micro-batching and layout too: the normaliser is the step's global label count, so the maths is unchanged)
-RUN_CONTROL = {"resume", "stop_after", "save_every", "save_minutes", "keep", "export_on_save", "wandb",
-               "activation_checkpointing",
-               "data_cache", "teacher_cache", "ref_cache", "micro_batch_size", "micro_batch_tokens", "layout",
-               "accumulate_unsharded", "loss_chunk_size", "quadrant_threshold"}
-
-
-def read_trainer_state(path):
-    """This rank's trainer state, read before the model loads. Refuses what would resume wrongly."""
-    written_by = len(list(path.glob("trainer_rank*.pt")))
-    if written_by != world_size:
-        raise ValueError(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "
-                         "dealt per rank, so resume with the same world size")
-    extra = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
-    if extra["args"]["model"] != args.model:
-        raise ValueError(f"{path} is a checkpoint of {extra['args']['model']}, not of --model {args.model}; "
-                         "point --out elsewhere or drop --resume")
-    # a flag that no longer exists (e.g. --no-packing, now --layout) is taken as unchanged
-    changed = {k: (v, vars(args)[k]) for k, v in extra["args"].items()
-               if k not in RUN_CONTROL and vars(args).get(k, v) != v}
-    if changed:
-        raise ValueError(f"{path} was trained with other settings {changed} (checkpoint, now): resuming would not "
-                         "continue the same run; use the checkpoint's settings or another --out")
-    return extra
-
-
-def load_checkpoint(path, model, optimizer, extra):
-    """Model and optimiser shards in place."""
-    if extra["model"] != model_identity(args.model, model.config):
-        raise ValueError(f"{path} holds {extra['model']}, not --model {args.model} as that folder is now")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def model_identity(name, config):
-    return {"name": name, **{key: getattr(config, key) for key in (
-        "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}}
-
-
-def export_hf(path, model, tokenizer, dtype):
-    """A folder transformers and vLLM load directly: safetensors, config, tokenizer, generation config."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # a base model's eos is often <|endoftext|>, but training taught it to end its turn with the template's
-        # end-of-turn token: vLLM and generate() must stop at that too
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        model.generation_config.eos_token_id = sorted(set(eos) | {data.end_of_turn_id(tokenizer, args.system_prompt)})
-        model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()}, safe_serialization=True)
-        model.config.dtype = dtype  # save_pretrained records the fp32 master weights' dtype; vLLM's "auto" reads it
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-def plot_metrics(metrics_path, png_path):
+def plot_metrics(metrics_path, png_path, title):
     """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
     import matplotlib
     matplotlib.use("Agg")
@@ -264,76 +166,10 @@ def plot_metrics(metrics_path, png_path):
             ax.legend(fontsize=8, frameon=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"{args.loss} on {args.data}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
-
-
-def prepare(sample_ids):
-    """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
-    where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
-    batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
-    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None,) * 3
-    labels = batch["labels"].view(-1)
-    positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
-    batch = {**data.model_inputs(batch), "label_positions": positions, "label_ids": labels[positions],
-             **({"label_weights": batch["token_weights"].view(-1)[positions]} if "token_weights" in batch else {})}
-    pin = device_type == "cuda"
-    return ({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()},
-            tuple(t.pin_memory() if pin and t is not None else t for t in teacher))
-
-
-def to_device(value):
-    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-
-
-PROC = Path("/proc/self")  # Linux: where a CPU run reads and resets its peak RSS
-PEAK_RSS = (PROC / "clear_refs").exists()
-
-
-def reset_peak_memory():
-    """Each step's peak is its own, not the run's so far."""
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif PEAK_RSS:
-        (PROC / "clear_refs").write_text("5")  # the peak RSS restarts from the current RSS
-
-
-def peak_memory_gib():
-    """Peak memory since reset_peak_memory: the allocator's on a GPU, the process's RSS on a Linux CPU."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    if PEAK_RSS:
-        return int(re.search(r"VmHWM:\s*(\d+) kB", (PROC / "status").read_text())[1]) / 2**20
-    return None
-
-
-def load_pretrained(model):
-    """Rank 0 reads the weights once and broadcasts them into every rank's shards: host RAM holds one full
-    fp32 copy, not one per GPU (8 x 30 GB at 7B)."""
-    full = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32) if rank == 0 else None
-    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buffer in model.named_buffers():  # not in the state dict (rotary inv_freq), left empty by to_empty
-        if rank == 0:
-            buffer.copy_(full.get_buffer(name))
-        dist.broadcast(buffer, src=0)
-    if rank == 0:
-        model.generation_config = full.generation_config  # export_hf (rank 0) writes it
-
-
-def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
-    """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
-    an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
-    hidden = self.model(**data.model_inputs(batch), use_cache=False)[0]
-    stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
-    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
-                                self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
-                                teacher_label_logprobs, batch.get("label_weights"), loss=args.loss, eta=args.eta,
-                                c=args.c, chunk_size=args.loss_chunk_size, ignore_index=None, normalizer=normalizer,
-                                stats=stats, quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
-    return value, stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,23 +203,13 @@ if args.loss in qloss.NEEDS_TEACHER:
         parser.error(f"--loss {args.loss} needs a teacher, and --model {args.model} has none among the paper's "
                      f"pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is built), or "
                      f"--teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
-data.check_model("--model", args.model)
+common.check_model("--model", args.model)
 if teacher not in (None, args.model):
-    data.check_model("--teacher", teacher)
+    common.check_model("--teacher", teacher)
 data.check_source(args.data)
 
-if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same code path as torchrun
-    with closing(socket.socket()) as s:
-        s.bind(("localhost", 0))
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
-                          MASTER_PORT=str(s.getsockname()[1]))
-device_type = "cuda" if torch.cuda.is_available() else "cpu"
-# ranks wait at barriers while rank 0 tokenises a dataset or writes the export: NCCL's 10 minutes are too few
-dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=1))
-rank, world_size = dist.get_rank(), dist.get_world_size()
-device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")
-if device_type == "cuda":
-    torch.cuda.set_device(device)
+rank, world_size, device = common.start_distributed(always=True)  # `python train.py`: a world of one, same code
+device_type = device.type
 torch.manual_seed(args.seed + rank)
 max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
 if args.micro_batch_size is None and args.micro_batch_tokens is None:
@@ -398,23 +224,21 @@ if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
 if args.keep < 1:
     parser.error("--keep must be at least 1")
 out = Path(args.out)
-checkpoints = checkpoint_dirs(out)
+checkpoints = checkpoint.checkpoint_dirs(out)
 if checkpoints and not args.resume:
     parser.error(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
 resume_from = checkpoints[-1] if args.resume and checkpoints else None
-trainer_state = read_trainer_state(resume_from) if resume_from else None
+trainer_state = checkpoint.read_trainer_state(resume_from, args) if resume_from else None
 if args.resume and resume_from is None and rank == 0:
     print(f"--resume: no checkpoint in {out}, starting from step 0")
 out.mkdir(parents=True, exist_ok=True)
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
-tokens = data.tokenize_dataset(args.data, tokenizer, max_len=args.max_len, system_prompt=args.system_prompt,
-                              cache_dir=args.data_cache, truncate=args.truncate, skip_bad=args.skip_bad,
-                              weights=args.loss in qloss.NEEDS_WEIGHTS)
+end_of_turn = data.end_of_turn_id(tokenizer, args.system_prompt)  # where generation stops, in the export
+tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache,
+                              weights=args.loss in qloss.NEEDS_WEIGHTS, **data.options(args))
 if teacher is not None:  # as teacher_cache.py --teacher TEACHER --tokenizer MODEL with this run's data options
-    cache_path = teacher_cache.auto_path(teacher, args.model, args.data, max_len=args.max_len,
-                                         system_prompt=args.system_prompt, truncate=args.truncate,
-                                         skip_bad=args.skip_bad)
+    cache_path = teacher_cache.auto_path(teacher, args.model, args.data, **data.options(args))
     if rank == 0:
         print(f"{'reference' if reference else 'teacher'} cache: {cache_path} (top-{teacher_cache.TOP_K} of "
               f"{teacher} on this run's token ids; built first unless complete)", flush=True)
@@ -451,7 +275,22 @@ for layer in model.model.layers:
 # the root's inputs include the teacher's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
 fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
 model.to_empty(device=device)
-load_pretrained(model)
+checkpoint.load_pretrained(model, args.model)
+
+
+def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
+    """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
+    an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
+    hidden = self.model(**data.model_inputs(batch), use_cache=False)[0]
+    stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
+    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
+                                self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
+                                teacher_label_logprobs, batch.get("label_weights"), loss=args.loss, eta=args.eta,
+                                c=args.c, chunk_size=args.loss_chunk_size, ignore_index=None, normalizer=normalizer,
+                                stats=stats, quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
+    return value, stats
+
+
 model.loss_forward = loss_forward.__get__(model)
 register_fsdp_forward_method(model, "loss_forward")
 model.train()
@@ -460,11 +299,8 @@ scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_rat
 
 step = 0
 if trainer_state:
-    load_checkpoint(resume_from, model, optimizer, trainer_state)
+    checkpoint.load(resume_from, model, optimizer, trainer_state, scheduler, sampler)
     step = trainer_state["step"]
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    sampler.load_state_dict(trainer_state["sampler"])
-    torch.set_rng_state(trainer_state["rng"])
     if rank == 0:
         kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
         (out / "metrics.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
@@ -488,6 +324,26 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL
               "A100": 312e12, "A6000": 155e12}
 peak_flops = next((f for name, f in PEAK_FLOPS.items()
                    if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
+
+
+def prepare(sample_ids):
+    """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
+    where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
+    batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
+    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None,) * 3
+    labels = batch["labels"].view(-1)
+    positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
+    batch = {**data.model_inputs(batch), "label_positions": positions, "label_ids": labels[positions],
+             **({"label_weights": batch["token_weights"].view(-1)[positions]} if "token_weights" in batch else {})}
+    pin = device_type == "cuda"
+    return ({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()},
+            tuple(t.pin_memory() if pin and t is not None else t for t in teacher))
+
+
+def to_device(value):
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+
+
 # builds the next micro-batch on the host while the current one runs; its pinning is CUDA work, on this rank's GPU
 prepare_next = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device_type == "cuda" else None,
                                   initargs=(device,))
@@ -524,7 +380,7 @@ while step < stop:
     step_stats = dict.fromkeys(logged, 0.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     micro_batches = plan[rank]
-    reset_peak_memory()
+    common.reset_peak_memory(device)
     upcoming = prepare_next.submit(prepare, micro_batches[0])
     try:
         for j in range(len(micro_batches)):
@@ -548,7 +404,7 @@ while step < stop:
                         else ("--micro-batch-tokens", str(args.micro_batch_tokens)))
         raise SystemExit(f"out of memory at step {step + 1} with {flag} {budget}: try a smaller {flag}" +
                          ("" if args.activation_checkpointing else " or --activation-checkpointing")) from e
-    peak_fwd_bwd = peak_memory_gib()  # what --micro-batch-tokens and --activation-checkpointing govern
+    peak_fwd_bwd = common.peak_memory_gib(device)  # what --micro-batch-tokens and --activation-checkpointing govern
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     # the ranks agree in the step's one all-reduce: save when rank 0's clock says so, stop when a rank was signalled
@@ -579,8 +435,8 @@ while step < stop:
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
     if peak_fwd_bwd is not None:  # the step's peak, and its peak before the optimizer's update; the max because
-        # a CPU's VmHWM is not kept strictly: read again after the update it came out lower (0.5510 < 0.5512 GiB)
-        metrics.update(peak_gib=max(peak_memory_gib(), peak_fwd_bwd), peak_fwd_bwd_gib=peak_fwd_bwd)
+        # a CPU's VmHWM is not kept strictly: read again after the update it can come out lower
+        metrics.update(peak_gib=max(common.peak_memory_gib(device), peak_fwd_bwd), peak_fwd_bwd_gib=peak_fwd_bwd)
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -591,21 +447,21 @@ while step < stop:
     stopping_early = step == stop < total_steps  # --stop-after: the checkpoint is what --resume continues
     counted = args.save_every and (step % args.save_every == 0 or step == stop)
     if counted or save_due or stopping_early or stopping:
-        save_checkpoint(out, step, model, optimizer, {
-            "step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-            "rng": torch.get_rng_state(), "model": model_identity(args.model, model.config), "args": vars(args)})
+        checkpoint.save(out, step, model, optimizer, checkpoint.trainer_state(
+            step, scheduler, sampler, checkpoint.model_identity(args.model, model.config), vars(args)), args.keep)
         last_save = time.monotonic()
         if args.export_on_save:
-            export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype)
+            checkpoint.export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype,
+                                 end_of_turn)
     if stopping:
         break
 progress.close()
 prepare_next.shutdown()
 
 if step == total_steps and not stopping:
-    export_hf(out / "hf", model, tokenizer, compute_dtype)
+    checkpoint.export_hf(out / "hf", model, tokenizer, compute_dtype, end_of_turn)
     if rank == 0:
-        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{args.loss} on {args.data}")
         print(f"done: {out / 'hf'} (transformers / vLLM), {out / 'metrics.png'}")
 dist.barrier()  # every rank tears gloo/NCCL down together, none while rank 0 is still plotting
 dist.destroy_process_group()

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 from huggingface_hub import constants
 
+import benchmarks
+import compare
 import data
 import eval as evaluation
+import grading
+from common import UserError
 from conftest import hub_snapshot
 
 DATA = Path(__file__).parent / "data"
@@ -68,9 +72,9 @@ MATH_CASES = [  # (response, gold, correct under --protocol paper, under strict)
 
 @pytest.mark.parametrize("response,gold,paper,strict", MATH_CASES)
 def test_grade_math_under_both_protocols(response, gold, paper, strict):
-    assert evaluation.grade_math(response, gold) is paper  # the paper's protocol is the default
-    assert evaluation.grade_math(response, gold, protocol="paper") is paper
-    assert evaluation.grade_math(response, gold, protocol="strict") is strict
+    assert grading.grade_math(response, gold) is paper  # the paper's protocol is the default
+    assert grading.grade_math(response, gold, protocol="paper") is paper
+    assert grading.grade_math(response, gold, protocol="strict") is strict
 
 
 @pytest.mark.parametrize("name", ["math500", "minerva", "olympiadbench", "aime24", "amc23", "golds_in_pieces"])
@@ -78,14 +82,14 @@ def test_every_gold_boxed_as_written_grades_right_and_another_gold_wrong(name):
     """Each real gold of the eval sets in tests/data, its outer $ removed and boxed, grades right under both
     protocols; the next row's different gold grades wrong. golds_in_pieces.jsonl: OlympiadBench and Minerva
     rows whose golds are several $...$ pieces (or hold a stray `$ $`), which failed this before plain_text."""
-    golds = [evaluation.to_item(row)["answer"] for row in data.read_jsonl(DATA / f"{name}.jsonl")]
+    golds = [benchmarks.to_item(row)["answer"] for row in data.read_jsonl(DATA / f"{name}.jsonl")]
     for gold, other in zip(golds, golds[1:] + golds[:1]):
         text = gold.strip()
         text = text[1:-1] if len(text) > 1 and text[0] == text[-1] == "$" else text
         for protocol in ("paper", "strict"):
-            assert evaluation.grade_math(f"So \\boxed{{{text}}}", gold, protocol), (gold, protocol)
-            if evaluation.plain_text(other) != evaluation.plain_text(gold):
-                assert not evaluation.grade_math(f"So \\boxed{{{text}}}", other, protocol), (gold, other, protocol)
+            assert grading.grade_math(f"So \\boxed{{{text}}}", gold, protocol), (gold, protocol)
+            if grading.plain_text(other) != grading.plain_text(gold):
+                assert not grading.grade_math(f"So \\boxed{{{text}}}", other, protocol), (gold, other, protocol)
 
 
 @pytest.mark.parametrize("response,answer", [
@@ -98,7 +102,7 @@ def test_every_gold_boxed_as_written_grades_right_and_another_gold_wrong(name):
     ("no number", ""),
 ])
 def test_harness_answer_reads_as_the_qwen25_math_harness(response, answer):
-    assert evaluation.harness_answer(response) == answer
+    assert grading.harness_answer(response) == answer
 
 
 OPTIONS = {"A": "Ibuprofen", "B": "Aspirin", "C": "Warfarin", "D": "Insulin"}
@@ -134,25 +138,25 @@ CHOICE_CASES = [  # (response, gold, options, correct)
 
 @pytest.mark.parametrize("response,gold,options,correct", CHOICE_CASES)
 def test_grade_choice(response, gold, options, correct):
-    assert evaluation.grade_choice(response, gold, options) is correct
+    assert grading.grade_choice(response, gold, options) is correct
 
 
 def test_grade_choice_without_a_stated_answer_picks_the_most_similar_option():
     # HuatuoGPT's last resort: the option text closest to the response
-    assert evaluation.grade_choice("insulim", "D", OPTIONS)
-    assert not evaluation.grade_choice("insulim", "A", OPTIONS)
+    assert grading.grade_choice("insulim", "D", OPTIONS)
+    assert not grading.grade_choice("insulim", "A", OPTIONS)
 
 
 def test_last_boxed_handles_nesting_and_picks_the_last():
-    assert evaluation.last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{\\sqrt{b}}} c") == "\\frac{a}{\\sqrt{b}}"
-    assert evaluation.last_boxed("no box") is None
+    assert grading.last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{\\sqrt{b}}} c") == "\\frac{a}{\\sqrt{b}}"
+    assert grading.last_boxed("no box") is None
 
 
 def test_grade_item_counts_a_timeout_as_wrong():
     item = {"answer": "\\frac{\\sqrt{3}}{2}", "options": None}
     response = "\\boxed{\\frac{\\sqrt{3}}{2}}"
-    assert evaluation.grade_item((response, item), timeout=10.0, protocol="paper") == (True, False)
-    timed = evaluation.grade_item((response, {**item, "answer": "\\sqrt{17}"}), timeout=1e-5, protocol="strict")
+    assert grading.grade_item((response, item), timeout=10.0, protocol="paper") == (True, False)
+    timed = grading.grade_item((response, {**item, "answer": "\\sqrt{17}"}), timeout=1e-5, protocol="strict")
     assert timed == (False, True)
 
 
@@ -160,23 +164,23 @@ def test_grade_samples_pool_keeps_order_and_counts_timeouts():
     items = [{"answer": "5", "options": None}, {"answer": "B", "options": OPTIONS}]
     samples = [[("\\boxed{5}", 3, False), ("\\boxed{6}", 3, False)],
                [("\\boxed{A}", 3, False), ("the answer is (B)", 5, False)]]
-    with evaluation.grading_pool(2) as pool:
-        correct, timed_out = evaluation.grade_samples(pool, items, samples, timeout=10.0)
+    with grading.grading_pool(2) as pool:
+        correct, timed_out = grading.grade_samples(pool, items, samples, timeout=10.0)
         assert correct.tolist() == [[True, False], [False, True]]
         assert not timed_out.any()
-        correct, timed_out = evaluation.grade_samples(pool, items[:1], [samples[0]], timeout=1e-5)
+        correct, timed_out = grading.grade_samples(pool, items[:1], [samples[0]], timeout=1e-5)
         assert timed_out.all() and not correct.any()
 
 
 def test_pass_at_k_and_average_by_hand():
     correct = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
     # pass@1 = 7/16; pass@2 = mean(1 - C(4-c,2)/C(4,2)) = (1/2 + 5/6 + 0 + 1)/4; pass@4 = 3/4
-    assert evaluation.pass_at_k(correct, 1) == pytest.approx(100 * 7 / 16)
-    assert evaluation.pass_at_k(correct, 2) == pytest.approx(100 * (1 / 2 + 5 / 6 + 1) / 4)
-    assert evaluation.pass_at_k(correct, 4) == pytest.approx(75.0)
+    assert grading.pass_at_k(correct, 1) == pytest.approx(100 * 7 / 16)
+    assert grading.pass_at_k(correct, 2) == pytest.approx(100 * (1 / 2 + 5 / 6 + 1) / 4)
+    assert grading.pass_at_k(correct, 4) == pytest.approx(75.0)
     lengths = np.arange(1, 17).reshape(4, 4)
     truncated = lengths == 16
-    m = evaluation.metrics(correct, lengths, truncated, np.zeros_like(correct), column_rounded=False)
+    m = grading.metrics(correct, lengths, truncated, np.zeros_like(correct), column_rounded=False)
     assert m["average"] == m["matrix_mean"] == pytest.approx(43.75)  # the first sample alone would give 75
     assert m["pass@k"] == pytest.approx({"1": 43.75, "2": 100 * (1 / 2 + 5 / 6 + 1) / 4, "4": 75.0})
     assert (m["length_mean"], m["length_p25"], m["length_p75"]) == (8.5, 4.75, 12.25)  # numpy's linear rule
@@ -190,17 +194,17 @@ def test_average_at_16_is_the_harness_column_rounded_mean():
     correct[2, 0] = True  # column 0: 3/3 = 100.0
     # by hand: columns [100.0, 66.7, 66.7, 66.7] + 12 x [33.3]; mean = (100 + 3 x 66.7 + 12 x 33.3) / 16
     expected = (100.0 + 3 * 66.7 + 12 * 33.3) / 16
-    m = evaluation.metrics(correct, np.ones((3, 16)), correct & False, correct & False, column_rounded=True)
+    m = grading.metrics(correct, np.ones((3, 16)), correct & False, correct & False, column_rounded=True)
     assert m["average"] == pytest.approx(expected, abs=1e-9) and expected == pytest.approx(699.7 / 16)
     assert m["matrix_mean"] == pytest.approx(100 * 21 / 48)  # 43.75: the unrounded matrix mean, kept beside it
-    assert evaluation.harness_average(np.array([[True, False]] * 8)) == 50.0
+    assert grading.harness_average(np.array([[True, False]] * 8)) == 50.0
 
 
 def test_pass_at_k_matches_the_combinatorial_formula():
     correct = np.random.default_rng(0).random((50, 16)) < 0.3
     for k in (1, 3, 8, 16):
         expected = np.mean([1 - math.comb(16 - c, k) / math.comb(16, k) for c in correct.sum(1)])
-        assert evaluation.pass_at_k(correct, k) == pytest.approx(100 * expected)
+        assert grading.pass_at_k(correct, k) == pytest.approx(100 * expected)
 
 
 @pytest.mark.parametrize("name,answers", [
@@ -211,40 +215,40 @@ def test_pass_at_k_matches_the_combinatorial_formula():
     ("amc23", ["27", "36", "45"]),  # stored as 27.0
 ])
 def test_load_benchmark_finds_question_and_gold(name, answers):
-    items = evaluation.load_benchmark(name, str(DATA / f"{name}.jsonl"))
+    items = benchmarks.load_benchmark(name, str(DATA / f"{name}.jsonl"))
     assert [item["answer"] for item in items] == answers
     assert all(item["question"] and item["options"] is None for item in items)
 
 
 def test_load_benchmark_warns_on_a_row_count_mismatch(capsys):
-    evaluation.load_benchmark("aime24", str(DATA / "aime24.jsonl"))
+    benchmarks.load_benchmark("aime24", str(DATA / "aime24.jsonl"))
     assert "aime24 has 3 problems, the paper's set has 30" in capsys.readouterr().err
 
 
 def test_m1_sources_are_read_by_their_exact_keys_and_grade_by_letter(tmp_path):
     full = str(DATA / "m1_eval_full_keys.json")  # shaped like m1's m1_eval_data.json, one item per source
-    answers = {name: evaluation.load_benchmark(name, full)[0]["answer"] for name in evaluation.SUITES["medical"]}
+    answers = {name: benchmarks.load_benchmark(name, full)[0]["answer"] for name in benchmarks.SUITES["medical"]}
     assert answers == {"medmcqa": "A", "medqa": "C", "pubmedqa": "A", "mmlupro": "B", "gpqa": "C", "lancet": "B",
                        "medbullets4": "B", "medbullets5": "B", "medxpertqa": "B", "nejm": "C"}
-    items = evaluation.load_benchmark("medqa", str(DATA / "m1_eval_sample.json"))
+    items = benchmarks.load_benchmark("medqa", str(DATA / "m1_eval_sample.json"))
     assert [item["answer"] for item in items] == ["B", "C"]
-    assert evaluation.user_message(items[0]).endswith("\nA. Ibuprofen\nB. Aspirin\nC. Warfarin\nD. Insulin")
-    with pytest.raises(SystemExit, match="has no source 'NEJM'.*m1_eval_data.json"):
-        evaluation.load_benchmark("nejm", str(DATA / "m1_eval_sample.json"))
+    assert benchmarks.user_message(items[0]).endswith("\nA. Ibuprofen\nB. Aspirin\nC. Warfarin\nD. Insulin")
+    with pytest.raises(UserError, match="has no source 'NEJM'.*m1_eval_data.json"):
+        benchmarks.load_benchmark("nejm", str(DATA / "m1_eval_sample.json"))
     sets = evaluation.json.loads(Path(full).read_text())
     sets["MedQA_USMLE_test"] = sets.pop("MedQA_USLME_test")  # m1's key keeps HuatuoGPT-o1's spelling
     (tmp_path / "m1.json").write_text(evaluation.json.dumps(sets))
-    with pytest.raises(SystemExit, match="has no source 'MedQA_USLME_test'"):
-        evaluation.load_benchmark("medqa", str(tmp_path / "m1.json"))
+    with pytest.raises(UserError, match="has no source 'MedQA_USLME_test'"):
+        benchmarks.load_benchmark("medqa", str(tmp_path / "m1.json"))
 
 
 def test_table_2_sizes_are_m1s():
-    sizes = {name: evaluation.BENCHMARKS[name][3] for name in evaluation.SUITES["medical"]}
+    sizes = {name: benchmarks.BENCHMARKS[name][3] for name in benchmarks.SUITES["medical"]}
     assert sizes["medxpertqa"] == 1449 and round(100 * 161 / 1449, 2) == 11.11  # Table 2's Base MedX cell
 
 
 def test_benchmark_specs_expand_suites_in_table_order():
-    specs = evaluation.benchmark_specs("math500, mine.jsonl, math, amc23=/tmp/a.jsonl")
+    specs = benchmarks.benchmark_specs("math500, mine.jsonl, math, amc23=/tmp/a.jsonl")
     assert specs == [("minerva", None), ("olympiadbench", None), ("aime24", None), ("amc23", "/tmp/a.jsonl"),
                      ("math500", None), ("mine", "mine.jsonl")]
 
@@ -258,18 +262,18 @@ def test_benchmark_specs_expand_suites_in_table_order():
 ])
 def test_bad_input_fails_early_with_the_fix(tmp_path, argv, message):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path)] + argv))
 
 
 def test_missing_model_dir_or_hub_id_fails_early(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="no such folder, and not a hub id"):
+    with pytest.raises(UserError, match="no such folder, and not a hub id"):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path / "nope")]))
-    with pytest.raises(SystemExit, match="a folder without config.json"):
+    with pytest.raises(UserError, match="a folder without config.json"):
         evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path)]))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit, match="Qwen/Qwen2.5-Math-1.5B: not a local folder and not in the local hub cache"):
+    with pytest.raises(UserError, match="Qwen/Qwen2.5-Math-1.5B: not a local folder and not in the local hub cache"):
         evaluation.check_args(evaluation.parse_args(["--model", "Qwen/Qwen2.5-Math-1.5B"]))
     hub_snapshot(tmp_path / "hub", "Qwen/Qwen2.5-Math-1.5B").mkdir(parents=True)
     (hub_snapshot(tmp_path / "hub", "Qwen/Qwen2.5-Math-1.5B") / "config.json").write_text("{}")
@@ -277,13 +281,12 @@ def test_missing_model_dir_or_hub_id_fails_early(tmp_path, monkeypatch):
 
 
 def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
-    for run, benchmarks in {"sft": {"math500": 50.0, "aime24": 10.0}, "target": {"math500": 70.0}}.items():
+    for run, averages in {"sft": {"math500": 50.0, "aime24": 10.0}, "target": {"math500": 70.0}}.items():
         (tmp_path / run).mkdir()
-        results = {"benchmarks": {k: {"average": v} for k, v in benchmarks.items()}}
+        results = {"benchmarks": {k: {"average": v} for k, v in averages.items()}}
         (tmp_path / run / "results.json").write_text(evaluation.json.dumps(results))
     plot = tmp_path / "cmp.png"
-    evaluation.main(["--compare", str(tmp_path / "sft/results.json"), str(tmp_path / "target/results.json"),
-                     "--plot", str(plot)])
+    compare.main([str(tmp_path / "sft/results.json"), str(tmp_path / "target/results.json"), "--plot", str(plot)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["AIME24", "Math500", "Avg."]  # Table 1's column order
     assert lines[1].split() == ["sft", "10.00", "50.00", "30.00"]
@@ -292,7 +295,7 @@ def test_compare_prints_runs_side_by_side_and_plots(tmp_path, capsys):
 
 
 def paper_avg(setting, method, table="Table 1"):
-    return next(r["avg"] for r in evaluation.PAPER_TABLES[setting] if (r["table"], r["method"]) == (table, method))
+    return next(r["avg"] for r in compare.PAPER_TABLES[setting] if (r["table"], r["method"]) == (table, method))
 
 
 def test_paper_tables_agree_with_the_numbers_the_papers_text_quotes():
@@ -303,7 +306,7 @@ def test_paper_tables_agree_with_the_numbers_the_papers_text_quotes():
     assert paper_avg("Qwen2.5-Math-7B / NuminaMath-CoT", "SFT") == 23.88
     assert (paper_avg("LLaMA-3.1-8B / m23k", "SFT", "Table 2"),
             paper_avg("LLaMA-3.1-8B / m23k", "SFT (p)", "Table 2")) == (47.41, 38.60)  # "(47.41 vs. 38.60)"
-    table6 = [r for r in evaluation.PAPER_TABLES[math15] if r["table"] == "Table 6"]
+    table6 = [r for r in compare.PAPER_TABLES[math15] if r["table"] == "Table 6"]
     etas = [r["avg"] for r in table6 if r["method"].startswith("TARGET-SFT")]
     distills = {r["method"]: r["avg"] for r in table6 if r["method"].startswith("Distill")}
     assert (min(etas), max(etas)) == (34.30, 38.05)
@@ -311,27 +314,27 @@ def test_paper_tables_agree_with_the_numbers_the_papers_text_quotes():
     assert distills.pop("Distill (c = 0.2)") == 18.33 and (min(distills.values()), max(distills.values())) == \
         (22.81, 30.83)
     # the printed Avg. is not the mean of the five columns (issue 12's two examples)
-    means = {s: np.mean(list(evaluation.PAPER_TABLES[s][0]["cells"].values())) for s in (qwen3, math15)}
+    means = {s: np.mean(list(compare.PAPER_TABLES[s][0]["cells"].values())) for s in (qwen3, math15)}
     assert (round(means[qwen3], 2), round(means[math15], 2)) == (14.38, 15.36)
     # Table 6 repeats Table 1's runs: the same cells in both places
     for setting in (math15, "Qwen2.5-Math-1.5B / OpenR1-15k"):
-        t1, t6 = ([r for r in evaluation.PAPER_TABLES[setting] if r["table"] == t and "TARGET" in r["method"]]
+        t1, t6 = ([r for r in compare.PAPER_TABLES[setting] if r["table"] == t and "TARGET" in r["method"]]
                   for t in ("Table 1", "Table 6"))
         assert t1[0]["cells"] in [r["cells"] for r in t6]
-    medx = next(r for r in evaluation.PAPER_TABLES["LLaMA-3.2-3B / m23k"] if r["method"] == "Base")
+    medx = next(r for r in compare.PAPER_TABLES["LLaMA-3.2-3B / m23k"] if r["method"] == "Base")
     assert medx["cells"]["medxpertqa"] == round(100 * 161 / 1449, 2)  # Table 2 is k/N
-    assert all(len(r["cells"]) in (5, 10) for rows in evaluation.PAPER_TABLES.values() for r in rows)
+    assert all(len(r["cells"]) in (5, 10) for rows in compare.PAPER_TABLES.values() for r in rows)
 
 
 def test_compare_sets_the_papers_rows_beside_yours(tmp_path, capsys):
     cells = {"minerva": 30.0, "olympiadbench": 31.59, "aime24": 10.0, "amc23": 47.03, "math500": 75.2}
-    for run, benchmarks in {"target": cells, "mystery": cells}.items():
+    for run, averages in {"target": cells, "mystery": cells}.items():
         (tmp_path / run).mkdir()
         results = {"name": run, "model": f"/runs/{run}/hf",
-                   "benchmarks": {k: {"average": v} for k, v in benchmarks.items()}}
+                   "benchmarks": {k: {"average": v} for k, v in averages.items()}}
         (tmp_path / run / "results.json").write_text(evaluation.json.dumps(results))
-    evaluation.main(["--compare", str(tmp_path / "target/results.json"), str(tmp_path / "mystery/results.json"),
-                     "--plot", str(tmp_path / "cmp.png"), "--paper", "Qwen2.5-Math-1.5B / NuminaMath-CoT"])
+    compare.main([str(tmp_path / "target/results.json"), str(tmp_path / "mystery/results.json"),
+                  "--plot", str(tmp_path / "cmp.png"), "--paper", "Qwen2.5-Math-1.5B / NuminaMath-CoT"])
     out = capsys.readouterr().out
     base = next(line for line in out.splitlines() if line.startswith("Table 1 Base"))
     assert base.split()[-7:] == ["8.23", "15.20", "3.75", "18.12", "31.52", "14.92", "[15.36]"]
@@ -339,14 +342,14 @@ def test_compare_sets_the_papers_rows_beside_yours(tmp_path, capsys):
     # by hand, against 32.20 31.59 8.96 47.03 70.20 (mean 37.996): our mean is 38.764, +0.768
     assert diff.split()[-6:] == ["-2.20", "+0.00", "+1.04", "+0.00", "+5.00", "+0.77"]
     assert "mystery: no paper row" in out and "not always the mean of its columns" in out
-    with pytest.raises(SystemExit, match="not one of the paper's settings"):
-        evaluation.main(["--compare", str(tmp_path / "target/results.json"), "--paper", "GPT-2 / nothing"])
+    with pytest.raises(UserError, match="not one of the paper's settings"):
+        compare.main([str(tmp_path / "target/results.json"), "--paper", "GPT-2 / nothing"])
 
 
 def test_compare_plot_starts_at_zero_and_labels_every_bar(tmp_path):
-    runs = [(f"run{i}", {"benchmarks": {n: {"average": 0.0} for n in evaluation.SUITES["medical"]}})
+    runs = [(f"run{i}", {"benchmarks": {n: {"average": 0.0} for n in benchmarks.SUITES["medical"]}})
             for i in range(5)]
-    ax = evaluation.plot_runs(runs, tmp_path / "zeros.png")
+    ax = compare.plot_runs(runs, tmp_path / "zeros.png")
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 0
     labels = [t.get_text() for t in ax.texts]
     assert len(labels) == 5 * 11 and set(labels) == {"0.0"}  # 10 benchmarks and Avg., 5 runs
@@ -428,3 +431,23 @@ def test_sampling_mode_says_where_samples_do_not_depend_on_batching(monkeypatch,
     argv = ["--model", "m", "--backend", backend] + ({True: ["--reproducible"], False: ["--no-reproducible"]}
                                                      .get(flag, []))
     assert evaluation.sampling_mode(evaluation.parse_args(argv)) == mode
+
+
+def test_the_grading_module_imports_no_torch_vllm_or_transformers():
+    """grading.py is what eval.py's spawned grading workers load: importing it, and eval.py's own top-level
+    imports (which a spawned worker re-runs), must not pull in torch, vLLM or transformers."""
+    import builtins
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    for module in ("grading", "eval"):
+        code = (f"import sys, {module}; heavy = sorted({{'torch', 'vllm', 'transformers'}} & set(sys.modules)); "
+                "print(heavy); sys.exit(bool(heavy))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+        assert result.returncode == 0, (module, result.stdout, result.stderr)
+    # and grading works: a worker of the real pool grades a sample and reports what it imported
+    with grading.grading_pool(1) as pool:
+        assert pool.apply(grading.grade_problem, ([("so \\boxed{4}", 3, False)], {"answer": "4", "options": None},
+                                                  10.0, "paper")) == [(True, False)]
+        imported = "sorted({'torch', 'vllm', 'transformers'} & set(__import__('sys').modules))"
+        assert pool.apply(builtins.eval, (imported,)) == []  # a builtin: unpickling it imports nothing

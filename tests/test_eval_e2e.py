@@ -15,9 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import benchmarks
 import data
 import demo
 import eval as evaluation
+import grading
+from common import UserError
 from conftest import hub_snapshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,13 +66,13 @@ def check_outputs(out, max_tokens, problems):
         assert sorted((r["problem"], r["sample"]) for r in mine) == [(i, j) for i in range(problems[name])
                                                                        for j in range(n)]
         for r in mine:
-            grade = (evaluation.grade_choice(r["response"], r["answer"], r["options"]) if r["options"] else
-                     evaluation.grade_math(r["response"], r["answer"], results["protocol"]))
+            grade = (grading.grade_choice(r["response"], r["answer"], r["options"]) if r["options"] else
+                     grading.grade_math(r["response"], r["answer"], results["protocol"]))
             assert r["correct"] == grade or r["timeout"]
             assert 1 <= r["tokens"] <= max_tokens and (not r["truncated"] or r["tokens"] == max_tokens)
         assert m["matrix_mean"] == pytest.approx(100 * np.mean([r["correct"] for r in mine]))
         columns = [100 * np.mean([r["correct"] for r in mine if r["sample"] == j]) for j in range(n)]
-        rounded = results["protocol"] == "paper" and evaluation.spec(name)[1] != "medical"
+        rounded = results["protocol"] == "paper" and benchmarks.spec(name)[1] != "medical"
         assert m["average"] == pytest.approx(np.mean([round(c, 1) for c in columns]) if rounded else m["matrix_mean"])
         assert m["pass@k"]["1"] == pytest.approx(m["matrix_mean"])
         assert m["truncated"] == pytest.approx(100 * np.mean([r["truncated"] for r in mine]))
@@ -156,7 +159,7 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
     evaluation.main(argv)
     check_outputs(out, 8, {"amc23": 3, "math500": 3, "medqa": 2})
 
-    with pytest.raises(SystemExit, match="another sampling"):
+    with pytest.raises(UserError, match="another sampling"):
         evaluation.main([*argv, "--n", "3"])
 
 
@@ -173,7 +176,7 @@ def test_data_parallel_engines_take_problems_and_sample_as_one_engine(model, tmp
             "--max-tokens", "4", "--workers", "1"]
     evaluation.main([*argv, "--dp", "2", "--out", str(tmp_path / "dp")])
     _, rows = check_outputs(tmp_path / "dp", 4, {"math500": 3})
-    questions = [item["question"] for item in evaluation.load_benchmark("math500", f"{DATA}/math500.jsonl")]
+    questions = [item["question"] for item in benchmarks.load_benchmark("math500", f"{DATA}/math500.jsonl")]
     assert {r["problem"]: r["question"] for r in rows} == dict(enumerate(questions))
     evaluation.main([*argv, "--out", str(tmp_path / "one")])
     assert samples_of(tmp_path / "dp") == samples_of(tmp_path / "one")
@@ -217,7 +220,7 @@ def test_a_killed_eval_keeps_its_finished_problems_and_resumes_to_the_same_sampl
 def test_a_model_without_chat_template_fails_before_generation(tmp_path):
     model = demo.save_tiny(tmp_path / "tiny")
     (model / "chat_template.jinja").unlink()
-    with pytest.raises(SystemExit, match="has no chat template"):
+    with pytest.raises(UserError, match="has no chat template"):
         evaluation.main(["--model", str(model), "--backend", "hf", "--out", str(tmp_path / "run"),
                          "--benchmarks", f"math500={DATA}/math500.jsonl"])
 
@@ -308,7 +311,7 @@ def test_grading_overlaps_generation(model, tmp_path, monkeypatch):
     evaluation.main(["--model", model, "--backend", "hf", "--benchmarks", f"math500={DATA}/math500.jsonl,amc23={DATA}"
                      "/amc23.jsonl", "--n", "2", "--max-tokens", "4", "--out", str(tmp_path / "run")])
     questions = {(name, i): item["question"] for name in ("math500", "amc23")
-                 for i, item in enumerate(evaluation.load_benchmark(name, f"{DATA}/{name}.jsonl"))}
+                 for i, item in enumerate(benchmarks.load_benchmark(name, f"{DATA}/{name}.jsonl"))}
     overlaps = [key for key, at in generated.items()
                 if any(start < at < end for other, (start, end) in grader.graded.items() if other != questions[key])]
     assert len(generated) == len(grader.graded) == 6 and overlaps  # generated while another was being graded

@@ -1,4 +1,4 @@
-"""The pipeline on real pretrained LMs (from PyPI, demo.real_model): SmolLM2-135M-Instruct (Llama, 49,152
+"""The pipeline on real pretrained LMs (from PyPI, real_models.py): SmolLM2-135M-Instruct (Llama, 49,152
 tokens, tied embeddings, ChatML) and Gemma-3-270M (a base model: 262,144 tokens, sliding-window attention,
 head_dim 256, Gemma's turn layout added as a user would copy it). On each: teacher_cache.py with the model as
 its own teacher, torchrun --nproc_per_node 2 train.py --loss target, the export, eval.py through vLLM on real
@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
-import demo
 import eval as evaluation
 import teacher_cache
 from conftest import MATH16, alone
+from real_models import REAL_MODELS, real_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -35,9 +35,9 @@ def run(*command):
     return result
 
 
-@pytest.fixture(scope="module", params=list(demo.REAL_MODELS))
+@pytest.fixture(scope="module", params=list(REAL_MODELS))
 def pipeline(request, tmp_path_factory):
-    model = demo.real_model(request.param)
+    model = real_model(request.param)
     root = tmp_path_factory.mktemp(request.param)
     (root / "sft.jsonl").write_text("".join(MATH16.read_text().splitlines(keepends=True)[:8]))
     data_flags = ["--data", root / "sft.jsonl", "--max-len", 256, "--data-cache", root / "tok"]
@@ -161,7 +161,7 @@ def test_a_base_model_without_a_chat_template_is_one_error_line(tmp_path):
     """Gemma-3-270M as shipped has no template: the existing one-line refusal, before any model loads."""
     bare = tmp_path / "gemma3-270m-bare"
     bare.mkdir()
-    for f in demo.real_model("gemma3-270m").iterdir():
+    for f in real_model("gemma3-270m").iterdir():
         if f.name != "chat_template.jinja":
             (bare / f.name).symlink_to(f)
     result = subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(bare), "--data", str(MATH16),

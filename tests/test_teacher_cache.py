@@ -12,6 +12,7 @@ import torch
 import data
 import demo
 import teacher_cache as tc
+from common import UserError
 from conftest import MATH16, alone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path,
     partial = tmp_path / "cache.partial"
     done = np.load(partial / "done.npy")
     assert done.sum() == 2 // flush_every * flush_every and not done.all()
-    with pytest.raises(FileNotFoundError, match="unfinished build: rerun"):
+    with pytest.raises(UserError, match="unfinished build: rerun"):
         tc.TeacherCache(out)
     first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[int(done.sum())][0]
     for name, garbage in (("topk.npy", 12345), ("label_logprobs.npy", 7.0)):  # whatever a killed write left

@@ -2,6 +2,7 @@
 resume, every loss variant, the HF export, and the refusals."""
 import json
 import os
+import pickle
 import re
 import runpy
 import shutil
@@ -19,6 +20,8 @@ import data
 import demo
 import loss as qloss
 import teacher_cache
+from checkpoint import checkpoint_dirs
+from common import UserError
 from conftest import hub_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +59,6 @@ def run_in_process(args, monkeypatch, script=TRAIN):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def checkpoint_dirs(out):
-    """Complete checkpoints, oldest first (a step_N.tmp is an unfinished save)."""
-    return sorted(p for p in (out / "checkpoints").glob("step_*") if p.suffix != ".tmp")
 
 
 def metrics(setup, out):
@@ -200,15 +198,44 @@ def test_checkpoints_that_would_resume_wrongly_are_refused(setup, monkeypatch, c
     with pytest.raises(ValueError, match="not of --model"):
         run_in_process(train_args(setup, "refused", "--model", str(other), "--micro-batch-size", "8", "--resume"),
                        monkeypatch)
-    (checkpoint / "trainer_rank1.pt").write_bytes((checkpoint / "trainer_rank0.pt").read_bytes())
+    (checkpoint / "trainer_rank1.json").write_bytes((checkpoint / "trainer_rank0.json").read_bytes())
     try:
         with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
             run_in_process(train_args(setup, "refused", "--micro-batch-size", "8", "--resume"), monkeypatch)
     finally:
-        (checkpoint / "trainer_rank1.pt").unlink()
+        (checkpoint / "trainer_rank1.json").unlink()
     # what an out-of-memory message asks for: the same run, resumed with smaller micro-batches
     run_in_process(train_args(setup, "refused", "--micro-batch-size", "2", "--resume"), monkeypatch)
     assert [m["step"] for m in metrics(setup, "refused")] == [1, 2, 3, 4]
+
+
+class Planted:
+    """A pickle that runs a shell command when unpickled: what a crafted checkpoint folder could hold."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_not_run(setup, monkeypatch, tmp_path):
+    args = train_args(setup, "planted", "--micro-batch-size", "8", "--save-every", "1", "--stop-after", "1")
+    run_in_process(args, monkeypatch)
+    (checkpoint,) = checkpoint_dirs(setup / "planted")
+    assert json.loads((checkpoint / "trainer_rank0.json").read_text())["step"] == 1  # JSON, not a pickle
+    marker = tmp_path / "ran"
+    # the trainer state of an earlier train.py (trainer_rank0.pt, pickled): one line naming the fix
+    (checkpoint / "trainer_rank0.json").rename(tmp_path / "state.json")
+    (checkpoint / "trainer_rank0.pt").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(UserError, match="trainer_rank.*pt, the pickled trainer state of an earlier train.py"):
+        run_in_process([*args, "--resume"], monkeypatch)
+    (checkpoint / "trainer_rank0.pt").unlink()
+    (tmp_path / "state.json").rename(checkpoint / "trainer_rank0.json")
+    # DCP's own metadata is a pickle: read through an allowlist
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(UserError, match=r"names posix.system, which a checkpoint written by train.py never does"):
+        run_in_process([*args, "--resume"], monkeypatch)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("variant", sorted(set(qloss.RULES) - {"p"}))
@@ -457,7 +484,7 @@ def test_the_paper_pairs_give_the_teacher_of_the_command_as_typed(setup, tmp_pat
 
 def test_a_missing_cache_folder_is_refused_before_anything_starts(setup, monkeypatch):
     args = train_args(setup, "no-cache", "--teacher-cache", str(setup / "absent"))
-    with pytest.raises(FileNotFoundError, match="absent is not a complete teacher cache .* build it with"):
+    with pytest.raises(UserError, match="absent is not a complete teacher cache .* build it with"):
         run_in_process(args, monkeypatch)
     assert not (setup / "no-cache").exists() and not torch.distributed.is_initialized()
 
