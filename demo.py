@@ -32,10 +32,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
 
+import common
 import data
 import lens
 import loss as qloss
 import teacher_cache
+from common import UserError
 
 # ----------------------------------------------------------------------------------------------------
 # Tiny Qwen2 models and an in-process byte-level BPE tokenizer: the toy world's, and what tests and bench.py
@@ -220,16 +222,16 @@ def parse_loss(spec):
     """'target --eta 1.0' -> ['--loss', 'target', '--eta', '1.0'], checked by loss.py's own rules."""
     name, *flags = shlex.split(spec)
     if name not in qloss.RULES:
-        raise ValueError(f"--losses: unknown loss {name!r} in {spec!r}; choose from {sorted(qloss.RULES)}")
+        raise UserError(f"--losses: unknown loss {name!r} in {spec!r}; choose from {sorted(qloss.RULES)}")
     if name in qloss.NEEDS_WEIGHTS:
-        raise ValueError(f"--losses: {name!r} reads label weights from the data, which the toy world has none of")
+        raise UserError(f"--losses: {name!r} reads label weights from the data, which the toy world has none of")
     if len(flags) % 2 or any(flag not in FLAGS for flag in flags[::2]):
-        raise ValueError(f"--losses: {spec!r}: after the loss name give pairs of {' '.join(FLAGS)} and a value")
+        raise UserError(f"--losses: {spec!r}: after the loss name give pairs of {' '.join(FLAGS)} and a value")
     try:
         hyper = {FLAGS[flag][0]: FLAGS[flag][1](value) for flag, value in zip(flags[::2], flags[1::2])}
         qloss.variant_hyperparameters(name, **hyper)
     except ValueError as e:
-        raise ValueError(f"--losses: {spec!r}: {e}") from e
+        raise UserError(f"--losses: {spec!r}: {e}") from e
     return ["--loss", name, *flags]
 
 
@@ -245,7 +247,7 @@ def check_config(out, config):
         old = json.loads(path.read_text())
         diff = {key: (old.get(key), config.get(key)) for key in sorted(set(old) | set(config))
                 if old.get(key) != config.get(key)}
-        raise ValueError(f"{out} holds a demo of another configuration {diff} (there, here); pass another --out "
+        raise UserError(f"{out} holds a demo of another configuration {diff} (there, here); pass another --out "
                          "or delete that folder")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=1))
@@ -428,14 +430,12 @@ def parse_args(argv=None):
                    "'target --eta 1.0,target --c 0.5,beyond-log' (Table 6's ablations and other variants)")
     p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm when installed, else hf)")
     p.add_argument("--seed", type=int, default=0, help="the toy world's seed")
+    common.report_user_errors(p)
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     specs = list(TABLE1) + [s.strip() for s in args.losses.split(",") if s.strip()]
-    try:
-        args.runs = {spec: parse_loss(spec) for spec in specs}
-    except ValueError as e:
-        p.error(str(e))
+    args.runs = {spec: parse_loss(spec) for spec in specs}
     if args.backend is None:
         args.backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
     args.out = Path(args.out)
@@ -446,11 +446,8 @@ def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     world = WORLDS["quick" if args.quick else "default"]
-    try:
-        check_config(args.out, {"world": "quick" if args.quick else "default", **world, "seed": args.seed,
-                                "backend": args.backend})
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    check_config(args.out, {"world": "quick" if args.quick else "default", **world, "seed": args.seed,
+                            "backend": args.backend})
     out = args.out
     if not (out / "world").is_dir():
         build_world(out / "world", world, args.seed)
