@@ -71,11 +71,16 @@ def grade_math(response, answer, protocol="paper"):
     pred = harness_answer(response) if protocol == "paper" else last_boxed(response)
     if not pred or not pred.strip():
         return False
-    if plain_text(pred) == plain_text(answer):
-        return True
-    pred = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
+    return plain_text(pred) == plain_text(answer) or verified(pred, answer)
+
+
+@lru_cache(maxsize=65536)
+def verified(pred, answer):
+    """math-verify's verdict on an extracted answer: cached, because a problem's n samples often give the same
+    answer (a verdict cut off by the pool's timeout raises, and is not kept)."""
+    parsed = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
     gold = parse_gold(answer)
-    return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+    return bool(gold and parsed and verify(gold, parsed, timeout_seconds=None))
 
 
 def plain_text(answer):

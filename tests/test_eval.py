@@ -451,3 +451,23 @@ def test_the_grading_module_imports_no_torch_vllm_or_transformers():
                                                   10.0, "paper")) == [(True, False)]
         imported = "sorted({'torch', 'vllm', 'transformers'} & set(__import__('sys').modules))"
         assert pool.apply(builtins.eval, (imported,)) == []  # a builtin: unpickling it imports nothing
+
+
+def test_a_problems_repeated_answer_goes_to_math_verify_once(monkeypatch):
+    """n samples that give the same answer cost one math-verify verdict, and get the verdict each would alone."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    real = grading.verify
+    monkeypatch.setattr(grading, "verify", counted)
+    grading.verified.cache_clear()
+    item = {"answer": "0.5", "options": None}
+    samples = [(f"step {j}: so \\boxed{{\\frac{{1}}{{2}}}}", 9, False) for j in range(8)]
+    samples += [(f"step {j}: so \\boxed{{\\frac{{1}}{{3}}}}", 9, False) for j in range(8)]
+    assert grading.grade_problem(samples, item, 10.0, "paper") == [(True, False)] * 8 + [(False, False)] * 8
+    assert len(calls) == 2
+    grading.verified.cache_clear()
+    monkeypatch.setattr(grading, "verify", real)
+    assert [grading.grade_math(text, "0.5") for text, _, _ in samples[7:9]] == [True, False]
