@@ -125,7 +125,7 @@ if SAVING:
 # ----------------------------------------------------------------------------------------------------
 # Helpers: the plot of the run's curves
 
-def plot_metrics(metrics_path, png_path, title):
+def plot_metrics(metrics_path, png_path, run_label):
     """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
     import matplotlib
     matplotlib.use("Agg")
@@ -166,7 +166,7 @@ def plot_metrics(metrics_path, png_path, title):
             ax.legend(fontsize=8, frameon=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(run_label)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
