@@ -139,7 +139,9 @@ def load(path, model, optimizer, state, scheduler, sampler):
         raise UserError(f"{path} holds {state['model']}, not --model {state['args']['model']} as that folder is now")
     model_state, optim_state = get_state_dict(model, optimizer)
     shards = {"model": model_state, "optim": optim_state}
-    dcp.load(shards, storage_reader=MetadataReader(path))
+    reader = MetadataReader(path)
+    reader.read_metadata()  # refused here, in one line: inside dcp.load a refusal comes wrapped in DCP's exception
+    dcp.load(shards, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])

@@ -276,15 +276,18 @@ def test_a_malformed_benchmark_file_is_one_error_line_before_any_generation(mode
 
 
 class SlowGrader:
-    """A grading pool whose every problem takes `seconds` in one thread and is logged: (start, end) by problem."""
+    """A grading pool in one thread, logged (start, end) by problem, whose grading of a problem lasts until the
+    engine has finished another problem (or all `total`), at most `seconds`: a loop that waited for grading
+    before generating more would see every grading last `seconds` with nothing generated meanwhile."""
 
-    def __init__(self, seconds):
-        self.pool, self.seconds, self.graded = ThreadPool(1), seconds, {}
+    def __init__(self, seconds, generated, total):
+        self.pool, self.seconds, self.generated, self.total, self.graded = ThreadPool(1), seconds, generated, total, {}
 
     def apply_async(self, grade_problem, args):
         def slow(samples, item, timeout, protocol):
-            start = time.monotonic()
-            time.sleep(self.seconds)
+            start, seen = time.monotonic(), len(self.generated)
+            while len(self.generated) == seen < self.total and time.monotonic() < start + self.seconds:
+                time.sleep(0.01)
             self.graded[item["question"]] = start, time.monotonic()
             return [(False, False)] * len(samples)
         return self.pool.apply_async(slow, args)
@@ -297,9 +300,11 @@ class SlowGrader:
 
 
 def test_grading_overlaps_generation(model, tmp_path, monkeypatch):
-    """With a grader slowed on purpose (0.3 s a problem), problems are still generated while earlier ones are
-    being graded: the engine never waits for grading, and every problem is written once."""
-    grader, generated = SlowGrader(0.3), {}
+    """With a grader slowed on purpose (a problem's grading lasts until the engine finishes another), problems are
+    still generated while earlier ones are being graded: the engine never waits for grading, and every problem is
+    written once."""
+    generated = {}
+    grader = SlowGrader(10.0, generated, 6)
     monkeypatch.setattr(evaluation, "grading_pool", lambda workers: grader)
     stream_hf = evaluation.stream_hf
 
