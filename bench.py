@@ -772,7 +772,8 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
         rows.append(("eval", name, f"{took:.1f} s, {took / floor:.3f}x the floor"))
     print("\n(each from its process start: Python, vLLM, the engine; eval.py also grades and writes every row, and the"
           "\n no-op row tells eval.py's own cost from grading's. A CPU's decode throughput barely grows with the"
-          "\n batch, so a drained shard costs little here; a GPU's grows with the batch, so there the drains cost more.)")
+          "\n batch, so a drained shard costs little here; a GPU's grows with the batch, so there the drains"
+          "\n cost more.)")
     return rows
 
 
