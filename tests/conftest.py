@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import demo  # noqa: E402
 import teacher_cache  # noqa: E402
+
+# vLLM's engine core in the process that starts it, not in two more processes of its own (the engine core's and
+# its worker's), each importing vLLM again (about 10 CPU s here): a third of every engine start in the suite. The
+# samples do not change; test_several_models_share_an_engine_and_sample_as_if_alone runs vLLM's default layout too.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 MATH16 = Path(__file__).parent / "data" / "math16.jsonl"  # 16 short MATH-500 problems and solutions
 

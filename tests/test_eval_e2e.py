@@ -109,15 +109,17 @@ def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
 def test_several_models_share_an_engine_and_sample_as_if_alone(tmp_path):
     """One eval.py, three models: b takes a's engine (same architecture: its weights are swapped in), c (one layer
     fewer) gets a new one. Each model's samples equal those of an eval.py run on it alone: every request carries
-    its own seed, on CPU too."""
+    its own seed, on CPU too. The three run in vLLM's default layout (the engine core and its worker in processes
+    of their own, as on a GPU), the one alone in the suite's (conftest.py): the layout changes no sample."""
     a, b = demo.save_tiny(tmp_path / "a" / "hf", seed=0), demo.save_tiny(tmp_path / "b" / "hf", seed=1)
     tok = demo.make_tokenizer()
     c = demo.save_model(tmp_path / "c" / "hf", tok, demo.make_model(tok, layers=1, seed=2))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     common = ["--benchmarks", f"math500={DATA}/math500.jsonl", "--n", "2", "--max-tokens", "12", "--enforce-eager",
               "--workers", "1"]
+    vllm_default = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     together = subprocess.run([sys.executable, "eval.py", "--model", str(a), str(b), str(c), *common, "--out",
-                               str(tmp_path / "together")], cwd=REPO, env=env, capture_output=True, text=True,
+                               str(tmp_path / "together")], cwd=REPO, env=vllm_default, capture_output=True, text=True,
                               timeout=600)
     assert together.returncode == 0, together.stderr[-3000:]
     log = together.stdout + together.stderr
@@ -125,6 +127,7 @@ def test_several_models_share_an_engine_and_sample_as_if_alone(tmp_path):
     alone = subprocess.run([sys.executable, "eval.py", "--model", str(b), *common, "--out", str(tmp_path / "alone")],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "(EngineCore pid=" in log and "(EngineCore pid=" not in alone.stdout + alone.stderr  # the two layouts
 
     def responses(out):
         return [(r["problem"], r["sample"], r["response"]) for r in
