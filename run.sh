@@ -2,7 +2,7 @@
 # A fresh clone to a result in one command, on a CPU machine (nanochat's runs/runcpu.sh in spirit):
 #
 #   bash run.sh demo              # the whole pipeline on a toy world (python demo.py; README's Demo)
-#   bash run.sh test              # the test suite, what CI runs (python -m pytest -q tests)
+#   bash run.sh test              # the test suite, what CI runs (python -m pytest -q -n 2 ... tests)
 #   bash run.sh demo --seeds 3    # anything after the job goes to it; bash run.sh test -k eval
 #
 # Both create the virtual environment .venv (or $VENV) on first use, install requirements-cpu.txt into it,
@@ -31,6 +31,8 @@ export TOKENIZERS_PARALLELISM=false
 case "$job" in
     demo) exec python demo.py "$@" ;;
     test) export HF_HUB_OFFLINE=1  # the suite downloads nothing: a stray hub call fails at once
-          exec python -m pytest -q tests "$@" ;;
+          # two workers, a module each at a time (its fixtures built once), in the order conftest.py gives: the
+          # suite is mostly processes starting Python, torch and vLLM one thread at a time, which leaves a core idle
+          exec python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests "$@" ;;
     *) echo "$usage" >&2; exit 2 ;;
 esac

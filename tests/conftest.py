@@ -24,6 +24,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 MATH16 = Path(__file__).parent / "data" / "math16.jsonl"  # 16 short MATH-500 problems and solutions
 
 
+def pytest_collection_modifyitems(items):
+    """The real models' module first: a third of the suite, it runs on one of run.sh's two workers while the other
+    takes the rest, instead of starting last and leaving one worker idle until it ends."""
+    items.sort(key=lambda item: item.path.name != "test_real_models.py")
+
+
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
     """train.py's and lens.py's world: a student, a teacher (another seed), 32 arithmetic samples of varied
