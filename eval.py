@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 # torch, transformers, vLLM and data (which imports torch) are imported inside the functions that run a model:
-# the grading pool's spawned workers re-run this file's imports, and grading needs none of them
+# the grading pool's workers re-run this file's imports, and grading needs none of them
 from benchmarks import BENCHMARKS, SUITES, benchmark_specs, load_benchmark, spec, user_message
 from common import UserError, check_model, report_user_errors
 from compare import details, notes, table

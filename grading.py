@@ -2,7 +2,7 @@
 
 Math answers are read as the Qwen2.5-Math harness reads them (--protocol paper) or from the last \\boxed{}
 (strict), then checked by math-verify; multiple choice follows m1 and HuatuoGPT-o1. grade_samples runs it in a
-process pool, a timeout per sample. No torch, vLLM or transformers here: eval.py's spawned grading workers load
+process pool, a timeout per sample. No torch, vLLM or transformers here: eval.py's grading workers load
 this module and sympy only.
 """
 import logging
@@ -169,8 +169,13 @@ def grade_item(job, timeout, protocol):
 
 
 def grading_pool(workers):
-    """Processes for grade_problem, started once per run: math-verify's timeouts need each one's main thread."""
-    return get_context("spawn").Pool(workers)
+    """Processes for grade_problem, started once per run: math-verify's timeouts need each one's main thread. Each
+    forks from one server process that imported this module, sympy included, once: the workers start without
+    importing anything, off the cores an engine is starting on (a fresh process, not a fork of the caller, which
+    by then may run vLLM's or torch's threads)."""
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["grading"])
+    return context.Pool(workers)
 
 
 def grade_problem(samples, item, timeout, protocol):

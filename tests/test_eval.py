@@ -434,8 +434,8 @@ def test_sampling_mode_says_where_samples_do_not_depend_on_batching(monkeypatch,
 
 
 def test_the_grading_module_imports_no_torch_vllm_or_transformers():
-    """grading.py is what eval.py's spawned grading workers load: importing it, and eval.py's own top-level
-    imports (which a spawned worker re-runs), must not pull in torch, vLLM or transformers."""
+    """grading.py is what eval.py's grading workers load: importing it, and eval.py's own top-level
+    imports (which a worker re-runs), must not pull in torch, vLLM or transformers."""
     import builtins
     import subprocess
     import sys
