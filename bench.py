@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -761,6 +762,8 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before, r
     seconds = {name: [] for name in runs}
     for _ in range(rounds):  # round by round, so that each round's ratios share the machine's state of the moment
         for name, (tree, command) in runs.items():
+            if "--out" in command:  # a finished --out would be kept, not evaluated again
+                shutil.rmtree(command[command.index("--out") + 1], ignore_errors=True)
             seconds[name].append(timed(lambda: subprocess.run([sys.executable, *command], check=True,
                                                               capture_output=True, cwd=tree,
                                                               env={**env, "PYTHONPATH": f"{tree}:{work}"})))
