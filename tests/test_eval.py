@@ -435,8 +435,10 @@ def test_sampling_mode_says_where_samples_do_not_depend_on_batching(monkeypatch,
 
 def test_the_grading_module_imports_no_torch_vllm_or_transformers():
     """grading.py is what eval.py's grading workers load: importing it, and eval.py's own top-level
-    imports (which a worker re-runs), must not pull in torch, vLLM or transformers."""
+    imports (which a worker re-runs), must not pull in torch, vLLM or transformers; the workers run niced, below
+    the engine they share cores with."""
     import builtins
+    import os
     import subprocess
     import sys
     root = Path(__file__).resolve().parent.parent
@@ -451,6 +453,7 @@ def test_the_grading_module_imports_no_torch_vllm_or_transformers():
                                                   10.0, "paper")) == [(True, False)]
         imported = "sorted({'torch', 'vllm', 'transformers'} & set(__import__('sys').modules))"
         assert pool.apply(builtins.eval, (imported,)) == []  # a builtin: unpickling it imports nothing
+        assert pool.apply(os.nice, (0,)) == min(os.nice(0) + 10, 19)  # below the engine's priority
 
 
 def test_a_problems_repeated_answer_goes_to_math_verify_once(monkeypatch):
