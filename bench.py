@@ -760,8 +760,10 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before, r
     (work / "no_grading.py").write_text("def grade_problem(samples, item, timeout, protocol):\n"
                                         "    return [(False, False)] * len(samples)\n")
     seconds = {name: [] for name in runs}
-    for _ in range(rounds):  # round by round, so that each round's ratios share the machine's state of the moment
-        for name, (tree, command) in runs.items():
+    names = list(runs)
+    for r in range(rounds):  # round by round, each in a rotated order: no row always runs right after another
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            tree, command = runs[name]
             if "--out" in command:  # a finished --out would be kept, not evaluated again
                 shutil.rmtree(command[command.index("--out") + 1], ignore_errors=True)
             seconds[name].append(timed(lambda: subprocess.run([sys.executable, *command], check=True,
@@ -877,8 +879,9 @@ def main():
     eval_cmd.add_argument("--mean-tokens", type=int, default=48, help="the model's mean sample length")
     eval_cmd.add_argument("--workers", type=int, default=2, help="grading processes")
     eval_cmd.add_argument("--before", default="41b9d73", help="the commit whose eval.py is today's")
-    eval_cmd.add_argument("--rounds", type=int, default=3, help="each round runs every row once; the ratio is the "
-                          "median of the rounds' ratios (the machine's speed drifts between rounds, less within one)")
+    eval_cmd.add_argument("--rounds", type=int, default=8, help="each round runs every row once, in an order rotated "
+                          "round by round; the ratio is the median of the rounds' ratios (one run's time varies by "
+                          "about 7%% here)")
     eval_cmd.set_defaults(run=bench_eval)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")

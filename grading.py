@@ -79,9 +79,15 @@ def grade_math(response, answer, protocol="paper"):
 def verified(pred, answer):
     """math-verify's verdict on an extracted answer: cached, because a problem's n samples often give the same
     answer (a verdict cut off by the pool's timeout raises, and is not kept)."""
-    parsed = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
-    gold = parse_gold(answer)
+    gold, parsed = parse_gold(answer), parse_answer(pred)
     return bool(gold and parsed and verify(gold, parsed, timeout_seconds=None))
+
+
+@lru_cache(maxsize=65536)
+def parse_answer(pred):
+    """Parsed extracted answer, read as a \\boxed{} unless it marks its own LaTeX; cached apart from the gold,
+    because answers recur across problems (a bare 0, 1 or 2)."""
+    return parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
 
 
 def plain_text(answer):
