@@ -77,7 +77,7 @@ def parse_args(argv=None):
                    "batching, --dp or a resume: per-request seeds, plus vLLM's batch-invariant kernels on a GPU "
                    "(default: on a CPU, where per-request seeds suffice; off on a GPU, where the engine's seed "
                    "samples faster); results.json records the mode (sampling_mode)")
-    p.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per graded sample")
+    p.add_argument("--grade-timeout", type=float, default=10.0, help="CPU seconds per graded sample")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     return p.parse_args(argv)
 

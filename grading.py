@@ -16,7 +16,6 @@ from multiprocessing import get_context
 
 import numpy as np
 from math_verify import parse, verify
-from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
 # grade_math passes timeout=None to math-verify on purpose (its SIGALRM timeouts clash with the pool's own
@@ -78,7 +77,7 @@ def grade_math(response, answer, protocol="paper"):
 @lru_cache(maxsize=65536)
 def verified(pred, answer):
     """math-verify's verdict on an extracted answer: cached, because a problem's n samples often give the same
-    answer (a verdict cut off by the pool's timeout raises, and is not kept)."""
+    answer (a verdict cut off by the pool's timeout raises GradingTimeout through it, and is not kept)."""
     gold, parsed = parse_gold(answer), parse_answer(pred)
     return bool(gold and parsed and verify(gold, parsed, timeout_seconds=None))
 
@@ -156,23 +155,31 @@ def choice_of(response, options, by_text):
     return max(options, key=lambda k: SequenceMatcher(None, options[k].lower(), text).ratio())
 
 
+class GradingTimeout(BaseException):
+    """A sample's grading ran out of time. Not math-verify's TimeoutException, which its parse and verify catch
+    and turn into an empty parse or a False (and the caches above would keep); not an Exception, which they
+    catch too."""
+
+
 def _raise_timeout(signum, frame):
-    raise TimeoutException("grading timed out")
+    raise GradingTimeout
 
 
 def grade_item(job, timeout, protocol):
-    """(correct, timed_out) for one (response, item); a pool worker's main thread, so SIGALRM works."""
+    """(correct, timed_out) for one (response, item), in a pool worker's main thread, where signals arrive. The
+    timeout counts the worker's CPU time, not the wall clock: a worker that waits for a core (the pool runs niced,
+    beside the engine) gives a sample the grade it gets on an idle machine."""
     response, item = job
-    signal.signal(signal.SIGALRM, _raise_timeout)
-    try:  # the timer starts inside: an alarm escaping it would kill the Pool worker and hang imap
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+    signal.signal(signal.SIGPROF, _raise_timeout)
+    try:  # the timer starts inside: a signal escaping it would kill the Pool worker and hang imap
+        signal.setitimer(signal.ITIMER_PROF, timeout)
         if item["options"]:
             return grade_choice(response, item["answer"], item["options"]), False
         return grade_math(response, item["answer"], protocol), False
-    except TimeoutException:  # a BaseException, so math-verify's own `except Exception` lets it through
+    except GradingTimeout:
         return False, True
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 def grading_pool(workers):

@@ -1,5 +1,6 @@
 """eval.py's graders, metrics, data loading and input checks, against hand-checked answers."""
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,12 +153,32 @@ def test_last_boxed_handles_nesting_and_picks_the_last():
     assert grading.last_boxed("no box") is None
 
 
-def test_grade_item_counts_a_timeout_as_wrong():
-    item = {"answer": "\\frac{\\sqrt{3}}{2}", "options": None}
-    response = "\\boxed{\\frac{\\sqrt{3}}{2}}"
-    assert grading.grade_item((response, item), timeout=10.0, protocol="paper") == (True, False)
-    timed = grading.grade_item((response, {**item, "answer": "\\sqrt{17}"}), timeout=1e-5, protocol="strict")
-    assert timed == (False, True)
+# a sum of ten powers, and the same sum in reverse order: math-verify takes about 0.3 CPU s to parse each
+TERMS = [f"y_{{{i}}}^{{{i}}}" for i in range(10)]
+SLOW_SUM, SLOW_SUM_REVERSED = "+".join(TERMS), "+".join(reversed(TERMS))
+
+
+def test_grade_item_counts_a_timeout_as_wrong_and_keeps_no_verdict():
+    """A timeout inside math-verify's parse or verify, which catch their own TimeoutException, still counts as a
+    timeout; the caches keep nothing of it, so the same sample with time enough gets its true verdict."""
+    job = (f"\\boxed{{{SLOW_SUM}}}", {"answer": SLOW_SUM_REVERSED, "options": None})
+    assert grading.grade_item(job, timeout=0.05, protocol="strict") == (False, True)
+    assert grading.grade_item(job, timeout=10.0, protocol="strict") == (True, False)
+
+
+def test_the_grading_timeout_counts_cpu_time_not_waiting(monkeypatch):
+    """A worker kept off the cores (here: asleep) is not timed out; one that computes past the timeout is."""
+    job = ("\\boxed{4}", {"answer": "4", "options": None})
+    monkeypatch.setattr(grading, "grade_math", lambda response, answer, protocol: time.sleep(0.3) or True)
+    assert grading.grade_item(job, timeout=0.1, protocol="paper") == (True, False)
+
+    def computes(response, answer, protocol):
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+        return True
+    monkeypatch.setattr(grading, "grade_math", computes)
+    assert grading.grade_item(job, timeout=0.1, protocol="paper") == (False, True)
 
 
 def test_grade_samples_pool_keeps_order_and_counts_timeouts():
@@ -168,7 +189,9 @@ def test_grade_samples_pool_keeps_order_and_counts_timeouts():
         correct, timed_out = grading.grade_samples(pool, items, samples, timeout=10.0)
         assert correct.tolist() == [[True, False], [False, True]]
         assert not timed_out.any()
-        correct, timed_out = grading.grade_samples(pool, items[:1], [samples[0]], timeout=1e-5)
+        slow = [[(f"\\boxed{{{SLOW_SUM}}}", 3, False)] * 2]
+        correct, timed_out = grading.grade_samples(pool, [{"answer": SLOW_SUM_REVERSED, "options": None}], slow,
+                                                   timeout=0.05)
         assert timed_out.all() and not correct.any()
 
 
