@@ -78,15 +78,9 @@ def grade_math(response, answer, protocol="paper"):
 def verified(pred, answer):
     """math-verify's verdict on an extracted answer: cached, because a problem's n samples often give the same
     answer (a verdict cut off by the pool's timeout raises GradingTimeout through it, and is not kept)."""
-    gold, parsed = parse_gold(answer), parse_answer(pred)
+    parsed = parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
+    gold = parse_gold(answer)
     return bool(gold and parsed and verify(gold, parsed, timeout_seconds=None))
-
-
-@lru_cache(maxsize=65536)
-def parse_answer(pred):
-    """Parsed extracted answer, read as a \\boxed{} unless it marks its own LaTeX; cached apart from the gold,
-    because answers recur across problems (a bare 0, 1 or 2)."""
-    return parse(pred if has_math_mode(pred) else f"\\boxed{{{pred}}}", parsing_timeout=None)
 
 
 def plain_text(answer):
@@ -157,7 +151,7 @@ def choice_of(response, options, by_text):
 
 class GradingTimeout(BaseException):
     """A sample's grading ran out of time. Not math-verify's TimeoutException, which its parse and verify catch
-    and turn into an empty parse or a False (and the caches above would keep); not an Exception, which they
+    and turn into an empty parse or a False (which the caches above would keep); not an Exception, which they
     catch too."""
 
 
