@@ -7,6 +7,7 @@ run code on --resume. It is written as step_N.tmp and renamed when every rank is
 complete.
 """
 import base64
+import enum
 import json
 import os
 import pickle
@@ -36,13 +37,29 @@ class MetadataReader(dcp.FileSystemReader):
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                ("pathlib", "Path"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
+    @staticmethod
+    def allowed(module, name):
+        return ((module, name) in MetadataReader.ALLOWED or module == "torch.distributed.checkpoint.metadata"
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
-            if ((module, name) in MetadataReader.ALLOWED or module == "torch.distributed.checkpoint.metadata"
-                    or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            if (module, name) == ("builtins", "getattr"):  # Python 3.11.2's enum pickles a member by name
+                return self.enum_member
+            if MetadataReader.allowed(module, name):
                 return super().find_class(module, name)
             raise UserError(f"{self.path}: its checkpoint metadata names {module}.{name}, which a checkpoint "
                             "written by train.py never does; refused unread (a pickle can run code)")
+
+        def enum_member(self, cls, name):
+            """getattr(cls, name), as 3.11.2's Enum.__reduce_ex__ names a member (3.11.7's pickles cls(value)):
+            a member of an allowed enum, never an attribute in general (getattr(path, "mkdir")() would run it)."""
+            if (isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str)
+                    and MetadataReader.allowed(cls.__module__, cls.__qualname__) and name in cls.__members__):
+                return cls[name]
+            raise UserError(f"{self.path}: its checkpoint metadata calls getattr({cls!r}, {name!r}), which names no "
+                            "member of an allowed enum, as a checkpoint written by train.py never does; refused "
+                            "unread (a pickle can run code)")
 
     def read_metadata(self, *args, **kwargs):
         path = self._get_metadata_path(kwargs.get("rank"))

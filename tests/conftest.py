@@ -65,6 +65,13 @@ def math16(tok, tmp_path_factory):
     return data.tokenize_dataset(MATH16, tok, max_len=512, cache_dir=tmp_path_factory.mktemp("tok"))
 
 
+def outside_any_world(**extra):
+    """This process's environment, less the world an in-process run (common.start_distributed) leaves in it, plus
+    extra: for a script started as a user starts it."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
+            **extra}
+
+
 def hub_snapshot(hub, repo_id):
     """The folder of a hub id's snapshot in a local hub cache (HF_HUB_CACHE=hub), its refs/main pointing at it:
     what a download leaves, so that offline runs resolve repo_id to whatever is saved there."""

@@ -17,11 +17,10 @@ import demo
 import lens
 import loss as qloss
 import teacher_cache
-from conftest import alone
+from conftest import alone, outside_any_world
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
-       "OMP_NUM_THREADS": "1"}
+ENV = outside_any_world(OMP_NUM_THREADS="1")
 
 
 def test_quadrants_hand_checked_and_as_loss_py_logs_them():

@@ -17,13 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import data
 import eval as evaluation
 import teacher_cache
-from conftest import MATH16, alone
+from conftest import MATH16, alone, outside_any_world
 from real_models import REAL_MODELS, real_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
-       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+ENV = outside_any_world(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
 MAX_TOKENS = 48
 HELPFUL = "You are a helpful assistant."  # short questions under it: SmolLM2 answers and ends its turn
 

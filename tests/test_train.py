@@ -1,5 +1,7 @@
 """train.py end to end on a tiny Qwen2: 2-process FSDP2 over gloo, the global token normalisation, exact
 resume, every loss variant, the HF export, and the refusals."""
+import enum
+import io
 import json
 import os
 import pickle
@@ -22,7 +24,7 @@ import loss as qloss
 import teacher_cache
 from checkpoint import checkpoint_dirs
 from common import UserError
-from conftest import hub_snapshot
+from conftest import hub_snapshot, outside_any_world
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
@@ -39,8 +41,7 @@ def run(args, nproc=1):
     """train.py as a user runs it: python, or torchrun for several processes."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     command = (torchrun if nproc > 1 else [sys.executable]) + [TRAIN]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command + args, capture_output=True, text=True, env=outside_any_world(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -125,7 +126,7 @@ def test_sigterm_mid_run_saves_stops_unfinished_and_resume_matches_an_uninterrup
     args = train_args(setup, "sigterm", "--micro-batch-size", "2", "--epochs", "3", "--max-steps", "12")
     run(train_args(setup, "sigterm-whole", "--micro-batch-size", "2", "--epochs", "3", "--max-steps", "12"), nproc=2)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = outside_any_world()
     job = subprocess.Popen([*torchrun, TRAIN, *args], env=env, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     logged = setup / "sigterm" / "metrics.jsonl"
@@ -238,6 +239,63 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_not_run(setup, monkeypatch,
     assert not marker.exists()
 
 
+class EnumsByName(pickle.Pickler):
+    """Pickles enum members as Python 3.11.2's Enum.__reduce_ex__ does, getattr(cls, name), whatever Python runs."""
+    def reducer_override(self, obj):
+        return (getattr, (type(obj), obj.name)) if isinstance(obj, enum.Enum) else NotImplemented
+
+
+def test_a_checkpoint_whose_enums_are_pickled_by_name_resumes_exactly(setup, one_process, monkeypatch):
+    """DCP's .metadata as the system's python3 (Debian 12's 3.11.2) writes it: the resumed run is the
+    uninterrupted one."""
+    args = train_args(setup, "by-name", "--micro-batch-size", "8", "--stop-after", "2")
+    run_in_process(args, monkeypatch)
+    (checkpoint,) = checkpoint_dirs(setup / "by-name")
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # written by this test's run: trusted
+    buffer = io.BytesIO()
+    EnumsByName(buffer).dump(metadata)
+    assert b"getattr" in buffer.getvalue()  # the metadata holds enum members (TensorProperties' memory format)
+    (checkpoint / ".metadata").write_bytes(buffer.getvalue())
+    run_in_process(train_args(setup, "by-name", "--micro-batch-size", "8", "--resume"), monkeypatch)
+    resumed = metrics(setup, "by-name")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(one_process, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+class Call:
+    """A pickle that calls fn(*args) when unpickled; fn may itself be a Call."""
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self):
+        pass
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("target", ["a method of an allowed class", "an enum's non-member attribute"])
+def test_getattr_in_checkpoint_metadata_names_enum_members_only(setup, monkeypatch, tmp_path, target):
+    """getattr is let through for enum members alone: getattr(PosixPath(p), "mkdir")() would make p."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+    args = train_args(setup, "getattr", "--micro-batch-size", "8", "--save-every", "1", "--stop-after", "1")
+    if not checkpoint_dirs(setup / "getattr"):
+        run_in_process(args, monkeypatch)
+    (checkpoint,) = checkpoint_dirs(setup / "getattr")
+    marker = tmp_path / "made"
+    planted = (Call(Call(getattr, marker, "mkdir")) if target.startswith("a method")
+               else Call(Call(getattr, _MEM_FORMAT_ENCODING, "__init_subclass__")))
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(planted))
+    proc = subprocess.run([sys.executable, TRAIN, *args, "--resume"], capture_output=True, text=True,
+                          env=outside_any_world(), timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and "calls getattr(" in errors[0] and "refused unread" in errors[0], errors
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("variant", sorted(set(qloss.RULES) - {"p"}))
 def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
     out = f"variant-{variant}"
@@ -337,8 +395,7 @@ def cli_cache(setup):
 
 
 # one thread in every process, as torchrun sets it: the same matmul summation order, so the same bits
-ONE_THREAD = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
-              "OMP_NUM_THREADS": "1"}
+ONE_THREAD = outside_any_world(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture
@@ -460,8 +517,7 @@ def test_the_paper_pairs_give_the_teacher_of_the_command_as_typed(setup, tmp_pat
     hub = tmp_path / "hub"
     shutil.copytree(setup / "student", hub_snapshot(hub, "Qwen/Qwen2.5-Math-1.5B"))
     shutil.copytree(setup / "teacher", hub_snapshot(hub, "Qwen/Qwen2.5-Math-1.5B-Instruct"))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
+    env = outside_any_world(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
     args = auto_args(setup, tmp_path / "run")
     at = args.index("--model")
     del args[at:at + 2]  # the default, Qwen/Qwen2.5-Math-1.5B
@@ -498,8 +554,7 @@ def test_a_missing_cache_folder_is_refused_before_anything_starts(setup, monkeyp
 def test_an_unreachable_model_is_one_error_line_offline(setup, tmp_path, script, flags):
     hub = tmp_path / "hub"
     shutil.copytree(setup / "student", hub_snapshot(hub, "Qwen/Qwen2.5-Math-1.5B"))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
+    env = outside_any_world(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
     data_flags = [] if script == "eval.py" else ["--data", str(setup / "train.jsonl"), "--data-cache",
                                                  str(tmp_path / "never")]
     result = subprocess.run([sys.executable, str(ROOT / script), *flags, *data_flags], cwd=ROOT, env=env,
@@ -662,7 +717,7 @@ def test_bad_data_is_one_error_line_naming_the_place(setup, tmp_path, script, la
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = (torchrun if launcher == "torchrun" else [sys.executable]) + [
         str(ROOT / script), "--data", str(bad), "--data-cache", str(tmp_path / "t"), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = outside_any_world()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
