@@ -823,7 +823,7 @@ def main():
     cache.add_argument("--micro-batch-size", type=int, default=4)
     cache.set_defaults(run=bench_cache)
     grade = commands.add_parser("grade", help="eval.py's grading throughput")
-    grade.add_argument("--data", help="math500.jsonl (default: the hub's HuggingFaceH4/MATH-500)")
+    grade.add_argument("--data", type=common.path, help="math500.jsonl (default: the hub's HuggingFaceH4/MATH-500)")
     grade.add_argument("--n", type=int, default=16, help="samples per problem")
     grade.add_argument("--wrong", type=float, default=0.5, help="share of responses with a wrong boxed answer")
     grade.add_argument("--workers", type=int, default=os.cpu_count())
@@ -871,7 +871,7 @@ def main():
     real.add_argument("--steps", type=int, default=4, help="the first is a warm-up, left out")
     real.set_defaults(run=bench_real)
     eval_cmd = commands.add_parser("eval", help="eval.py before and after the stream against one LLM.generate")
-    eval_cmd.add_argument("--data", default=str(MATH500), help="math500.jsonl (the paper's eval set; its problems "
+    eval_cmd.add_argument("--data", default=str(MATH500), type=common.path, help="math500.jsonl (the paper's eval set; its problems "
                           "are repeated, marked as copies, up to --problems)")
     eval_cmd.add_argument("--problems", type=int, default=256)
     eval_cmd.add_argument("--n", type=int, default=16)

@@ -34,6 +34,15 @@ def report_user_errors(parser=None):
     previous, sys.excepthook = sys.excepthook, hook
 
 
+def path(value):
+    """argparse's type of every path flag: an empty value (a variable left unset in a job script, say) is refused
+    as the flags are parsed, naming the flag, before anything loads. Path("") is ".", the working folder."""
+    import argparse
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------ the hub
 
 

@@ -250,8 +250,8 @@ def paper_comparison(runs, setting):
 def main(argv=None):
     common.report_user_errors()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", metavar="RESULTS_JSON", help="eval.py's results.json files, a row each")
-    p.add_argument("--plot", default="compare.png", help="the bar chart written")
+    p.add_argument("results", nargs="+", metavar="RESULTS_JSON", type=common.path, help="eval.py's results.json files, a row each")
+    p.add_argument("--plot", default="compare.png", type=common.path, help="the bar chart written")
     p.add_argument("--paper", metavar="SETTING", help="the paper's rows for this setting (Tables 1, 2, 6) beside "
                    "yours, e.g. 'Qwen2.5-Math-1.5B / NuminaMath-CoT'")
     args = p.parse_args(argv)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import UserError, on_rank0
+from common import UserError, on_rank0, path
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's default
 HELPFUL_SYSTEM = "You are a helpful assistant."
@@ -310,14 +310,14 @@ def add_options(parser, source="numina67k"):
     cache built with other ones holds other ids, and TeacherCache refuses it. source: --data's default (None:
     required)."""
     group = parser.add_argument_group("data: pass the same to train.py, teacher_cache.py and lens.py")
-    group.add_argument("--data", default=source, required=source is None,
+    group.add_argument("--data", default=source, type=path, required=source is None,
                        help="numina67k, openr1-15k, m23k, or a local .jsonl/.parquet file")
     group.add_argument("--max-len", type=int, default=None, help="default: the data recipe's (data.RECIPES)")
     group.add_argument("--system-prompt", default=None, help="default: the recipe's")
     group.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="cut over-long samples (or, with "
                        "--no-truncate, drop them) whatever the recipe does")
     group.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
-    group.add_argument("--data-cache", default="cache/tokenized", help="the tokenisation cache's folder")
+    group.add_argument("--data-cache", default="cache/tokenized", type=path, help="the tokenisation cache's folder")
 
 
 def options(args):

@@ -423,7 +423,7 @@ def generation_habits(eval_dir):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="everything goes here; a rerun continues it")
+    p.add_argument("--out", default="runs/demo", type=common.path, help="everything goes here; a rerun continues it")
     p.add_argument("--quick", action="store_true", help="a smaller world, fewer steps, n=4 (CI)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per method (mean ± std when > 1)")
     p.add_argument("--losses", default="", help="comma list of more rows as train.py takes them, e.g. "

@@ -43,13 +43,13 @@ from tqdm import tqdm
 # torch, transformers, vLLM and data (which imports torch) are imported inside the functions that run a model:
 # the grading pool's workers re-run this file's imports, and grading needs none of them
 from benchmarks import BENCHMARKS, SUITES, benchmark_specs, load_benchmark, spec, user_message
-from common import UserError, check_model, report_user_errors
+from common import UserError, check_model, path, report_user_errors
 from compare import details, notes, table
 from grading import grade_problem, grading_pool, metrics
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", help="model folder (train.py's OUT/hf) or hub id (e.g. "
+    p.add_argument("--model", nargs="+", type=path, help="model folder (train.py's OUT/hf) or hub id (e.g. "
                    "Qwen/Qwen2.5-Math-1.5B); several are evaluated in turn by one process, each into OUT/<its name>/, "
                    "one vLLM engine serving every model of the same architecture (their weights are swapped in)")
     p.add_argument("--name", help="the run's label in tables (default: the folder holding the hf export); one --model")
@@ -58,7 +58,7 @@ def parse_args(argv=None):
                    "options)")
     p.add_argument("--protocol", choices=["paper", "strict"], default="paper",
                    help="paper: Li et al.'s prompts, extraction and sampling (see above); strict: ours")
-    p.add_argument("--out", default="runs/eval", help="results.json and generations.jsonl go here")
+    p.add_argument("--out", default="runs/eval", type=path, help="results.json and generations.jsonl go here")
     p.add_argument("--n", type=int, help="samples per problem (default: 16; paper protocol's medical: 1)")
     p.add_argument("--temperature", type=float, help="default: 1.0; paper protocol's medical with n=1: 0 "
                    "(greedy)")

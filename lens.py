@@ -174,10 +174,10 @@ def write(out, model, tokenizer, tokens, cache, p_student, threshold=0.5, sample
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", required=True, help="student model: hub id or folder (e.g. train.py's OUT/hf)")
-    p.add_argument("--teacher-cache", required=True, help="teacher top-k cache (teacher_cache.py, or the one "
+    p.add_argument("--student", required=True, type=common.path, help="student model: hub id or folder (e.g. train.py's OUT/hf)")
+    p.add_argument("--teacher-cache", required=True, type=common.path, help="teacher top-k cache (teacher_cache.py, or the one "
                    "train.py built under cache/teacher/)")
-    p.add_argument("--out", default="runs/lens")
+    p.add_argument("--out", default="runs/lens", type=common.path)
     p.add_argument("--quadrant-threshold", type=float, default=0.5, help="p_theta(y) and p_T(y) at or above it "
                    "count as high (Figure 4's quadrants, as train.py logs them)")
     p.add_argument("--samples", type=int, default=4, help="responses shown in tokens.html")
@@ -192,7 +192,7 @@ def main():
     if not 0 < args.quadrant_threshold < 1:
         p.error(f"--quadrant-threshold {args.quadrant_threshold} must lie in (0, 1)")
     common.check_model("--student", args.student)  # before the process group and any download
-    teacher_cache.check_complete(args.teacher_cache)
+    teacher_cache.check_complete(args.teacher_cache, "--teacher-cache")
     data.check_source(args.data)
     rank, _, device = common.start_distributed()
     tokenizer = AutoTokenizer.from_pretrained(args.student)

@@ -576,7 +576,8 @@ def plot_figure3(path):
 
 
 if __name__ == "__main__":
+    from common import path
     cli = argparse.ArgumentParser(description="Table 5 computed on a worked example, or Figure 3 for every variant")
-    cli.add_argument("--plot", metavar="FILE.png", help="draw Figure 3 for every variant instead of printing the table")
+    cli.add_argument("--plot", metavar="FILE.png", type=path, help="draw Figure 3 for every variant instead of printing the table")
     cli_args = cli.parse_args()
     plot_figure3(cli_args.plot) if cli_args.plot else print_table5()

@@ -152,13 +152,14 @@ class TeacherCache:
                                  "on; rebuild the cache (or the tokenisation cache is corrupt)")
 
 
-def check_complete(path):
-    """A cache folder that a finished build renamed into place (its meta.json is written last)."""
+def check_complete(path, flag=None):
+    """A cache folder that a finished build renamed into place (its meta.json is written last); a refusal names
+    the flag that gave the folder."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         partial = path.with_name(path.name + ".partial")
         raise UserError(
-            f"{path} is not a complete teacher cache (no meta.json); "
+            f"{flag + ' ' if flag else ''}{path} is not a complete teacher cache (no meta.json); "
             + (f"{partial} holds an unfinished build: rerun the command that started it to finish it"
                if partial.exists() else "build it with teacher_cache.py"))
 
@@ -417,9 +418,9 @@ def auto_path(teacher, student, source, k=TOP_K, **data_options):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher (or reference) model name or folder")
-    p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's); the ids train.py sees")
+    p.add_argument("--teacher", required=True, type=common.path, help="teacher (or reference) model name or folder")
+    p.add_argument("--out", required=True, type=common.path, help="cache folder to write")
+    p.add_argument("--tokenizer", type=common.path, help="the student's tokenizer (default: the teacher's); the ids train.py sees")
     p.add_argument("--k", type=int, default=TOP_K)
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "

@@ -52,15 +52,15 @@ import teacher_cache
 # ----------------------------------------------------------------------------------------------------
 # Config: the paper's setup (Appendix A, Table 3)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF id or local folder of the student")
-parser.add_argument("--teacher", default=None, help="target, distill: the teacher (hub id or folder) whose top-64 "
+parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", type=common.path, help="HF id or local folder of the student")
+parser.add_argument("--teacher", type=common.path, help="target, distill: the teacher (hub id or folder) whose top-64 "
                     "cache is built under cache/teacher/ when no --teacher-cache is given (default: the paper's "
                     "teacher of --model, teacher_cache.PAPER_TEACHERS)")
-parser.add_argument("--teacher-cache", default=None, help="target, distill: a teacher top-k cache built beforehand "
+parser.add_argument("--teacher-cache", type=common.path, help="target, distill: a teacher top-k cache built beforehand "
                     "(teacher_cache.py)")
-parser.add_argument("--ref-cache", default=None, help="kl, asft, psft: a cache of the starting model, same format "
+parser.add_argument("--ref-cache", type=common.path, help="kl, asft, psft: a cache of the starting model, same format "
                     "(its label log-probs are psft's pi_old); default: built from --model under cache/teacher/")
-parser.add_argument("--out", default="runs/default")
+parser.add_argument("--out", default="runs/default", type=common.path)
 parser.add_argument("--loss", default="target", choices=sorted(qloss.RULES))
 parser.add_argument("--eta", type=float, default=0.5, help="target: teacher intensity in the residual (Sec. 6)")
 parser.add_argument("--c", type=float, default=None, help="target: constant residual weight (Table 6); "
@@ -195,7 +195,7 @@ if args.loss in qloss.NEEDS_TEACHER:
     if cache_path is not None and args.teacher:
         parser.error("give --teacher or --teacher-cache, not both: a cache already names its teacher")
     if cache_path is not None:
-        teacher_cache.check_complete(cache_path)
+        teacher_cache.check_complete(cache_path, "--ref-cache" if reference else "--teacher-cache")
     else:
         teacher = args.model if reference else args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
     if cache_path is None and teacher is None:
