@@ -682,7 +682,7 @@ sys.path.insert(0, sys.argv[2])
 import eval as evaluation
 from vllm import SamplingParams
 job = json.load(open(sys.argv[1]))
-llm = evaluation.load_vllm(job["model"], argparse.Namespace(**job["engine"]))
+llm = evaluation.load_vllm(job["model"], argparse.Namespace(**job["engine"]), job["engine"]["seed"])
 llm.generate([{"prompt_token_ids": ids} for ids in job["prompts"]],
              [SamplingParams(**{**job["sampling"], "seed": seed}, stop_token_ids=job["stop"]) for seed in job["seeds"]])
 """
@@ -750,7 +750,7 @@ def bench_eval(*, data, problems, n, max_tokens, mean_tokens, workers, before, r
                      for i in range(len(items))],  # as this eval.py seeds them
            "sampling": evaluation.sampling(parsed, "math"),
            "engine": {"max_model_len": evaluation.context_length(model, prompts, max_tokens), "tp": 1, "seed": 0,
-                      "enforce_eager": True, "backend": "vllm", "reproducible": None}}
+                      "enforce_eager": True, "backend": "vllm", "reproducible": None, "gpu_memory_utilization": 0.92}}
     (work / "floor.json").write_text(json.dumps(job))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     runs = {"floor: one LLM.generate": (REPO, ["-c", FLOOR, str(work / "floor.json"), str(REPO)]),

@@ -10,6 +10,14 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+# Every script imports this module before torch asks whether CUDA is there. Plain torch.cuda.is_available() calls
+# cudaGetDeviceCount, after which a forked child cannot use CUDA (torch 2.13, torch/cuda/__init__.py:169-183);
+# it does not count as initialising CUDA, so vLLM still forks its engine core (vllm 0.32.0,
+# vllm/utils/system_utils.py:144, spawn only once torch.cuda.is_initialized()) and the engine dies with "Cannot
+# re-initialize CUDA in forked subprocess". The NVML-based check leaves fork usable; vLLM sets the same on import
+# (vllm/env_override.py:164), too late where torch asked first (eval.py's sampling_mode).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 
 class UserError(ValueError):
     """A user's mistake: a bad flag, bad data, a missing or mismatched cache or checkpoint. Its message names the

