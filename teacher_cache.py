@@ -18,7 +18,8 @@ fingerprints, a hash of every sample's token ids, counts, the entry type). 260 b
 (516 with int64 entries).
 The same format serves the reference-model cache of the kl/asft/psft losses (--teacher REF_MODEL).
 
-A build writes into DIR.partial/ and renames it to DIR when every batch is done: a killed build resumes
+A build writes into DIR.partial/, each rank chunk files of its own (rank{r}-batch{b}.npz, the rows of --flush-every
+batches), which rank 0 merges into the cache's files before it renames the folder to DIR: a killed build resumes
 from its done batches, and a partial cache is never taken for a complete one. Batches are fixed by the data
 alone (not by the number of ranks or the resume point), so every build of the same inputs is byte-identical.
 """
@@ -243,9 +244,11 @@ def to_host(tensors):
 
 def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokenizer_fingerprint="", flush_every=16):
     """Write the cache of `data` under `out`, resuming an unfinished build; a complete one is only checked
-    against `data`. Every rank calls it. Rows reach
-    the files on a background thread while the GPU computes the next batch; every `flush_every` batches the
-    files are flushed, and only then are those batches marked done."""
+    against `data`. Every rank calls it and writes files of its own only: every `flush_every` batches, one chunk
+    file of their rows (written on a background thread while the GPU computes the next batches, then renamed into
+    place), which also marks them done. Rank 0 then merges the chunks into the cache's files. No file is written
+    by two ranks: on a network filesystem, nodes that write one memory-mapped file write back whole pages, and a
+    node's stale copy of a shared page would overwrite another node's rows."""
     if flush_every < 1:
         raise UserError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
     rank, world = common.rank_and_world()
@@ -258,8 +261,8 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     check_head(model)
     partial = out.with_name(out.name + ".partial")
     batches = fixed_batches(data, batch_tokens)
-    counts = data.label_counts()
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(data.label_counts())]).astype(np.int64)
+    spans = [slice(offsets[batch[0]], offsets[batch[-1] + 1]) for batch in batches]
     entry = str(entry_dtype(model.get_output_embeddings().weight.shape[0])).removeprefix("torch.")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # a resumed build computes as it began
     plan = {"teacher": teacher_name, "k": k, "format": FORMAT, "entry": entry, "dtype": dtype,
@@ -274,60 +277,88 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
         if not (partial / "plan.json").exists():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            np.lib.format.open_memmap(partial / "topk.npy", "w+", np.dtype(entry), (int(offsets[-1]), k)).flush()
-            np.lib.format.open_memmap(partial / "label_logprobs.npy", "w+", np.float32, (int(offsets[-1]),)).flush()
-            np.lib.format.open_memmap(partial / "done.npy", "w+", np.uint8, (len(batches),)).flush()
             np.save(partial / "offsets.npy", offsets)
             (partial / "plan.json").write_text(json.dumps(plan, indent=1))
+        for torn in partial.glob(".*.tmp"):  # a chunk whose writer was killed: its batches are not done
+            torn.unlink()
 
     data_lib.on_rank0(start_or_check_partial)
-    topk = np.load(partial / "topk.npy", mmap_mode="r+")
-    label_logprobs = np.load(partial / "label_logprobs.npy", mmap_mode="r+")
-    done = np.load(partial / "done.npy", mmap_mode="r+")
-    mine = [b for b in range(rank, len(batches), world) if not done[b]]
+    done = {b for chunk in chunk_files(partial) for b in chunk_batches(chunk)}
+    mine = [b for b in range(len(batches)) if b not in done][rank::world]
     bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
-    def write(span, host_rows, ready):
-        if ready is not None:
-            ready.synchronize()
-        topk[span], label_logprobs[span] = (t.numpy() for t in host_rows)
 
-    def mark_done(written):
-        for future in written.values():
-            future.result()  # a failed write raises here, before its batch is marked
-        topk.flush()  # the rows reach the files before their batches are marked done
-        label_logprobs.flush()
-        done[list(written)] = 1
-        done.flush()
-        written.clear()
+    def write_chunk(chunk):
+        """One rank's rows of a group of batches, written to a temporary name and renamed: a chunk file is whole."""
+        rows = sum(spans[b].stop - spans[b].start for b, _, _ in chunk)
+        topk, label_logprobs, at = np.empty((rows, k), np.dtype(entry)), np.empty(rows, np.float32), 0
+        for b, host_rows, ready in chunk:
+            if ready is not None:
+                ready.synchronize()
+            n = spans[b].stop - spans[b].start
+            topk[at:at + n], label_logprobs[at:at + n] = (t.numpy() for t in host_rows)
+            at += n
+        path = partial / f"rank{rank}-batch{chunk[0][0]:07d}.npz"
+        tmp = partial / f".{path.name}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, batches=np.array([b for b, _, _ in chunk]), topk=topk, label_logprobs=label_logprobs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
-    written = {}
+    chunk, written = [], None
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for b in mine:
+        for position, b in enumerate(mine, 1):
             batch = data_lib.pack(data, batches[b])
-            rows = topk_rows(model, batch, k)
-            span = slice(offsets[batches[b][0]], offsets[batches[b][-1] + 1])
-            written[b] = writer.submit(write, span, *to_host(rows))
-            if len(written) == flush_every:
-                mark_done(written)
+            chunk.append((b, *to_host(topk_rows(model, batch, k))))
+            if len(chunk) == flush_every or position == len(mine):
+                if written is not None:
+                    written.result()  # a failed write raises here; one chunk in flight at a time
+                written, chunk = writer.submit(write_chunk, chunk), []
             bar.update(batch["input_ids"].shape[1])
-        mark_done(written)
+        if written is not None:
+            written.result()
     bar.close()
     if world > 1:
         dist.barrier()
     if rank == 0:
-        if not done.all():
-            raise RuntimeError(f"{partial}: {int((done == 0).sum())} batches missing after the build; rerun")
-        del topk, label_logprobs, done
-        (partial / "done.npy").unlink()
-        (partial / "plan.json").unlink()
+        merge(partial, spans, plan)
         meta = {**plan, "sample_hashes": [sample_hash(data, i) for i in range(len(data))]}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        for name in [*chunk_files(partial), partial / "plan.json"]:
+            name.unlink()
         os.rename(partial, out)
         print(f"wrote {out}: {len(data)} samples, {int(offsets[-1])} label tokens, top-{k}, "
               f"{np.dtype(entry).itemsize * k + 4} bytes per token")
     if world > 1:
         dist.barrier()
+
+
+def chunk_files(partial):
+    return sorted(Path(partial).glob("rank*-batch*.npz"))
+
+
+def chunk_batches(chunk):
+    with np.load(chunk) as rows:
+        return rows["batches"].tolist()
+
+
+def merge(partial, spans, plan):
+    """The ranks' chunk files into the cache's topk.npy and label_logprobs.npy (rank 0, once every rank is done)."""
+    topk = np.lib.format.open_memmap(partial / "topk.npy", "w+", np.dtype(plan["entry"]), (plan["labels"], plan["k"]))
+    label_logprobs = np.lib.format.open_memmap(partial / "label_logprobs.npy", "w+", np.float32, (plan["labels"],))
+    merged = np.zeros(len(spans), bool)
+    for chunk in chunk_files(partial):
+        with np.load(chunk) as rows:
+            chunk_topk, chunk_label_logprobs, at = rows["topk"], rows["label_logprobs"], 0
+            for b in rows["batches"]:
+                n = spans[b].stop - spans[b].start
+                topk[spans[b]], label_logprobs[spans[b]] = chunk_topk[at:at + n], chunk_label_logprobs[at:at + n]
+                merged[b], at = True, at + n
+    if not merged.all():
+        raise RuntimeError(f"{partial}: {int((~merged).sum())} batches missing after the build; rerun")
+    topk.flush()
+    label_logprobs.flush()
 
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype of teacher_cache.py and lens.py

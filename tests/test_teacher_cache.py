@@ -1,8 +1,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import data
 import demo
 import teacher_cache as tc
 from common import UserError
-from conftest import MATH16, alone
+from conftest import MATH16, alone, outside_any_world
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 16
@@ -100,16 +102,11 @@ def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path,
     finally:
         hook.remove()
     partial = tmp_path / "cache.partial"
-    done = np.load(partial / "done.npy")
-    assert done.sum() == 2 // flush_every * flush_every and not done.all()
+    done = sorted(b for chunk in tc.chunk_files(partial) for b in tc.chunk_batches(chunk))
+    assert done == list(range(2 // flush_every * flush_every))
     with pytest.raises(UserError, match="unfinished build: rerun"):
         tc.TeacherCache(out)
-    first_missing = tc.fixed_batches(math16, BATCH_TOKENS)[int(done.sum())][0]
-    for name, garbage in (("topk.npy", 12345), ("label_logprobs.npy", 7.0)):  # whatever a killed write left
-        rows = np.load(partial / name, mmap_mode="r+")
-        rows[np.load(partial / "offsets.npy")[first_missing]:] = garbage
-        rows.flush()
-        del rows
+    (partial / f".rank0-batch{len(done):07d}.npz.tmp").write_bytes(b"PK\x03\x04 torn")  # what a killed write left
     with pytest.raises(ValueError, match="unfinished build with other inputs"):
         tc.build(teacher, math16, out, k=K + 1, batch_tokens=BATCH_TOKENS)
     tc.build(teacher, math16, out, k=K, batch_tokens=BATCH_TOKENS)
@@ -129,7 +126,7 @@ def test_a_failed_write_marks_nothing_and_the_rerun_is_byte_identical(built, mat
     monkeypatch.setattr(tc, "to_host", short_second_batch)
     with pytest.raises(ValueError, match="could not broadcast"):
         tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS, flush_every=1)
-    assert np.load(tmp_path / "cache.partial" / "done.npy").tolist()[:2] == [1, 0]
+    assert [tc.chunk_batches(chunk) for chunk in tc.chunk_files(tmp_path / "cache.partial")] == [[0]]
     monkeypatch.setattr(tc, "to_host", to_host)
     tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS)
     assert files(tmp_path / "cache") == files(built)
@@ -269,19 +266,43 @@ def test_ids_past_18_bits_keep_their_value_precision(tok, tmp_path, vocab_size, 
     assert (tmp_path / "cache" / "topk.npy").stat().st_size - 128 == labels * 4 * np.dtype(entry).itemsize
 
 
-def test_two_process_build_equals_one_process_build(tmp_path):
+def test_two_rank_builds_whole_or_killed_and_resumed_equal_a_one_rank_build(tmp_path):
+    """torchrun with 2 ranks gives the 1-rank cache byte for byte, also when SIGKILL stops it midway and the same
+    command finishes it; before the merge, each rank has written only chunk files of its own batches."""
     teacher = demo.save_tiny(tmp_path / "teacher", seed=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = (tmp_path / "math64.jsonl")
+    rows.write_text(MATH16.read_text() * 4)  # 20 batches: time to kill the build midway
+    env = outside_any_world(OMP_NUM_THREADS="1")
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
 
-    def run(*launcher, name):
-        subprocess.run([*launcher, str(ROOT / "teacher_cache.py"), "--teacher", str(teacher), "--data", str(MATH16),
-                        "--out", str(tmp_path / name), "--k", str(K), "--max-len", "512",
-                        "--batch-tokens", str(BATCH_TOKENS), "--data-cache", str(tmp_path / f"tok-{name}")],
-                       check=True, env=env, cwd=tmp_path)
+    def command(*launcher, name):
+        return [*launcher, str(ROOT / "teacher_cache.py"), "--teacher", str(teacher), "--data", str(rows), "--out",
+                str(tmp_path / name), "--k", str(K), "--max-len", "512", "--batch-tokens", str(BATCH_TOKENS),
+                "--flush-every", "1", "--data-cache", str(tmp_path / f"tok-{name}")]
 
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    run(sys.executable, name="one")
-    run(torchrun, "--standalone", "--nproc_per_node", "2", name="two")  # standalone: a free port
+    subprocess.run(command(sys.executable, name="one"), check=True, env=env, cwd=tmp_path)
+    subprocess.run(command(*torchrun, name="two"), check=True, env=env, cwd=tmp_path)
     assert files(tmp_path / "one") == files(tmp_path / "two")
     [tok_one], [tok_two] = (list((tmp_path / f"tok-{n}").iterdir()) for n in ("one", "two"))
     assert files(tok_one) == files(tok_two)
+
+    partial = tmp_path / "killed.partial"
+    job = subprocess.Popen(command(*torchrun, name="killed"), env=env, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while {c.name[:5] for c in tc.chunk_files(partial)} != {"rank0", "rank1"} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "killed").exists()
+    chunks = tc.chunk_files(partial)
+    for chunk in chunks:  # rank r was dealt batches r, r + 2, ...: its files hold those alone
+        rank = int(chunk.name[len("rank"):chunk.name.index("-")])
+        assert all(b % 2 == rank for b in tc.chunk_batches(chunk)), (chunk.name, tc.chunk_batches(chunk))
+    torn = {p.name for p in partial.glob(".rank*.npz.tmp")}
+    assert {p.name for p in partial.iterdir()} == {"plan.json", "offsets.npy", *(c.name for c in chunks), *torn}
+    done = sum(len(tc.chunk_batches(chunk)) for chunk in chunks)
+    assert 2 <= done < len(tc.fixed_batches(data.tokenize_dataset(rows, demo.make_tokenizer(), max_len=512,
+                                                                  cache_dir=tmp_path / "tok-count"), BATCH_TOKENS))
+    subprocess.run(command(*torchrun, name="killed"), check=True, env=env, cwd=tmp_path)
+    assert files(tmp_path / "killed") == files(tmp_path / "one") and not partial.exists()
