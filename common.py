@@ -124,6 +124,37 @@ def stop_distributed():
         dist.destroy_process_group()
 
 
+def check_shared_folders(folders):
+    """Under torchrun, every rank must see the same folders ({flag: folder}): rank 0 tokenises and builds the
+    caches there and the others read them, and checkpoints land there. Rank 0 writes a marker of this run into
+    each; after a barrier every rank reads it back. A rank that cannot (nodes that do not share the filesystem)
+    ends the run in one error line naming the flag that moves the folder."""
+    import secrets
+    import torch.distributed as dist
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    markers = {flag: Path(folder) / f".shared-check-{token[0]}" for flag, folder in folders.items()}
+    if rank == 0:
+        for marker in markers.values():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token[0])
+    dist.barrier()
+    unseen = [flag for flag, marker in markers.items() if not (marker.is_file() and marker.read_text() == token[0])]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, unseen)
+    if rank == 0:
+        for marker in markers.values():
+            marker.unlink()
+    for other, flags in enumerate(everyone):
+        for flag in flags:
+            raise UserError(f"{flag} {folders[flag]}: rank {other} cannot read what rank 0 wrote into this folder, so "
+                            "the nodes do not share it; every node must see the same folder (a shared filesystem): "
+                            f"point {flag} at one they share")
+
+
 def on_rank0(work):
     """Runs work() on rank 0 while the other ranks wait. A UserError it raises (a bad row, say) is raised on every
     rank: each stops on it, and rank 0 alone reports it (report_user_errors)."""

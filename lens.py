@@ -195,6 +195,7 @@ def main():
     teacher_cache.check_complete(args.teacher_cache, "--teacher-cache")
     data.check_source(args.data)
     rank, _, device = common.start_distributed()
+    common.check_shared_folders({"--data-cache": args.data_cache, "--teacher-cache": Path(args.teacher_cache).parent})
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache, **data.options(args))
     cache = teacher_cache.TeacherCache(args.teacher_cache, data=tokens)  # other token ids: refused

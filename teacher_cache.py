@@ -466,6 +466,7 @@ def main():
         common.check_model("--tokenizer", args.tokenizer)
     data_lib.check_source(args.data)
     _, _, device = common.start_distributed()
+    common.check_shared_folders({"--out": Path(args.out).parent, "--data-cache": args.data_cache})
     student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
     data = data_lib.tokenize_dataset(args.data, student_tok, cache_dir=args.data_cache, **data_lib.options(args))
     build_by_name(args.teacher, student_tok, data, args.out, device, k=args.k, batch_tokens=args.batch_tokens,

@@ -209,6 +209,10 @@ if teacher not in (None, args.model):
 data.check_source(args.data)
 
 rank, world_size, device = common.start_distributed(always=True)  # `python train.py`: a world of one, same code
+if teacher is not None:  # as teacher_cache.py --teacher TEACHER --tokenizer MODEL with this run's data options
+    cache_path = teacher_cache.auto_path(teacher, args.model, args.data, **data.options(args))
+common.check_shared_folders({"--out": args.out, "--data-cache": args.data_cache, **(
+    {"--ref-cache" if reference else "--teacher-cache": Path(cache_path).parent} if cache_path else {})})
 device_type = device.type
 torch.manual_seed(args.seed + rank)
 max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
@@ -237,8 +241,7 @@ tokenizer = AutoTokenizer.from_pretrained(args.model)
 end_of_turn = data.end_of_turn_id(tokenizer, args.system_prompt)  # where generation stops, in the export
 tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache,
                               weights=args.loss in qloss.NEEDS_WEIGHTS, **data.options(args))
-if teacher is not None:  # as teacher_cache.py --teacher TEACHER --tokenizer MODEL with this run's data options
-    cache_path = teacher_cache.auto_path(teacher, args.model, args.data, **data.options(args))
+if teacher is not None:
     if rank == 0:
         print(f"{'reference' if reference else 'teacher'} cache: {cache_path} (top-{teacher_cache.TOP_K} of "
               f"{teacher} on this run's token ids; built first unless complete)", flush=True)
