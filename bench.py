@@ -21,6 +21,7 @@
     python bench.py real                      # teacher_cache and train.py on SmolLM2-135M vs plain transformers
 """
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -525,31 +527,138 @@ def bench_real(*, repeat, batch_tokens, global_batch_size, micro_batch_size, ste
 # ----------------------------------------------------------------------------------------------------
 # bench.py gpu: everything that needs a GPU, in one device command, then one table
 
-def bench_gpu(*, tiny):
+def bench_gpu(*, tiny, table):
     """loss --paper --liger, train with and without activation checkpointing, layout, cache, the bf16 weight
-    gradient's error and the attention chosen in fp32 and bf16, in under 10 minutes
-    on one H100/H200 with random weights in the Qwen2.5-Math-1.5B shape (nothing downloads)."""
+    gradient's error and the attention chosen in fp32 and bf16, in under 10 minutes on one H100/H200 with random
+    weights in the Qwen2.5-Math-1.5B shape (nothing downloads); with vLLM, eval.py against one LLM.generate and the
+    engine checks (bench_engine). Section by section: each one's rows go to stdout and into `table` as it ends,
+    the GPU memory it cached is given back before the next (vLLM wants 0.92 of the card free), and a section that
+    fails is a row saying so, keeping what came before and going on."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not tiny:
         raise SystemExit("bench.py gpu needs a GPU; --tiny checks the script on a CPU at toy sizes")
-    rows = bench_loss(paper=not tiny, tiny=tiny, variants="sft,dft,target", repeats=3,
-                      liger=importlib.util.find_spec("liger_kernel") is not None)
+    sections = {
+        "loss": lambda: bench_loss(paper=not tiny, tiny=tiny, variants="sft,dft,target", repeats=3,
+                                   liger=importlib.util.find_spec("liger_kernel") is not None),
+        "train": lambda: bench_train(tiny=tiny, seq_len=256 if tiny else 3072, samples=40, steps=5,
+                                     micro_batch_size=4, accumulation=2, checkpointing="both", layers=None, vocab=None),
+        "layout": lambda: bench_layout(lengths="1400,1100,900,700", hidden=128 if tiny else 1536,
+                                       layers=2 if tiny else 28, repeats=3),
+        "cache": lambda: bench_cache(repeat=1 if tiny else 16, batch_tokens=2048 if tiny else 16384, k=64,
+                                     big_vocab=4096 if tiny else 152064, micro_batch_size=4),
+        "grad": lambda: bench_grad(tiny=tiny),
+        "attention": lambda: bench_attention(tiny=tiny, layers=4, seq_len=256 if tiny else 2048, samples=16, steps=2),
+    }
+    if importlib.util.find_spec("vllm"):  # an image with vLLM
+        sections["eval"] = lambda: bench_eval(data=str(MATH500), problems=32 if tiny else 1024, n=4 if tiny else 16,
+                                              max_tokens=64 if tiny else 1024, mean_tokens=16 if tiny else 200,
+                                              workers=2 if tiny else 16, before="41b9d73", rounds=1)
+        sections["engine"] = lambda: bench_engine(tiny=tiny)
+    heading = f"{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if tiny else "")
+    Path(table).write_text(heading + "\n")
+    rows, widths = [], (9, 44)
+    for name, section in sections.items():
+        try:
+            done = section()
+        except Exception as e:  # noqa: BLE001  any failure: the next sections still run
+            traceback.print_exc()
+            done = [(name, "FAILED", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
+        free_gpu_memory()
+        rows += done
+        print(f"\n[bench.py gpu: {name} done, its rows also in {table}]")
+        print_rows(done, widths)
+        with open(table, "a") as f:
+            f.writelines(f"{bench:{widths[0]}} {case:{widths[1]}} {result}\n" for bench, case, result in done)
+    print(f"\n{heading}")
+    print_rows(rows, widths)
+
+
+def free_gpu_memory():
+    """What this process's allocator keeps cached goes back to the card (the next section may start vLLM)."""
+    gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the naive loss's ~30 GB stays cached otherwise, while train.py runs beside it
-    rows += bench_train(tiny=tiny, seq_len=256 if tiny else 3072, samples=40, steps=5, micro_batch_size=4,
-                        accumulation=2, checkpointing="both", layers=None, vocab=None)
-    rows += bench_layout(lengths="1400,1100,900,700", hidden=128 if tiny else 1536, layers=2 if tiny else 28,
-                         repeats=3)
-    rows += bench_cache(repeat=1 if tiny else 16, batch_tokens=2048 if tiny else 16384, k=64,
-                        big_vocab=4096 if tiny else 152064, micro_batch_size=4)
-    rows += bench_grad(tiny=tiny)
-    rows += bench_attention(tiny=tiny, layers=4, seq_len=256 if tiny else 2048, samples=16, steps=2)
-    if importlib.util.find_spec("vllm"):  # an image with vLLM: eval.py against one LLM.generate
-        rows += bench_eval(data=str(MATH500), problems=32 if tiny else 1024, n=4 if tiny else 16,
-                           max_tokens=64 if tiny else 1024, mean_tokens=16 if tiny else 200,
-                           workers=2 if tiny else 16, before="41b9d73", rounds=1)
-    print(f"\n{device}, torch {torch.__version__}" + (" (--tiny: toy sizes, not measurements)" if tiny else ""))
-    print_rows(rows, (9, 44))
+        torch.cuda.empty_cache()
+
+
+# bench.py gpu's engine checks: what reading vLLM's source cannot settle, each a pass or a fail
+
+ENGINE_MEMORY = """
+import gc, json, sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[2])
+import eval as evaluation
+
+def free_gib():  # the whole device's (or machine's) free memory: the engine core runs in a process of its own
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0] / 2**30
+    return int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable")).split()[1]) / 2**20
+
+job = json.load(open(sys.argv[1]))
+args = evaluation.per_model(evaluation.parse_args(job["flags"]))[0]
+args.model_dir, args.max_model_len = args.model, 256
+generators = evaluation.Generators()
+before = free_gib()
+generators.load(args, "a")
+started = free_gib()
+generators.close()
+gc.collect()
+closed = free_gib()
+print(json.dumps({"before": before, "started": started, "closed": closed}))
+"""
+
+
+def bench_engine(*, tiny):
+    """reload_weights: a model swapped into a running engine samples greedily what a fresh engine with it samples.
+    Memory: a closed engine's memory is back before the next engine starts. --reproducible: the samples do not
+    depend on the engines (--dp 2 against --dp 1, where two GPUs are visible) or on the batch (the first half of
+    the problems alone against all of them)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    a, b = demo.save_tiny(work / "a" / "hf", seed=0), demo.save_tiny(work / "b" / "hf", seed=1)
+    rows = [{"problem": f"What is {x} + {x + 1}?", "answer": str(2 * x + 1)} for x in range(16 if tiny else 256)]
+    (work / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    common_flags = ["--benchmarks", f"sums={work / 'sums.jsonl'}", "--max-tokens", "32", "--workers", "1",
+                    "--protocol", "strict", "--enforce-eager"]
+
+    def evaluate(*flags, out):
+        subprocess.run([sys.executable, "eval.py", *common_flags, *flags, "--out", str(work / out)], check=True,
+                       capture_output=True, cwd=REPO, env=env)
+        return {(r["problem"], r["sample"]): r["response"]
+                for r in map(json.loads, (work / out / "generations.jsonl").read_text().splitlines())}
+
+    def verdict(same, total):
+        return f"{'PASS' if same == total else 'FAIL'}: {same} of {total} samples equal"
+
+    results = []
+    greedy = ["--temperature", "0", "--n", "1"]
+    evaluate("--model", str(a), str(b), *greedy, out="swap")
+    alone = evaluate("--model", str(b), *greedy, out="alone")
+    swapped = {(r["problem"], r["sample"]): r["response"] for r in map(
+        json.loads, (work / "swap" / "b" / "generations.jsonl").read_text().splitlines())}
+    results.append(("engine", "reload_weights: b in a's engine = b alone", verdict(
+        sum(swapped[key] == alone[key] for key in alone), len(alone))))
+
+    (work / "memory.json").write_text(json.dumps({"flags": ["--model", str(a), *common_flags]}))
+    memory = json.loads(subprocess.run([sys.executable, "-c", ENGINE_MEMORY, str(work / "memory.json"), str(REPO)],
+                                       check=True, capture_output=True, text=True, cwd=REPO, env=env).stdout)
+    taken, back = memory["before"] - memory["started"], memory["closed"] - memory["started"]
+    results.append(("engine", "a closed engine's memory is given back", (
+        f"{'PASS' if back >= 0.9 * taken else 'FAIL'}: the engine took {taken:.1f} GiB, {back:.1f} GiB came back")))
+
+    sampled = ["--reproducible", "--n", "4"]
+    whole = evaluate("--model", str(a), *sampled, out="whole")
+    half = evaluate("--model", str(a), *sampled, "--limit", str(len(rows) // 2), out="half")
+    results.append(("engine", "--reproducible: half the problems = all", verdict(
+        sum(half[key] == whole[key] for key in half), len(half))))
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else None
+    if visible is None or visible >= 2:
+        two = evaluate("--model", str(a), *sampled, "--dp", "2", out="dp2")
+        results.append(("engine", "--reproducible: --dp 2 = --dp 1", verdict(
+            sum(two[key] == whole[key] for key in whole), len(whole))))
+    else:
+        results.append(("engine", "--reproducible: --dp 2 = --dp 1", f"not run: --dp 2 needs 2 GPUs, {visible} visible"))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -885,6 +994,8 @@ def main():
     eval_cmd.set_defaults(run=bench_eval)
     gpu = commands.add_parser("gpu", help="loss, train and cache benchmarks on a GPU, one table")
     gpu.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
+    gpu.add_argument("--table", default="bench-gpu.txt", type=common.path, help="the table, written section by "
+                     "section as each ends")
     gpu.set_defaults(run=bench_gpu)
     options = vars(parser.parse_args())
     del options["command"]

@@ -557,18 +557,13 @@ def generate_and_grade(args, generators, grader, out, results, rows, todo):
     kept = [row for row in rows if row["benchmark"] in results["benchmarks"]]
     kept += [row for problems in done.values() for problem in problems.values() for row in problem]
     write_atomic(out / "generations.jsonl", "".join(json.dumps(row) + "\n" for row in kept))  # no torn line left
-
-    def finish_if_complete(name):
-        if len(done[name]) == len(data[name]):
-            finish_benchmark(results, name, done[name], params[name], stop, style[1], args.protocol)
-            write_atomic(out / "results.json", json.dumps(results, indent=1))
-
     left = {name: [i for i in range(len(items)) if i not in done[name]] for name, items in data.items()}
     for name in data:
         if done[name]:
             print(f"{name}: {len(done[name])} of {len(data[name])} problems kept from an earlier run, "
                   f"{len(left[name])} to go")
-        finish_if_complete(name)  # a run killed after its last row, before results.json
+        if not left[name]:  # a run killed after its last row, before results.json
+            finish_benchmark(out, results, name, done[name], params[name], stop, style[1], args.protocol)
     prompts = {(name, i): prompt_ids(tokenizer, data[name][i], style) for name in data for i in left[name]}
     if not prompts:
         return
@@ -577,32 +572,36 @@ def generate_and_grade(args, generators, grader, out, results, rows, todo):
     seeded = results["sampling_mode"] != "engine seed"
     requests = [(key, ids, params[key[0]], stop, request_seed(args.seed, key[1]) if seeded else None)
                 for key, ids in prompts.items()]
-    graded = {}  # (benchmark, problem) -> (its samples, their grades as the pool computes them)
     bar = tqdm(total=len(requests), desc=f"{results['name']}: problems generated and graded", unit="problem")
-
-    def write_graded(wait=False):
-        """Appends the rows of every problem graded by now (of all, waiting for them, with wait)."""
-        for key in [key for key, (_, grades) in graded.items() if wait or grades.ready()]:
-            (name, i), (samples, grades) = key, graded.pop(key)
-            new = [{"benchmark": name, "problem": i, "sample": j, **data[name][i], "response": text,
-                    "tokens": length, "truncated": trunc, "correct": correct, "timeout": timed_out}
-                   for j, ((text, length, trunc), (correct, timed_out)) in enumerate(zip(samples, grades.get()))]
-            append_rows(out / "generations.jsonl", new)
-            done[name][i] = new
+    stream, streaming = generators.stream(requests), True
+    grading = {}  # (benchmark, problem) -> (its samples, their grades as the pool computes them)
+    while streaming or grading:
+        finished = next(stream, None)  # the problems one engine step finished; None once the stream has ended
+        streaming = finished is not None
+        for (name, i), samples in finished or []:
+            grading[name, i] = samples, grader.apply_async(grade_problem, (samples, data[name][i],
+                                                                           args.grade_timeout, args.protocol))
+        # every problem graded by now is written; once the stream has ended, the rest as their grades come
+        for name, i in [key for key, (_, grades) in grading.items() if grades.ready() or not streaming]:
+            samples, grades = grading.pop((name, i))
+            done[name][i] = graded_rows(name, i, data[name][i], samples, grades.get())
+            append_rows(out / "generations.jsonl", done[name][i])
             bar.update()
-            finish_if_complete(name)
-
-    for finished in generators.stream(requests):
-        for (name, i), samples in finished:
-            graded[name, i] = samples, grader.apply_async(grade_problem, (samples, data[name][i], args.grade_timeout,
-                                                                           args.protocol))
-        write_graded()
-    write_graded(wait=True)
+            if len(done[name]) == len(data[name]):
+                finish_benchmark(out, results, name, done[name], params[name], stop, style[1], args.protocol)
     bar.close()
 
 
-def finish_benchmark(results, name, problems, params, stop, system_prompt, protocol):
-    """A complete benchmark's metrics over all its problems' rows, into results (and its suite averages)."""
+def graded_rows(name, i, item, samples, grades):
+    """generations.jsonl's rows of problem i of benchmark `name`: one per sample, with its grade."""
+    return [{"benchmark": name, "problem": i, "sample": j, **item, "response": text, "tokens": length,
+             "truncated": truncated, "correct": correct, "timeout": timed_out}
+            for j, ((text, length, truncated), (correct, timed_out)) in enumerate(zip(samples, grades))]
+
+
+def finish_benchmark(out, results, name, problems, params, stop, system_prompt, protocol):
+    """A complete benchmark's metrics over all its problems' rows, into results (and its suite averages), and
+    results.json written."""
     matrix = {key: np.array([[row[key] for row in problems[i]] for i in range(len(problems))])
               for key in ("correct", "tokens", "truncated", "timeout")}
     suite = spec(name)[1]
@@ -612,6 +611,7 @@ def finish_benchmark(results, name, problems, params, stop, system_prompt, proto
                                    "sampling": params, "stop_token_ids": stop, "system_prompt": system_prompt,
                                    "average_rule": average_rule(protocol, suite, params)}
     results["suites"] = suite_averages(results["benchmarks"])
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
 
 
 def main(argv=None):
