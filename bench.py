@@ -49,6 +49,7 @@ import eval as evaluation
 import grading
 import loss as L
 import teacher_cache
+from tests.tiny import save_tiny  # tests/ as a namespace package: the repository is on sys.path
 
 
 REPO = Path(__file__).resolve().parent
@@ -308,7 +309,7 @@ def bench_cache(*, repeat, batch_tokens, k, big_vocab, micro_batch_size):
 
         cache = teacher_cache.TeacherCache(work / f"cache-{vocab}", ds, k)
         sampler = data.Sampler(len(ds), seed=0)
-        micro = [data.pack(ds, sampler.take(micro_batch_size)) for _ in range(len(ds) // micro_batch_size)]
+        micro = [data.pack(ds, sampler.take_global(micro_batch_size)[0]) for _ in range(len(ds) // micro_batch_size)]
         read = timed(lambda: [teacher_cache.teacher_rows(cache, m, device)[1].sum().item() for m in micro],
                      device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -353,8 +354,11 @@ def bench_grade(*, data, n, wrong, workers, timeout, tokens_per_response, gen_to
                         for w, j in zip(swapped, others)])
         expected.append(~swapped)
     start = time.perf_counter()  # the pool's start included, as eval.py pays it
-    with grading.grading_pool(workers) as pool:
-        correct, timed_out = grading.grade_samples(pool, items, samples, timeout)
+    with grading.grading_pool(workers) as pool:  # a task a problem, as eval.py submits them
+        pending = [pool.apply_async(grading.grade_problem, (row, item, timeout, "paper"))
+                   for item, row in zip(items, samples)]
+        grades = np.array([result.get() for result in pending], dtype=bool)
+    correct, timed_out = grades[..., 0], grades[..., 1]
     seconds = time.perf_counter() - start
     answers = correct.size
     generate = answers * tokens_per_response / gen_tokens_per_s
@@ -489,7 +493,7 @@ def bench_real(*, repeat, batch_tokens, global_batch_size, micro_batch_size, ste
     model_dir = real_model("smollm2-135m-instruct")
     work, ds, tokens = math16_dataset("bench-real-", AutoTokenizer.from_pretrained(model_dir), repeat)
     flags = ["--data", str(work / "rows.jsonl"), "--max-len", "512", "--data-cache", str(work / "tok")]
-    model = teacher_cache.load_model(str(model_dir), torch.device("cpu"))
+    model = common.load_model(str(model_dir), torch.device("cpu"))
     print(f"SmolLM2-135M-Instruct, cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), fp32, "
           f"torch {torch.__version__}: {len(ds)} samples, {tokens} tokens")
     build, plain = build_and_forward(model, ds, batch_tokens, work / "cache", 64)
@@ -562,7 +566,7 @@ def bench_gpu(*, tiny, table):
             done = section()
         except Exception as e:  # noqa: BLE001  any failure: the next sections still run
             traceback.print_exc()
-            done = [(name, "FAILED", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
+            done = [(name, "FAILED", common.summary(e))]
         free_gpu_memory()
         rows += done
         print(f"\n[bench.py gpu: {name} done, its rows also in {table}]")
@@ -592,7 +596,8 @@ import eval as evaluation
 def free_gib():  # the whole device's (or machine's) free memory: the engine core runs in a process of its own
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0] / 2**30
-    return int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable")).split()[1]) / 2**20
+    available = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable"))
+    return int(available.split()[1]) / 2**20
 
 job = json.load(open(sys.argv[1]))
 args = evaluation.per_model(evaluation.parse_args(job["flags"]))[0]
@@ -614,7 +619,7 @@ def bench_engine(*, tiny):
     depend on the engines (--dp 2 against --dp 1, where two GPUs are visible) or on the batch (the first half of
     the problems alone against all of them)."""
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-    a, b = demo.save_tiny(work / "a" / "hf", seed=0), demo.save_tiny(work / "b" / "hf", seed=1)
+    a, b = save_tiny(work / "a" / "hf", seed=0), save_tiny(work / "b" / "hf", seed=1)
     rows = [{"problem": f"What is {x} + {x + 1}?", "answer": str(2 * x + 1)} for x in range(16 if tiny else 256)]
     (work / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -659,7 +664,8 @@ def bench_engine(*, tiny):
         results.append(("engine", "--reproducible: --dp 2 = --dp 1", verdict(
             sum(two[key] == whole[key] for key in whole), len(whole))))
     else:
-        results.append(("engine", "--reproducible: --dp 2 = --dp 1", f"not run: --dp 2 needs 2 GPUs, {visible} visible"))
+        results.append(("engine", "--reproducible: --dp 2 = --dp 1",
+                        f"not run: --dp 2 needs 2 GPUs, {visible} visible"))
     return results
 
 
@@ -814,7 +820,7 @@ def write_steady_ender(path, mean_tokens):
     other token an equal share: sample lengths are geometric, most short, a few at the token limit, the long
     tail of real generations. Its residual stream is its input embedding, dominated by dimension 0 (no layer
     writes to it), and the lm_head reads only that dimension, for <|im_end|> alone."""
-    path = demo.save_tiny(path)
+    path = save_tiny(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     vocab = model.config.vocab_size
@@ -982,8 +988,8 @@ def main():
     real.add_argument("--steps", type=int, default=4, help="the first is a warm-up, left out")
     real.set_defaults(run=bench_real)
     eval_cmd = commands.add_parser("eval", help="eval.py before and after the stream against one LLM.generate")
-    eval_cmd.add_argument("--data", default=str(MATH500), type=common.path, help="math500.jsonl (the paper's eval set; its problems "
-                          "are repeated, marked as copies, up to --problems)")
+    eval_cmd.add_argument("--data", default=str(MATH500), type=common.path, help="math500.jsonl (the paper's eval "
+                          "set; its problems are repeated, marked as copies, up to --problems)")
     eval_cmd.add_argument("--problems", type=int, default=256)
     eval_cmd.add_argument("--n", type=int, default=16)
     eval_cmd.add_argument("--max-tokens", type=int, default=256)

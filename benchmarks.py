@@ -8,6 +8,10 @@ from pathlib import Path
 from common import UserError
 from grading import last_boxed
 
+# Table 2 as Li et al.'s medical protocol computes it, whatever its caption says
+TABLE2_SINGLE_SAMPLE = ("Table 2's cells are k/N for one greedy sample per question (Li et al.'s protocol), though "
+                        "its caption says Average@16; --n 16 --temperature 1 gives the caption's")
+
 # name: (label in the paper's tables, suite, source, known row count). Order = the columns of Tables 1 and 2.
 # Math sources are hub datasets (test split); medical ones are the exact keys of m1's eval file (the first five
 # are HuatuoGPT-o1's eval_data.json, the rest m1's collect_eval_data.py). Every Table 2 cell is k/size for

@@ -126,13 +126,8 @@ def save(out, step, model, optimizer, state, keep):
 
 
 def read_trainer_state(path, args):
-    """This rank's trainer state, read before the model loads. Refuses what would resume wrongly, and a
-    checkpoint of the old pickled form."""
+    """This rank's trainer state, read before the model loads. Refuses what would resume wrongly."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if not list(path.glob("trainer_rank*.json")) and list(path.glob("trainer_rank*.pt")):
-        raise UserError(f"{path} holds trainer_rank*.pt, the pickled trainer state of an earlier train.py, which "
-                        "--resume does not unpickle (a pickle can run code): finish that run with the version that "
-                        "wrote it, or start again with another --out")
     written_by = len(list(path.glob("trainer_rank*.json")))
     if written_by != world_size:
         raise UserError(f"{path} was written by {written_by} ranks, this run has {world_size}: the data order is "

@@ -25,6 +25,11 @@ class UserError(ValueError):
     exception is a bug and keeps its traceback."""
 
 
+def summary(error):
+    """An exception in one line: its type and its message's first line (a library's message can run long)."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def report_user_errors(parser=None):
     """Called first by each script: an uncaught UserError (and the parser's own errors) prints one `error:` line,
     once under torchrun (rank 0), and exits with status 1; every other exception prints its traceback."""
@@ -81,10 +86,15 @@ def check_model(flag, name):
     try:
         hf_hub_download(name, "config.json")
     except Exception as e:  # no network, no such repository, a gated one without a token: all end here
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = summary(e)
         raise UserError(f"{flag} {name}: not a local folder, not in the local hub cache, and not reachable on the "
                         f"hub ({reason}); check the id and the network; gated repositories (meta-llama) need a "
                         "hub token (hf auth login)") from None
+
+
+def slug(text):
+    """A folder name's safe form of any text: runs of other characters than letters, digits and dots become '-'."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-")
 
 
 # ---------------------------------------------------------------------------------------------- the ranks
@@ -195,8 +205,43 @@ def attention_implementation(device, dtype):
     try:
         from flash_attn import flash_attn_varlen_func  # noqa: F401  the compiled kernels, not only the package
     except Exception as e:  # ImportError, OSError from a shared library: anything means it cannot run
-        return "sdpa", f"flash-attn does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return "sdpa", f"flash-attn does not import ({summary(e)})"
     return "flash_attention_2", "flash-attn's varlen kernel"
+
+
+DTYPES = ("auto", "bf16", "fp32")  # --dtype of teacher_cache.py and lens.py
+
+
+def load_model(name, device, dtype="auto"):
+    """A model to score packed rows with (teacher_cache.py's teacher, lens.py's student), in `dtype` (DTYPES;
+    auto: bf16 on GPU, fp32 on CPU; the logits are fp32 either way: loss.logits_fp32), with flash-attn varlen
+    where it can run, else sdpa (both honour packed rows). Says which on rank 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    attention, why = attention_implementation(device, dtype)
+    if rank_and_world()[0] == 0:
+        print(f"{name}: {str(dtype).removeprefix('torch.')}, attention: {attention} ({why})", flush=True)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention).to(device).eval()
+
+
+def free(model):
+    """Give a model's memory back before the next one loads (train.py's student after its teacher)."""
+    import gc
+    import torch
+    model.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing into files (the Agg backend: a cluster node has no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 PROC = Path("/proc/self")  # Linux: where a CPU process reads and resets its peak RSS

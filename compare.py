@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from benchmarks import SUITES, label, table_order
+from benchmarks import SUITES, TABLE2_SINGLE_SAMPLE, label, table_order
 
 MATH, MEDICAL = tuple(SUITES["math"]), tuple(SUITES["medical"])  # the tables' columns
 
@@ -175,9 +175,7 @@ def compare(paths, plot, paper=None):
 def plot_runs(runs, plot):
     """Grouped bars, one group per benchmark and Avg., the value written on each bar; the y axis from 0.
     Returns the axes (closed figure) for checks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     names = columns(runs)
     x = np.arange(len(names) + 1)
     width = 0.8 / len(runs)
@@ -240,8 +238,7 @@ def paper_comparison(runs, setting):
     lines.append("The paper's Avg. is shown as printed; it is not always the mean of its columns (in brackets), "
                  "e.g. Qwen2.5-Math-1.5B Base: 14.92 printed, 15.36 the mean.")
     if "medxpertqa" in names:
-        lines.append("Table 2 is single-sample: greedy, k/N per set (Li et al.'s protocol, --protocol paper's "
-                     "default), though its caption says Average@16.")
+        lines.append(f"{TABLE2_SINGLE_SAMPLE}.")
     else:
         lines.append("Table 1/6 are Average@16 as the Qwen2.5-Math harness reports it (--protocol paper).")
     return "\n".join(lines)
@@ -250,7 +247,8 @@ def paper_comparison(runs, setting):
 def main(argv=None):
     common.report_user_errors()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", metavar="RESULTS_JSON", type=common.path, help="eval.py's results.json files, a row each")
+    p.add_argument("results", nargs="+", metavar="RESULTS_JSON", type=common.path,
+                   help="eval.py's results.json files, a row each")
     p.add_argument("--plot", default="compare.png", type=common.path, help="the bar chart written")
     p.add_argument("--paper", metavar="SETTING", help="the paper's rows for this setting (Tables 1, 2, 6) beside "
                    "yours, e.g. 'Qwen2.5-Math-1.5B / NuminaMath-CoT'")

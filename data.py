@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import UserError, on_rank0, path
+from common import UserError, on_rank0, path, summary
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's default
 HELPFUL_SYSTEM = "You are a helpful assistant."
@@ -103,7 +103,7 @@ def load_rows(source):
             return datasets.load_dataset(HF_SOURCES[source], split="train")
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:  # offline, not cached
             raise UserError(f"data source {source}: the hub dataset {HF_SOURCES[source]} could not be loaded "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the network, "
+                             f"({summary(e)}); check the network, "
                              "or download it first while online") from None
     path = Path(source)
     try:
@@ -414,10 +414,10 @@ class Sampler:
     """A seeded shuffle per epoch, the same on every rank, cut to a multiple of world_size (the remainder,
     different each epoch, is dropped) and dealt round-robin; resumable from (epoch, position)."""
 
-    def __init__(self, num_samples, seed, rank=0, world_size=1):
+    def __init__(self, num_samples, seed, world_size=1):
         if num_samples < world_size:
             raise UserError(f"{num_samples} samples cannot be shared by {world_size} ranks")
-        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.num_samples, self.seed, self.world_size = num_samples, seed, world_size
         self.epoch, self.position = 0, 0
 
     def __len__(self):
@@ -442,10 +442,6 @@ class Sampler:
             if self.position == order.shape[1]:
                 self.epoch, self.position = self.epoch + 1, 0
         return out
-
-    def take(self, count):
-        """The next `count` sample ids of this rank."""
-        return self.take_global(count)[self.rank]
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
@@ -490,17 +486,15 @@ def pad_batch(data, sample_ids):
     needs no attention_mask: sdpa then runs its causal flash kernel instead of a dense-mask one."""
     width = max(len(data.input_ids(i)) for i in sample_ids)
     input_ids = torch.zeros(len(sample_ids), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(sample_ids), width, dtype=torch.long)
     labels = torch.full((len(sample_ids), width), IGNORE_INDEX, dtype=torch.long)
     token_weights = None if data.weights is None else torch.zeros(len(sample_ids), width)
     for row, i in enumerate(sample_ids):
         n = len(data.input_ids(i))
         input_ids[row, :n] = torch.from_numpy(np.asarray(data.input_ids(i), dtype=np.int64))
-        attention_mask[row, :n] = 1
         labels[row, :n] = torch.from_numpy(data.labels(i))
         if token_weights is not None:
             token_weights[row, :n] = torch.from_numpy(data.label_weights(i))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+    return {"input_ids": input_ids, "labels": labels,
             **({} if token_weights is None else {"token_weights": token_weights}), "sample_ids": list(sample_ids)}
 
 

@@ -41,8 +41,8 @@ from common import UserError
 
 # ----------------------------------------------------------------------------------------------------
 # Tiny Qwen2 models and an in-process byte-level BPE tokenizer: the toy world's, and what tests and bench.py
-# build (nothing downloads). The tokenizer uses Qwen2's pre-tokenizer regex, because AutoTokenizer re-applies
-# it when it reloads a `model_type: qwen2` folder (ENVIRONMENT.md): a plain ByteLevel one would change ids.
+# build from them (tests/tiny.py; nothing downloads). The tokenizer uses Qwen2's pre-tokenizer regex, because
+# AutoTokenizer re-applies it when it reloads a `model_type: qwen2` folder: a plain ByteLevel one would change ids.
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -87,12 +87,6 @@ def make_model(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, kv
                          bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return Qwen2ForCausalLM(config).eval()
-
-
-def save_tiny(path, tie: bool = False, seed: int = 0) -> Path:
-    """Write a loadable model folder (weights, config, tokenizer, generation config) and return it."""
-    tokenizer = make_tokenizer()
-    return save_model(path, tokenizer, make_model(tokenizer, tie=tie, seed=seed))
 
 
 def save_model(path, tokenizer, model) -> Path:
@@ -211,9 +205,6 @@ WORLDS = {
 BATCH, MICRO_BATCH, MAX_LEN, TOP_K = 32, 8, 160, 64
 PACKED_TOKENS = 1024  # per packed forward: on CPU sdpa masks a packed row densely, so its cost grows as T^2
 TABLE1 = {"sft": "SFT", "dft": "SFT (p)", "distill --c 0.8": "Distill", "target --eta 0.5": "TARGET-SFT"}
-FLAGS = {"--eta": ("eta", float), "--c": ("c", float), "--alpha": ("alpha", float), "--tau": ("tau", float),
-         "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float),
-         "--eps": ("eps", float)}  # train.py's loss flags
 THRESHOLD = 0.5  # Figure 4's quadrant boundary on p_theta and p_T
 SPLITS = ("in-dist", "all-carry")  # held-out: problems like the SFT set's, and ones where every addition carries
 
@@ -225,10 +216,12 @@ def parse_loss(spec):
         raise UserError(f"--losses: unknown loss {name!r} in {spec!r}; choose from {sorted(qloss.RULES)}")
     if name in qloss.NEEDS_WEIGHTS:
         raise UserError(f"--losses: {name!r} reads label weights from the data, which the toy world has none of")
-    if len(flags) % 2 or any(flag not in FLAGS for flag in flags[::2]):
-        raise UserError(f"--losses: {spec!r}: after the loss name give pairs of {' '.join(FLAGS)} and a value")
+    if len(flags) % 2 or any(flag not in qloss.FLAGS for flag in flags[::2]):
+        raise UserError(f"--losses: {spec!r}: after the loss name give pairs of {' '.join(qloss.FLAGS)} and a "
+                        "value")
     try:
-        hyper = {FLAGS[flag][0]: FLAGS[flag][1](value) for flag, value in zip(flags[::2], flags[1::2])}
+        hyper = {qloss.FLAGS[flag][0]: qloss.FLAGS[flag][1](value)
+                 for flag, value in zip(flags[::2], flags[1::2])}
         qloss.variant_hyperparameters(name, **hyper)
     except ValueError as e:
         raise UserError(f"--losses: {spec!r}: {e}") from e
@@ -236,7 +229,7 @@ def parse_loss(spec):
 
 
 def run_name(spec, seed):
-    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-") + f"-seed{seed}"
+    return common.slug(spec) + f"-seed{seed}"
 
 
 def check_config(out, config):
@@ -376,9 +369,7 @@ def metrics_rows(run_dir):
 
 def results_png(results, curves, png):
     """Average@n bars per split (error bars: std over seeds) and each method's training curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, (bars, loss_ax, p_ax) = plt.subplots(1, 3, figsize=(15, 4))
     colour = {label: f"C{i}" for i, label in enumerate(results)}
     x = np.arange(len(SPLITS) + 1)

@@ -5,7 +5,7 @@
            question, then "Please reason step by step, and put your final answer within \\boxed{}."; for
            Llama-3 models its Llama layout), 16 samples at temperature 1.0, the harness's answer extraction,
            and its Average@16: each sample column's accuracy rounded to 0.1, then their mean;
-  medical  the same prompt, greedy, one sample per question (Table 2's numbers are k/N, not Average@16).
+  medical  the same prompt, greedy, one sample per question (benchmarks.TABLE2_SINGLE_SAMPLE).
 --protocol strict is our own: the training system prompt, only the last \\boxed{} counts, n samples
 everywhere, the plain mean of the problems x n matrix. Both stop at the chat template's end-of-turn token
 and the tokenizer's eos, whatever the model's generation config says.
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 # torch, transformers, vLLM and data (which imports torch) are imported inside the functions that run a model:
 # the grading pool's workers re-run this file's imports, and grading needs none of them
-from benchmarks import BENCHMARKS, SUITES, benchmark_specs, load_benchmark, spec, user_message
-from common import UserError, check_model, path, report_user_errors
+from benchmarks import BENCHMARKS, SUITES, TABLE2_SINGLE_SAMPLE, benchmark_specs, load_benchmark, spec, user_message
+from common import UserError, check_model, path, report_user_errors, summary
 from compare import details, notes, table
 from grading import grade_problem, grading_pool, metrics
 
@@ -260,8 +260,8 @@ class Generators:
                 self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
                 return
             except Exception as e:  # a vLLM whose reload_weights takes no weights_path, or a swap that failed
-                print(f"{args.model}: the running engine refused its weights ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); starting a fresh engine", flush=True)
+                print(f"{args.model}: the running engine refused its weights ({summary(e)}); starting a fresh engine",
+                      flush=True)
         self.close()
         self.key, self.max_model_len = key, args.max_model_len
         if args.dp > 1:
@@ -425,8 +425,7 @@ def average_rule(protocol, suite, params):
     """What a benchmark's "average" is, in words, for the table's notes and results.json."""
     if protocol == "paper" and suite == "medical":
         what = "greedy" if params["temperature"] == 0 else f"temperature {params['temperature']}"
-        note = (" (Li et al.'s medical protocol: Table 2's cells are k/N for one sample, though its caption says "
-                "Average@16; --n 16 --temperature 1 gives the caption's)" if params["n"] == 1 else "")
+        note = f" ({TABLE2_SINGLE_SAMPLE})" if params["n"] == 1 else ""
         return f"{what}, {params['n']} sample(s) per question, the plain mean{note}"
     if protocol == "paper":
         return (f"Average@{params['n']} as the Qwen2.5-Math harness reports it: each sample column's accuracy "
@@ -467,7 +466,6 @@ def load_previous(out, info):
     mid-write is dropped: its problem is generated again)."""
     if (out / "results.json").is_file():
         results = json.loads((out / "results.json").read_text())
-        results.setdefault("sampling_mode", "per-request seeds")  # runs from before --reproducible seeded every request
         for key in ("model", "backend", "protocol", "sampling", "sampling_mode", "system_prompt"):
             if results.get(key) != info[key]:
                 raise UserError(f"{out} holds a run with another {key} ({results.get(key)} vs {info[key]}); "

@@ -1,8 +1,8 @@
 """Grading: the answer a response gives, whether it is right, and the metrics over a problems x n matrix.
 
 Math answers are read as the Qwen2.5-Math harness reads them (--protocol paper) or from the last \\boxed{}
-(strict), then checked by math-verify; multiple choice follows m1 and HuatuoGPT-o1. grade_samples runs it in a
-process pool, a timeout per sample. No torch, vLLM or transformers here: eval.py's grading workers load
+(strict), then checked by math-verify; multiple choice follows m1 and HuatuoGPT-o1. eval.py grades a problem
+at a time (grade_problem) in a process pool (grading_pool), a timeout per sample. No torch, vLLM or transformers here: eval.py's grading workers load
 this module and sympy only.
 """
 import logging
@@ -16,7 +16,6 @@ from multiprocessing import get_context
 
 import numpy as np
 from math_verify import parse, verify
-from tqdm import tqdm
 
 # grade_math passes timeout=None to math-verify on purpose (its SIGALRM timeouts clash with the pool's own
 # per-item timeout and fail in threads); math-verify then warns on every call.
@@ -67,7 +66,7 @@ def grade_math(response, answer, protocol="paper"):
     paper: the answer harness_answer reads; strict: only the content of the last \\boxed{} (math-verify's
     own parse would return every box). An answer holding $...$ (prose around math) goes to math-verify as
     it is, anything else as a \\boxed{}, so that a box holding either still parses. No timeout here (works
-    in any thread); grade_samples runs it in processes with a per-item timeout."""
+    in any thread); grade_item runs it in a pool worker with a per-sample timeout."""
     pred = harness_answer(response) if protocol == "paper" else last_boxed(response)
     if not pred or not pred.strip():
         return False
@@ -189,14 +188,6 @@ def grading_pool(workers):
 def grade_problem(samples, item, timeout, protocol):
     """[(correct, timed_out)] of one problem's samples, in one pool worker: a problem is graded as it finishes."""
     return [grade_item((text, item), timeout, protocol) for text, _, _ in samples]
-
-
-def grade_samples(pool, items, samples, timeout, protocol="paper"):
-    """Grade many problems in the pool, one task a problem as eval.py submits them; returns (correct, timed_out)
-    bool arrays shaped problems x n."""
-    pending = [pool.apply_async(grade_problem, (row, item, timeout, protocol)) for item, row in zip(items, samples)]
-    grades = np.array([result.get() for result in tqdm(pending, desc="grade")], dtype=bool)
-    return grades[..., 0], grades[..., 1]
 
 
 # ------------------------------------------------------------------------------------------------- metrics

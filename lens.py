@@ -82,9 +82,7 @@ def report(p_student, p_teacher, label_ids, tokenizer, threshold, top=20):
 
 def figure4(p_student, p_teacher, png, threshold, title, bins=20):
     """P(p_T | p_theta): each column a p_theta bin, coloured by the density of p_T in it (the paper's Fig. 4)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     counts, _, _ = np.histogram2d(p_student, p_teacher, bins=bins, range=[[0, 1], [0, 1]])
     density = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
@@ -174,9 +172,10 @@ def write(out, model, tokenizer, tokens, cache, p_student, threshold=0.5, sample
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", required=True, type=common.path, help="student model: hub id or folder (e.g. train.py's OUT/hf)")
-    p.add_argument("--teacher-cache", required=True, type=common.path, help="teacher top-k cache (teacher_cache.py, or the one "
-                   "train.py built under cache/teacher/)")
+    p.add_argument("--student", required=True, type=common.path,
+                   help="student model: hub id or folder (e.g. train.py's OUT/hf)")
+    p.add_argument("--teacher-cache", required=True, type=common.path, help="teacher top-k cache "
+                   "(teacher_cache.py, or the one train.py built under cache/teacher/)")
     p.add_argument("--out", default="runs/lens", type=common.path)
     p.add_argument("--quadrant-threshold", type=float, default=0.5, help="p_theta(y) and p_T(y) at or above it "
                    "count as high (Figure 4's quadrants, as train.py logs them)")
@@ -184,7 +183,7 @@ def main():
     p.add_argument("--eta", type=float, default=0.5, help="TARGET-SFT's teacher intensity for the residual shown")
     p.add_argument("--max-samples", type=int, default=None, help="only the first N samples (default: all)")
     p.add_argument("--top-tokens", type=int, default=20, help="most frequent tokens listed per quadrant")
-    p.add_argument("--dtype", default="auto", choices=sorted(teacher_cache.DTYPES), help="the student's compute "
+    p.add_argument("--dtype", default="auto", choices=common.DTYPES, help="the student's compute "
                    "dtype (auto: bf16 on GPU, fp32 on CPU); its logits are fp32 either way")
     data.add_options(p)
     common.report_user_errors(p)
@@ -199,7 +198,7 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache, **data.options(args))
     cache = teacher_cache.TeacherCache(args.teacher_cache, data=tokens)  # other token ids: refused
-    model = teacher_cache.load_model(args.student, device, teacher_cache.DTYPES[args.dtype])
+    model = common.load_model(args.student, device, args.dtype)
     p_student = label_probs(model, tokens, args.max_samples)
     if rank == 0:
         inputs = {**{k: v for k, v in vars(args).items() if k != "out"}, "teacher": cache.meta["teacher"]}

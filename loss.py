@@ -168,6 +168,9 @@ NEEDS_TOPK = {"kl", "asft", "distill", "target"}    # read a cache's top-k ids a
 NEEDS_TEACHER = NEEDS_TOPK | {"psft"}                # read a cache at all (psft: its label log-probs)
 REFERENCE_LOSSES = {"kl", "asft", "psft"}            # whose cache is a reference model's (--ref-cache)
 NEEDS_WEIGHTS = {"weighted"}                         # read label weights from the data
+# train.py's flag for each hyperparameter of the rules: (the rules' keyword, its type)
+FLAGS = {"--eta": ("eta", float), "--c": ("c", float), "--alpha": ("alpha", float), "--tau": ("tau", float),
+         "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float), "--eps": ("eps", float)}
 
 
 def variant_hyperparameters(loss, eta=0.5, c=None, **variant_kwargs):
@@ -530,9 +533,8 @@ def print_table5():
 
 def plot_figure3(path):
     """Figure 3 for every variant: Q(y) and Q(k) for a non-observed k as p_y sweeps (0, 1), the other logits fixed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from common import pyplot
+    plt = pyplot()
     z = torch.tensor(STUDENT, dtype=torch.float64).repeat(199, 1)
     others = z[0].clone()
     others[LABEL] = -math.inf
@@ -578,6 +580,7 @@ def plot_figure3(path):
 if __name__ == "__main__":
     from common import path
     cli = argparse.ArgumentParser(description="Table 5 computed on a worked example, or Figure 3 for every variant")
-    cli.add_argument("--plot", metavar="FILE.png", type=path, help="draw Figure 3 for every variant instead of printing the table")
+    cli.add_argument("--plot", metavar="FILE.png", type=path,
+                     help="draw Figure 3 for every variant instead of printing the table")
     cli_args = cli.parse_args()
     plot_figure3(cli_args.plot) if cli_args.plot else print_table5()

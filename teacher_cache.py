@@ -24,11 +24,9 @@ from its done batches, and a partial cache is never taken for a complete one. Ba
 alone (not by the number of ranks or the resume point), so every build of the same inputs is byte-identical.
 """
 import argparse
-import gc
 import hashlib
 import json
 import os
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,7 +37,7 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 import common
 from common import UserError
@@ -93,8 +91,8 @@ def sample_hash(data, i):
 
 
 class TeacherCache:
-    """Read-only view of a complete cache. cache[i] -> (ids [T_i, k] long, logprobs [T_i, k] float32,
-    label_logprobs [T_i] float32) for sample i's label positions; O(1) to find, decoding only that slice."""
+    """Read-only view of a complete cache: rows(sample_ids) decodes those samples' label positions alone, found in
+    O(1) through offsets.npy."""
 
     def __init__(self, path, data=None, k=None):
         self.path = Path(path)
@@ -114,7 +112,7 @@ class TeacherCache:
         except (ValueError, OSError) as e:
             raise UserError(f"{self.path}: a file is truncated or unreadable ({e}); rebuild the cache") from e
         labels = int(self.offsets[-1])
-        entry = self.meta.get("entry", "int32")  # caches from before int64 entries have no key
+        entry = self.meta["entry"]
         if (self.packed.dtype != np.dtype(entry) or self.packed.shape != (labels, self.meta["k"])
                 or self.label_logprobs.dtype != np.float32 or self.label_logprobs.shape != (labels,)
                 or len(self) != self.meta["samples"]):
@@ -127,9 +125,6 @@ class TeacherCache:
 
     def __len__(self):
         return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        return self.rows([i])
 
     def rows(self, sample_ids, device="cpu"):
         """(ids [n, k] long, logprobs [n, k] float32, label_logprobs [n] float32) of these samples' label
@@ -361,27 +356,6 @@ def merge(partial, spans, plan):
     label_logprobs.flush()
 
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype of teacher_cache.py and lens.py
-
-
-def load_model(name, device, dtype=None):
-    """A model to score packed rows with (the teacher here, the student in lens.py): in `dtype`, by default bf16
-    on GPU and fp32 on CPU (the logits are fp32 either way: loss.logits_fp32); flash-attn varlen where it can
-    run, else sdpa (both honour packed rows). Says which on rank 0."""
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    attention, why = common.attention_implementation(device, dtype)
-    if common.rank_and_world()[0] == 0:
-        print(f"{name}: {str(dtype).removeprefix('torch.')}, attention: {attention} ({why})", flush=True)
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention).to(device).eval()
-
-
-def free(model):
-    """Give a model's memory back before the next one loads (train.py's student after its teacher)."""
-    model.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
 
 @contextmanager
 def exclusive(path, poll_seconds=60):
@@ -416,21 +390,21 @@ def exclusive(path, poll_seconds=60):
             lock.release()
 
 
-def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8192, flush_every=16, dtype=None):
+def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8192, flush_every=16, dtype="auto"):
     """teacher_cache.py's whole job, and train.py's when it builds its own cache: `teacher` (a name or folder)
     scores `data`, tokenised with `tokenizer` (the student's), into `out`. A complete cache is checked and
     reused without loading the teacher; otherwise every rank loads it, builds (or finishes) the cache, and
-    frees it. One run at a time (exclusive). dtype: the teacher's compute dtype (load_model's default)."""
+    frees it. One run at a time (exclusive). dtype: the teacher's compute dtype (common.load_model's --dtype)."""
     with exclusive(out):
         model = None
         if not (Path(out) / "meta.json").exists():
             check_vocabularies(AutoTokenizer.from_pretrained(teacher), tokenizer,
                                AutoConfig.from_pretrained(teacher).vocab_size)
-            model = load_model(teacher, device, dtype)
+            model = common.load_model(teacher, device, dtype)
         build(model, data, out, k=k, batch_tokens=batch_tokens, teacher_name=teacher,
               tokenizer_fingerprint=data_lib.tokenizer_fingerprint(tokenizer), flush_every=flush_every)
         if model is not None:
-            free(model)
+            common.free(model)
 
 
 def auto_path(teacher, student, source, k=TOP_K, **data_options):
@@ -440,10 +414,8 @@ def auto_path(teacher, student, source, k=TOP_K, **data_options):
     key = json.dumps({"teacher": teacher, "student": student, "data": str(source), "k": k, **data_options},
                      sort_keys=True)
     digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
-
-    def slug(text):
-        return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
-    name = f"{slug('-'.join(Path(teacher).parts[-2:]))}--{slug(Path(str(source)).name)}--top{k}-{digest}"
+    name = (f"{common.slug('-'.join(Path(teacher).parts[-2:]))}--{common.slug(Path(str(source)).name)}"
+            f"--top{k}-{digest}")
     return Path("cache") / "teacher" / name
 
 
@@ -451,12 +423,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, type=common.path, help="teacher (or reference) model name or folder")
     p.add_argument("--out", required=True, type=common.path, help="cache folder to write")
-    p.add_argument("--tokenizer", type=common.path, help="the student's tokenizer (default: the teacher's); the ids train.py sees")
+    p.add_argument("--tokenizer", type=common.path,
+                   help="the student's tokenizer (default: the teacher's); the ids train.py sees")
     p.add_argument("--k", type=int, default=TOP_K)
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per packed teacher forward")
     p.add_argument("--flush-every", type=int, default=16, help="batches between flushes to disk (a killed build "
                    "redoes at most this many per rank)")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="the teacher's compute dtype (auto: bf16 "
+    p.add_argument("--dtype", default="auto", choices=common.DTYPES, help="the teacher's compute dtype (auto: bf16 "
                    "on GPU, fp32 on CPU); its logits are fp32 either way")
     data_lib.add_options(p, source=None)
     common.report_user_errors(p)
@@ -470,7 +443,7 @@ def main():
     student_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
     data = data_lib.tokenize_dataset(args.data, student_tok, cache_dir=args.data_cache, **data_lib.options(args))
     build_by_name(args.teacher, student_tok, data, args.out, device, k=args.k, batch_tokens=args.batch_tokens,
-                  flush_every=args.flush_every, dtype=DTYPES[args.dtype])
+                  flush_every=args.flush_every, dtype=args.dtype)
     common.stop_distributed()
 
 

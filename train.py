@@ -52,7 +52,8 @@ import teacher_cache
 # ----------------------------------------------------------------------------------------------------
 # Config: the paper's setup (Appendix A, Table 3)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", type=common.path, help="HF id or local folder of the student")
+parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", type=common.path,
+                    help="HF id or local folder of the student")
 parser.add_argument("--teacher", type=common.path, help="target, distill: the teacher (hub id or folder) whose top-64 "
                     "cache is built under cache/teacher/ when no --teacher-cache is given (default: the paper's "
                     "teacher of --model, teacher_cache.PAPER_TEACHERS)")
@@ -127,9 +128,7 @@ if SAVING:
 
 def plot_metrics(metrics_path, png_path, run_label):
     """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     panels = [  # (title with units, keys drawn in it)
         ("loss (nats / label token)", ("loss",)),
         ("grad norm (L2, all parameters)", ("grad_norm",)),
@@ -176,9 +175,9 @@ def plot_metrics(metrics_path, png_path, run_label):
 # Setup: checks first (one `error:` line each, before the process group and any download), then distributed,
 # data, teacher cache, model, optimiser
 
-variant_kwargs = {name: value for name, value in {"alpha": args.alpha, "tau": args.tau, "k": args.eaft_k,
-                                                   "lam": args.lam, "beta": args.beta, "eps": args.eps}.items()
-                  if value is not None}
+flag_values = {keyword: vars(args)[flag[2:].replace("-", "_")] for flag, (keyword, _) in qloss.FLAGS.items()}
+variant_kwargs = {keyword: value for keyword, value in flag_values.items() if keyword not in ("eta", "c")
+                  and value is not None}
 try:
     qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
 except ValueError as e:
@@ -250,7 +249,7 @@ cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qlos
 if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
     print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "
           f"model --model {args.model}; build it with teacher_cache.py --teacher {args.model} unless that is meant")
-sampler = data.Sampler(len(tokens), args.seed, rank, world_size)
+sampler = data.Sampler(len(tokens), args.seed, world_size)
 lengths, label_counts = np.diff(tokens.offsets), tokens.label_counts()
 steps_per_epoch = len(tokens) // args.global_batch_size
 total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)

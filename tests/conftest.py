@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import demo  # noqa: E402
 import teacher_cache  # noqa: E402
+from tiny import save_tiny  # noqa: E402
 
 # vLLM's engine core in the process that starts it, not in two more processes of its own (the engine core's and
 # its worker's), each importing vLLM again (about 10 CPU s here): a third of every engine start in the suite. The
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
     """train.py's and lens.py's world: a student, a teacher (another seed), 32 arithmetic samples of varied
     length (with CFT-style label weights), their tokenisation and the teacher's top-8 cache."""
     root = tmp_path_factory.mktemp("train")
-    student, teacher = demo.save_tiny(root / "student", seed=0), demo.save_tiny(root / "teacher", seed=1)
+    student, teacher = save_tiny(root / "student", seed=0), save_tiny(root / "teacher", seed=1)
     rng = random.Random(0)
     lines = []
     for _ in range(32):

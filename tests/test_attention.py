@@ -125,7 +125,7 @@ def test_the_cache_build_and_the_lens_pass_the_varlen_arguments(setup, recording
     plain = AutoModelForCausalLM.from_pretrained(setup / "teacher", attn_implementation="eager")
     for i in (0, 13, len(tokens) - 1):  # each sequence of a packed row as if run alone
         logprobs, labels = alone(plain, tokens, i)
-        assert np.allclose(cache[i][2].double(), logprobs.gather(1, labels[:, None]).squeeze(1), atol=2e-6)
+        assert np.allclose(cache.rows([i])[2].double(), logprobs.gather(1, labels[:, None]).squeeze(1), atol=2e-6)
 
     recording_attention.clear()
     student = AutoModelForCausalLM.from_pretrained(setup / "student", attn_implementation="recording")

@@ -88,22 +88,20 @@ def test_messages_rows_and_unknown_sources(tok, tmp_path):
 
 def test_sampler_shards_evenly_and_resumes():
     n, world = 23, 3
-    samplers = [data.Sampler(n, seed=5, rank=r, world_size=world) for r in range(world)]
-    epoch0 = [s.take(len(s)) for s in samplers]
-    assert all(len(e) == n // world for e in epoch0)
-    flat = sum(epoch0, [])
-    assert len(set(flat)) == len(flat) == n - n % world  # disjoint; the remainder is dropped
-    epoch1 = [s.take(len(s)) for s in samplers]
-    assert epoch1 != epoch0 and all(s.state_dict() == {"epoch": 2, "position": 0} for s in samplers)
-
-    straight = data.Sampler(n, seed=5, rank=1, world_size=world)
-    expected = straight.take(5) + straight.take(9) + straight.take(4)  # crosses into epoch 1
-    interrupted = data.Sampler(n, seed=5, rank=1, world_size=world)
-    head = interrupted.take(5)
-    resumed = data.Sampler(n, seed=5, rank=1, world_size=world)
+    sampler = data.Sampler(n, seed=5, world_size=world)
+    epochs = [sampler.take_global(len(sampler)) for _ in range(2)]
+    for epoch, dealt in enumerate(epochs):  # the seeded shuffle, cut to a multiple of world, dealt round-robin
+        order = np.random.default_rng([5, epoch]).permutation(n)[:n - n % world]
+        assert dealt == [order[r::world].tolist() for r in range(world)]
+    assert epochs[0] != epochs[1] and sampler.state_dict() == {"epoch": 2, "position": 0}
+    straight = data.Sampler(n, seed=5, world_size=world)
+    expected = [a + b + c for a, b, c in zip(*(straight.take_global(k) for k in (5, 9, 4)))]  # into epoch 1
+    interrupted = data.Sampler(n, seed=5, world_size=world)
+    head = interrupted.take_global(5)
+    resumed = data.Sampler(n, seed=5, world_size=world)
     resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
-    assert head + resumed.take(9) + resumed.take(4) == expected
-    assert expected[:14] == epoch0[1] + epoch1[1]
+    assert [h + a + b for h, a, b in zip(head, resumed.take_global(9), resumed.take_global(4))] == expected
+    assert [e[:14] for e in expected] == [a + b for a, b in zip(*epochs)]
 
 
 def test_packing_and_padding_leak_nothing(tok, math16):
@@ -115,8 +113,7 @@ def test_packing_and_padding_leak_nothing(tok, math16):
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                        use_cache=False).logits[0]
         padded = data.pad_batch(math16, ids)
-        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                              use_cache=False).logits
+        padded_logits = model(input_ids=padded["input_ids"], use_cache=False).logits  # causal: no mask needed
         start = 0
         for row, i in enumerate(ids):
             alone = torch.from_numpy(math16.input_ids(i).astype(np.int64))[None]
@@ -127,7 +124,7 @@ def test_packing_and_padding_leak_nothing(tok, math16):
             assert packed["position_ids"][0, start:start + n].tolist() == list(range(n))
             assert (packed["labels"][0, start:start + n].numpy() == math16.labels(i)).all()
             assert (padded["labels"][row, :n].numpy() == math16.labels(i)).all()
-            assert (padded["labels"][row, n:] == -100).all() and padded["attention_mask"][row].sum() == n
+            assert (padded["labels"][row, n:] == -100).all() and not padded["input_ids"][row, n:].any()
             start += n
     assert start == packed["input_ids"].shape[1]
 
@@ -140,13 +137,14 @@ def test_a_tokenizer_without_chat_template_is_refused_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_take_global_is_every_ranks_take_and_resumes():
+def test_take_global_crosses_epochs_and_resumes():
     n, world = 23, 3
     everyone = data.Sampler(n, seed=5, world_size=world)
     steps = [everyone.take_global(4) for _ in range(3)]  # 12 per rank: crosses into epoch 1
+    whole = data.Sampler(n, seed=5, world_size=world)
+    epochs = [whole.take_global(len(whole)) for _ in range(2)]
     for r in range(world):
-        alone = data.Sampler(n, seed=5, rank=r, world_size=world)
-        assert [alone.take(4) for _ in range(3)] == [step[r] for step in steps]
+        assert sum((step[r] for step in steps), []) == (epochs[0][r] + epochs[1][r])[:12]
     resumed = data.Sampler(n, seed=5, world_size=world)
     resumed.take_global(4)
     again = data.Sampler(n, seed=5, world_size=world)

@@ -182,18 +182,18 @@ def test_the_grading_timeout_counts_cpu_time_not_waiting(monkeypatch):
     assert grading.grade_item(job, timeout=0.1, protocol="paper") == (False, True)
 
 
-def test_grade_samples_pool_keeps_order_and_counts_timeouts():
+def test_the_grading_pool_grades_a_problem_a_task_and_counts_timeouts():
     items = [{"answer": "5", "options": None}, {"answer": "B", "options": OPTIONS}]
     samples = [[("\\boxed{5}", 3, False), ("\\boxed{6}", 3, False)],
                [("\\boxed{A}", 3, False), ("the answer is (B)", 5, False)]]
-    with grading.grading_pool(2) as pool:
-        correct, timed_out = grading.grade_samples(pool, items, samples, timeout=10.0)
-        assert correct.tolist() == [[True, False], [False, True]]
-        assert not timed_out.any()
-        slow = [[(f"\\boxed{{{SLOW_SUM}}}", 3, False)] * 2]
-        correct, timed_out = grading.grade_samples(pool, [{"answer": SLOW_SUM_REVERSED, "options": None}], slow,
-                                                   timeout=0.05)
-        assert timed_out.all() and not correct.any()
+    with grading.grading_pool(2) as pool:  # as eval.py submits them
+        pending = [pool.apply_async(grading.grade_problem, (row, item, 10.0, "paper"))
+                   for item, row in zip(items, samples)]
+        assert [result.get() for result in pending] == [[(True, False), (False, False)],
+                                                        [(False, False), (True, False)]]
+        slow = [(f"\\boxed{{{SLOW_SUM}}}", 3, False)] * 2
+        assert pool.apply(grading.grade_problem, (slow, {"answer": SLOW_SUM_REVERSED, "options": None}, 0.05,
+                                                  "paper")) == [(False, True)] * 2
 
 
 def test_pass_at_k_and_average_by_hand():

@@ -22,6 +22,7 @@ import eval as evaluation
 import grading
 from common import UserError
 from conftest import hub_snapshot
+from tiny import save_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -30,14 +31,14 @@ BENCHMARKS = f"math500={DATA}/math500.jsonl,amc23={DATA}/amc23.jsonl,medqa={DATA
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return str(demo.save_tiny(tmp_path_factory.mktemp("tiny")))
+    return str(save_tiny(tmp_path_factory.mktemp("tiny")))
 
 
 def save_base_like(path):
     """A stand-in for an untrained base model: it answers <|im_end|> at every step, while its tokenizer's eos,
     config and generation config name <|endoftext|> (as Qwen2.5 base models do). Only a stop at the chat
     template's end-of-turn token ends its answer after one token; without it, it runs to max_tokens."""
-    path = demo.save_tiny(path)
+    path = save_tiny(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -131,7 +132,7 @@ def test_several_models_share_an_engine_and_sample_as_if_alone(tmp_path):
     fewer) gets a new one. Each model's samples equal those of an eval.py run on it alone: every request carries
     its own seed, on CPU too. The three run in vLLM's default layout (the engine core and its worker in processes
     of their own, as on a GPU), the one alone in the suite's (conftest.py): the layout changes no sample."""
-    a, b = demo.save_tiny(tmp_path / "a" / "hf", seed=0), demo.save_tiny(tmp_path / "b" / "hf", seed=1)
+    a, b = save_tiny(tmp_path / "a" / "hf", seed=0), save_tiny(tmp_path / "b" / "hf", seed=1)
     tok = demo.make_tokenizer()
     c = demo.save_model(tmp_path / "c" / "hf", tok, demo.make_model(tok, layers=1, seed=2))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -241,7 +242,7 @@ def test_a_killed_eval_keeps_its_finished_problems_and_resumes_to_the_same_sampl
 
 
 def test_a_model_without_chat_template_fails_before_generation(tmp_path):
-    model = demo.save_tiny(tmp_path / "tiny")
+    model = save_tiny(tmp_path / "tiny")
     (model / "chat_template.jinja").unlink()
     with pytest.raises(UserError, match="has no chat template"):
         evaluation.main(["--model", str(model), "--backend", "hf", "--out", str(tmp_path / "run"),

@@ -1,7 +1,6 @@
 """lens.py: Figure 4's quadrants hand-checked and as train.py logs them, the whole data set's counts, the
 shares train.py logs at a step that holds the whole data set, tokens.html, sharding over ranks, refusals."""
 import json
-import os
 import re
 import subprocess
 import sys

@@ -67,7 +67,7 @@ def test_the_cache_is_a_float64_forward_of_the_same_ids(pipeline, float64):
     cache = teacher_cache.TeacherCache(root / "cache", tokens, 64)
     high = []
     for i, (direct, labels) in enumerate(float64):
-        ids, logprobs, label_logprobs = cache[i]
+        ids, logprobs, label_logprobs = cache.rows([i])
         torch.testing.assert_close(label_logprobs.double(), direct.gather(1, labels[:, None])[:, 0], atol=2e-4,
                                    rtol=0)
         tol = 2e-4 + direct.abs().max() * 2.0 ** -11  # fp32 compute, then fp16's precision in storage
@@ -88,7 +88,7 @@ def test_step_one_with_the_model_as_its_own_teacher(pipeline, float64):
     cache = teacher_cache.TeacherCache(root / "cache", tokens, 64)
     total, count = 0.0, 0
     for i, (logp, labels) in enumerate(float64):
-        ids, logprobs, _ = cache[i]
+        ids, logprobs, _ = cache.rows([i])
         p_y = logp.gather(1, labels[:, None])[:, 0].exp()
         logp_ids = logp.gather(1, ids)
         res = (0.5 * logp_ids + 0.5 * logprobs.double().log_softmax(-1)).softmax(-1)

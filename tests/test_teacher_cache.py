@@ -16,6 +16,7 @@ import demo
 import teacher_cache as tc
 from common import UserError
 from conftest import MATH16, alone, outside_any_world
+from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 16
@@ -42,7 +43,7 @@ def test_cached_topk_is_the_teachers_topk_at_label_positions(built, math16, teac
     cache = tc.TeacherCache(built, math16, K)
     assert len(cache) == len(math16)
     for i in range(len(math16)):
-        ids, logprobs, label_logprobs = cache[i]
+        ids, logprobs, label_logprobs = cache.rows([i])
         direct, labels = alone(teacher, math16, i)
         assert ids.shape == logprobs.shape == (math16.label_counts()[i], K)
         assert label_logprobs.shape == (math16.label_counts()[i],) and label_logprobs.dtype == torch.float32
@@ -195,14 +196,14 @@ def test_other_data_k_or_token_ids_are_refused(built, math16, tok, tmp_path):
 def test_teacher_rows_line_up_with_packed_and_padded_label_positions(built, math16):
     cache = tc.TeacherCache(built, math16, K)
     sample_ids = [9, 2, 14]
-    expected_ids = torch.cat([cache[i][0] for i in sample_ids])
+    expected_ids = torch.cat([cache.rows([i])[0] for i in sample_ids])
     for batch in (data.pack(math16, sample_ids), data.pad_batch(math16, sample_ids)):
         ids, logprobs, label_logprobs = tc.teacher_rows(cache, batch, "cpu")
         assert ids.dtype == torch.long and logprobs.dtype == label_logprobs.dtype == torch.float32
         assert torch.equal(ids, expected_ids)
         assert len(ids) == len(label_logprobs) == (batch["labels"].view(-1) != -100).sum()
-        torch.testing.assert_close(logprobs, torch.cat([cache[i][1] for i in sample_ids]))
-        assert torch.equal(label_logprobs, torch.cat([cache[i][2] for i in sample_ids]))
+        torch.testing.assert_close(logprobs, torch.cat([cache.rows([i])[1] for i in sample_ids]))
+        assert torch.equal(label_logprobs, torch.cat([cache.rows([i])[2] for i in sample_ids]))
     with pytest.raises(ValueError, match="label positions"):
         tc.teacher_rows(cache, {**data.pack(math16, sample_ids), "sample_ids": [9, 2, 13]}, "cpu")
 
@@ -214,7 +215,7 @@ def test_top64_cache_fits_272_bytes_per_label_token(math16, teacher, tmp_path):
     labels = int(math16.label_counts().sum())
     print(f"{total / labels:.1f} bytes per label token over {labels} label tokens")
     assert total / labels <= 272
-    assert len(tc.TeacherCache(tmp_path / "k64", math16, 64)[0]) == 3
+    assert len(tc.TeacherCache(tmp_path / "k64", math16, 64).rows([0])) == 3
 
 
 def test_vocabularies_must_match():
@@ -255,7 +256,7 @@ def test_ids_past_18_bits_keep_their_value_precision(tok, tmp_path, vocab_size, 
     cache = tc.TeacherCache(tmp_path / "cache", two, 4)
     assert cache.packed.dtype == np.dtype(entry)
     for i in range(len(two)):
-        got_ids, logprobs, label_logprobs = cache[i]
+        got_ids, logprobs, label_logprobs = cache.rows([i])
         direct, labels = alone(teacher, two, i)
         assert (got_ids[:, :3] == torch.tensor(ids)).all()
         tol = 1e-5 + direct.abs().max() * 2.0 ** -11  # fp16's precision, as for 18-bit ids
@@ -269,7 +270,7 @@ def test_ids_past_18_bits_keep_their_value_precision(tok, tmp_path, vocab_size, 
 def test_two_rank_builds_whole_or_killed_and_resumed_equal_a_one_rank_build(tmp_path):
     """torchrun with 2 ranks gives the 1-rank cache byte for byte, also when SIGKILL stops it midway and the same
     command finishes it; before the merge, each rank has written only chunk files of its own batches."""
-    teacher = demo.save_tiny(tmp_path / "teacher", seed=1)
+    teacher = save_tiny(tmp_path / "teacher", seed=1)
     rows = (tmp_path / "math64.jsonl")
     rows.write_text(MATH16.read_text() * 4)  # 20 batches: time to kill the build midway
     env = outside_any_world(OMP_NUM_THREADS="1")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import common
 import data
 import demo
 import loss as qloss
@@ -25,6 +26,7 @@ import teacher_cache
 from checkpoint import checkpoint_dirs
 from common import UserError
 from conftest import hub_snapshot, outside_any_world
+from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
@@ -225,13 +227,6 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_not_run(setup, monkeypatch,
     (checkpoint,) = checkpoint_dirs(setup / "planted")
     assert json.loads((checkpoint / "trainer_rank0.json").read_text())["step"] == 1  # JSON, not a pickle
     marker = tmp_path / "ran"
-    # the trainer state of an earlier train.py (trainer_rank0.pt, pickled): one line naming the fix
-    (checkpoint / "trainer_rank0.json").rename(tmp_path / "state.json")
-    (checkpoint / "trainer_rank0.pt").write_bytes(pickle.dumps(Planted(marker)))
-    with pytest.raises(UserError, match="trainer_rank.*pt, the pickled trainer state of an earlier train.py"):
-        run_in_process([*args, "--resume"], monkeypatch)
-    (checkpoint / "trainer_rank0.pt").unlink()
-    (tmp_path / "state.json").rename(checkpoint / "trainer_rank0.json")
     # DCP's own metadata is a pickle: read through an allowlist
     (checkpoint / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
     with pytest.raises(UserError, match=r"names posix.system, which a checkpoint written by train.py never does"):
@@ -338,7 +333,7 @@ def test_weighted_loss_reads_the_datas_weights(setup, monkeypatch):
 
 def test_export_stops_generation_at_the_end_of_turn(setup, monkeypatch):
     """A base model's eos is <|endoftext|>; SFT taught it to close its turn with <|im_end|>: both must stop."""
-    base = demo.save_tiny(setup / "base_student")
+    base = save_tiny(setup / "base_student")
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.eos_token = "<|endoftext|>"
     tokenizer.save_pretrained(base)
@@ -353,7 +348,7 @@ def test_export_stops_generation_at_the_end_of_turn(setup, monkeypatch):
 
 def test_tied_embeddings_train_through_the_shared_weight(setup, monkeypatch):
     """With tie_word_embeddings the lm_head is the embedding: the loss's grad_weight must reach it."""
-    tied = demo.save_tiny(setup / "tied_student", tie=True)
+    tied = save_tiny(setup / "tied_student", tie=True)
     run_in_process(train_args(setup, "tied", "--model", str(tied), "--loss", "sft", "--micro-batch-size", "8",
                               "--max-steps", "2"), monkeypatch)
     before = AutoModelForCausalLM.from_pretrained(tied)
@@ -432,18 +427,18 @@ def test_a_second_method_reuses_the_cache_and_changed_data_is_refused(setup, cli
     monkeypatch.chdir(tmp_path)
     run_in_process(auto_args(setup, tmp_path / "target", "--teacher", str(setup / "teacher")), monkeypatch)
     (folder,) = cache_folders(tmp_path)
-    before, load_model = stamps(folder), teacher_cache.load_model
+    before, load_model = stamps(folder), common.load_model
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded for a complete cache")
-    monkeypatch.setattr(teacher_cache, "load_model", no_teacher)
+    monkeypatch.setattr(common, "load_model", no_teacher)
     run_in_process(auto_args(setup, tmp_path / "distill", "--loss", "distill", "--teacher", str(setup / "teacher")),
                    monkeypatch)
     assert cache_folders(tmp_path) == [folder] and stamps(folder) == before  # not one file rewritten
     assert files(folder) == files(cli_cache)
     assert metrics(tmp_path, "distill")[0]["p_teacher_label"] == metrics(tmp_path, "target")[0]["p_teacher_label"]
     # the same inputs by name, other contents: the data file changed since its cache was built
-    monkeypatch.setattr(teacher_cache, "load_model", load_model)
+    monkeypatch.setattr(common, "load_model", load_model)
     edited = tmp_path / "train.jsonl"
     edited.write_text((setup / "train.jsonl").read_text().replace("answer is", "result is"))
     run_in_process(auto_args(setup, tmp_path / "edited-1", "--data", str(edited), "--teacher", str(setup / "teacher")),
@@ -650,7 +645,7 @@ def test_first_step_loss_is_the_pretrained_models_cross_entropy(setup, monkeypat
     model = AutoModelForCausalLM.from_pretrained(setup / "student")
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in data.Sampler(len(tokens), seed=0).take(8):
+        for i in data.Sampler(len(tokens), seed=0).take_global(8)[0]:
             logits = model(torch.from_numpy(tokens.input_ids(i).astype("int64"))[None]).logits[0].double()
             labels = torch.from_numpy(tokens.labels(i))
             total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
@@ -669,7 +664,7 @@ def test_model_flops_charge_the_lm_head_to_label_tokens_only(setup, one_process)
                                    max_len=256, cache_dir=setup / "tokenized")
     sampler = data.Sampler(len(tokens), seed=0)
     for step in one_process:
-        ids = sampler.take(8)
+        (ids,) = sampler.take_global(8)
         lengths = [len(tokens.input_ids(j)) for j in ids]
         labels = sum(int((tokens.labels(j) != -100).sum()) for j in ids)
         flops = 6 * body * sum(lengths) + 6 * v * h * labels + 6 * layers * h * sum(n * n for n in lengths)
