@@ -102,9 +102,9 @@ def loss_step(impl, variant, hidden, weight, labels, *side):
     """One forward and backward ("matmuls": its three products alone); leaves .grad on hidden and weight."""
     hidden.grad = weight.grad = None
     if impl == "chunked":
-        value = L.q_target_loss(hidden, weight, labels, *side, loss=variant)
+        value, _ = L.q_target_loss(hidden, weight, labels, L.Side(*side), loss=variant)
     elif impl == "naive":
-        value = L.reference_q_target_loss(hidden @ weight.T, labels, *side, loss=variant)
+        value = L.reference_q_target_loss(hidden @ weight.T, labels, L.Side(*side), loss=variant)
     elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         labelled = labels != -100  # given the labelled rows only, like the chunked loss, and an fp32 grad_weight
@@ -238,7 +238,7 @@ def bench_grad(*, tiny):
     for part in rows.split(chunk):  # float64 autograd of Table 4's form, a chunk of rows at a time
         z = (hidden_rows[part].double() @ head.T).requires_grad_(True)
         part_side = [t[part].double() if t.is_floating_point() else t[part] for t in side]
-        value = L.reference_q_target_loss(z, labels[part], *part_side, loss="target", normalizer=len(rows))
+        value = L.reference_q_target_loss(z, labels[part], L.Side(*part_side), loss="target", normalizer=len(rows))
         (grad_z,) = torch.autograd.grad(value, z)
         exact += grad_z.T @ hidden_rows[part].double()
         per_chunk_bf16 += (grad_z.bfloat16().T @ hidden_rows[part]).float()  # a bf16 matmul output, as before

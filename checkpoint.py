@@ -27,7 +27,7 @@ from common import UserError
 # validated on their own); micro-batching and layout too, since the normaliser is the step's global label count
 RUN_CONTROL = {"resume", "stop_after", "save_every", "save_minutes", "keep", "export_on_save", "wandb",
                "activation_checkpointing", "data_cache", "teacher_cache", "ref_cache", "micro_batch_size",
-               "micro_batch_tokens", "layout", "accumulate_unsharded", "loss_chunk_size", "quadrant_threshold"}
+               "micro_batch_tokens", "layout", "loss_chunk_size", "quadrant_threshold"}
 
 
 class MetadataReader(dcp.FileSystemReader):
@@ -84,18 +84,18 @@ def model_identity(name, config):
 
 
 def load_pretrained(model, name):
-    """Rank 0 reads the weights once and broadcasts them into every rank's shards: host RAM holds one full
-    fp32 copy, not one per GPU (8 x 30 GB at 7B)."""
+    """The pretrained weights into the trained module's shards (train.QTargetLM: the model under `.lm`). Rank 0
+    reads them once and broadcasts them: host RAM holds one full fp32 copy, not one per GPU (8 x 30 GB at 7B)."""
     rank = dist.get_rank()
     full = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32) if rank == 0 else None
-    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
+    set_model_state_dict(model, {f"lm.{k}": v for k, v in full.state_dict().items()} if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer_name, buffer in model.named_buffers():  # not in the state dict (rotary inv_freq), left empty by to_empty
         if rank == 0:
-            buffer.copy_(full.get_buffer(buffer_name))
+            buffer.copy_(full.get_buffer(buffer_name.removeprefix("lm.")))
         dist.broadcast(buffer, src=0)
     if rank == 0:
-        model.generation_config = full.generation_config  # export_hf (rank 0) writes it
+        model.lm.generation_config = full.generation_config  # export_hf (rank 0) writes it
 
 
 def trainer_state(step, scheduler, sampler, model_id, args):
@@ -147,7 +147,7 @@ def read_trainer_state(path, args):
 
 def load(path, model, optimizer, state, scheduler, sampler):
     """Model and optimiser shards in place, then the schedule, the sampler and the RNG where they stood."""
-    if state["model"] != model_identity(state["args"]["model"], model.config):
+    if state["model"] != model_identity(state["args"]["model"], model.lm.config):
         raise UserError(f"{path} holds {state['model']}, not --model {state['args']['model']} as that folder is now")
     model_state, optim_state = get_state_dict(model, optimizer)
     shards = {"model": model_state, "optim": optim_state}
@@ -161,8 +161,10 @@ def load(path, model, optimizer, state, scheduler, sampler):
 
 
 def export_hf(path, model, tokenizer, dtype, end_of_turn):
-    """A folder transformers and vLLM load directly: safetensors, config, tokenizer, generation config."""
+    """The trained module's model as a folder transformers and vLLM load directly: safetensors, config, tokenizer,
+    generation config."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model = model.lm
     if dist.get_rank() == 0:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,7 +173,8 @@ def export_hf(path, model, tokenizer, dtype, end_of_turn):
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         model.generation_config.eos_token_id = sorted(set(eos) | {end_of_turn})
-        model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()}, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v.to(dtype) for k, v in state.items()},
+                              safe_serialization=True)
         model.config.dtype = dtype  # save_pretrained records the fp32 master weights' dtype; vLLM's "auto" reads it
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -57,8 +57,23 @@ def label_probs(model, tokens, count=None, batch_tokens=8192):
 
 
 def quadrant_of(p_student, p_teacher, threshold):
-    """Each label token's quadrant, an index into loss.QUADRANTS, exactly as train.py logs them."""
+    """Each label token's quadrant, an index into loss.QUADRANTS, as train.py logs them (label_sums)."""
     return qloss.quadrant(torch.as_tensor(p_student), torch.as_tensor(p_teacher), threshold).numpy()
+
+
+def label_sums(per_row, label_ids, cache_ids, threshold):
+    """What train.py logs of a micro-batch's labels, as sums (a step's means divide them by its label count), from
+    q_target_loss's PerRow values: p_theta(y), Table 5's gamma (trust) and the residual weight b; with a cache, the
+    labels in its top-k (in_topk), its own p(y) (p_teacher_label) and Figure 4's quadrants as quadrant_of counts."""
+    sums = {"p_label": per_row.p_label.sum(), "trust": qloss.trust(per_row.a, per_row.b).sum(),
+            "residual": per_row.b.sum()}
+    if cache_ids is not None:
+        sums["in_topk"] = (cache_ids == label_ids[:, None]).any(-1).sum()
+    if per_row.p_cached_label is not None:
+        sums["p_teacher_label"] = per_row.p_cached_label.sum()
+        index = qloss.quadrant(per_row.p_label, per_row.p_cached_label, threshold)
+        sums.update({name: (index == k).sum() for k, name in enumerate(qloss.QUADRANTS)})
+    return sums
 
 
 def shares(p_student, p_teacher, threshold):
@@ -129,7 +144,7 @@ def tokens_html(model, tokenizer, tokens, cache, p_student, p_teacher, path, thr
         teacher_ids, teacher_logprobs, _ = cache.rows([i], device)
         q = qloss.RULES["target"](z, z.logsumexp(-1), labels[rows], qloss.Side(teacher_ids, teacher_logprobs),
                                   eta=eta)
-        gamma = qloss.trust(q)
+        gamma = qloss.trust(q.a, q.b)
         spans = []
         for t, y in enumerate(labels[rows].tolist()):
             at = offsets[i] + t

@@ -165,7 +165,7 @@ RULES = {"sft": sft, "dft": dft, "p": dft, "beyond-log": beyond_log, "profit": p
          "weighted": weighted, "psft": proximal, "ls": label_smoothing, "kl": kl_to_reference, "asft": asft,
          "gem": gem, "distill": distill, "target": target}
 NEEDS_TOPK = {"kl", "asft", "distill", "target"}    # read a cache's top-k ids and log-probabilities
-NEEDS_TEACHER = NEEDS_TOPK | {"psft"}                # read a cache at all (psft: its label log-probs)
+NEEDS_CACHE = NEEDS_TOPK | {"psft"}                  # read a cache at all (psft: its label log-probs, pi_old)
 REFERENCE_LOSSES = {"kl", "asft", "psft"}            # whose cache is a reference model's (--ref-cache)
 NEEDS_WEIGHTS = {"weighted"}                         # read label weights from the data
 # train.py's flag for each hyperparameter of the rules: (the rules' keyword, its type)
@@ -193,16 +193,16 @@ def variant_hyperparameters(loss, eta=0.5, c=None, **variant_kwargs):
     return {**defaults, **given}
 
 
-def check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights):
+def check_side_inputs(loss, side):
     """A loss missing what it reads fails here, naming the train.py flag that provides it."""
     cache_flag = "--ref-cache" if loss in REFERENCE_LOSSES else "--teacher-cache"
-    if loss in NEEDS_TOPK and (teacher_ids is None or teacher_logprobs is None):
-        raise ValueError(f"loss={loss!r} needs teacher_ids and teacher_logprobs (train.py: {cache_flag})")
-    if loss == "psft" and teacher_label_logprobs is None:
-        raise ValueError("loss='psft' needs teacher_label_logprobs, the starting model's log pi_old(y_t) (train.py: "
+    if loss in NEEDS_TOPK and (side.ids is None or side.logprobs is None):
+        raise ValueError(f"loss={loss!r} needs a cache's top-k ids and logprobs (train.py: {cache_flag})")
+    if loss == "psft" and side.label_logprobs is None:
+        raise ValueError("loss='psft' needs the starting model's label_logprobs, log pi_old(y_t) (train.py: "
                          "--ref-cache, built from the starting model by teacher_cache.py)")
-    if loss in NEEDS_WEIGHTS and token_weights is None:
-        raise ValueError("loss='weighted' needs token_weights (train.py: a `weight` or `weight_spans` field in "
+    if loss in NEEDS_WEIGHTS and side.weights is None:
+        raise ValueError("loss='weighted' needs label weights (train.py: a `weight` or `weight_spans` field in "
                          "every row of the data)")
 
 
@@ -268,15 +268,10 @@ def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
     return max(1, min(num_rows, budget // (20 * vocab_size)))
 
 
-def trust(q: Target):
-    """Table 5's gamma: a for token weighting (b = 0) and GEM's signed residual, else a / (a + b)."""
-    return torch.where(q.b > 0, q.a / (q.a + q.b.clamp(min=0)), q.a)
-
-
-def accumulate(stats, **sums):
-    """Adds tensor sums (no .item(): a host sync per chunk would stall the GPU)."""
-    for key, value in sums.items():
-        stats[key] = stats.get(key, 0) + value.detach().double().sum()
+def trust(a, b):
+    """Table 5's gamma from a rule's branch weights: a for token weighting (b = 0) and GEM's signed residual, else
+    a / (a + b)."""
+    return torch.where(b > 0, a / (a + b.clamp(min=0)), a)
 
 
 QUADRANTS = ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")
@@ -289,18 +284,19 @@ def quadrant(p_student, p_teacher, threshold):
     return torch.where(teacher_high, torch.where(student_high, 2, 0), torch.where(student_high, 3, 1))
 
 
-def quadrant_sums(stats, p_student, p_teacher, threshold):
-    """The tokens in each of Figure 4's quadrants, and the teacher's label probability."""
-    index = quadrant(p_student, p_teacher, threshold)
-    accumulate(stats, p_teacher_label=p_teacher, **{name: index == k for k, name in enumerate(QUADRANTS)})
+class PerRow(NamedTuple):
+    """What q_target_loss computed on the way, per labelled row in order, detached: what a run logs."""
+    p_label: Tensor                   # [n] p_theta(y_t)
+    a: Tensor                         # [n] the rule's label weight
+    b: Tensor                         # [n] its residual weight (Table 5's gamma: trust(a, b))
+    p_cached_label: Optional[Tensor]  # [n] the cache's p(y_t) where the side holds label_logprobs, else None
 
 
 class ChunkedQTargetLoss(torch.autograd.Function):
     """Forward walks the labelled rows chunk by chunk and also builds both gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, rows, side, rule, hyper, chunk_size, normalizer, stats,
-                quadrant_threshold):
+    def forward(ctx, hidden, weight, labels, rows, side, rule, hyper, chunk_size, normalizer):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         # fp32 accumulation across chunks: summing bf16 partial products would lose the small ones
@@ -309,6 +305,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
         # the head the logits are computed with: upcast once here, unless the matmul itself writes fp32 (CUDA)
         head = weight if matmul_writes_fp32(hidden, weight) else weight.to(acc_dtype)
+        per_row = []  # (p_y, a, b) of each chunk
         for chunk in rows.split(chunk_size):
             h, y = hidden[chunk], labels[chunk]
             chunk_side = side.rows(chunk, acc_dtype)
@@ -321,12 +318,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             logp_y = logprob_at(z, lse, y)
             value = q.value if q.value is not None else -q.a * logp_y + q.b * residual_cross_entropy(z, lse, q)
             total += value.sum()
-            if stats is not None:
-                in_topk = {} if side.ids is None else {"in_topk": (chunk_side.ids == y[:, None]).any(-1)}
-                accumulate(stats, tokens=torch.ones_like(lse), p_label=logp_y.exp(), trust=trust(q),
-                           residual=q.b, **in_topk)
-                if side.label_logprobs is not None:
-                    quadrant_sums(stats, logp_y.exp(), chunk_side.label_logprobs.exp(), quadrant_threshold)
+            per_row.append(torch.stack([logp_y.exp(), q.a, q.b.expand_as(q.a)]))
             del z  # freed before the gradient matmuls: the chunk's peak is two [n, V] tensors, not three
             if want_hidden or want_weight:
                 scaled = q._replace(a=q.a / normalizer, b=q.b / normalizer)  # 1/normalizer folded into a and b
@@ -340,10 +332,12 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             del exp_z, q  # before the next chunk's logits (and GEM's dense residual): not two chunks' at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.used = weight.dtype, False
-        return total / normalizer
+        p_y, a, b = torch.cat(per_row, dim=1) if per_row else torch.zeros(3, 0, dtype=acc_dtype, device=hidden.device)
+        ctx.mark_non_differentiable(p_y, a, b)
+        return total / normalizer, p_y, a, b
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *per_row_grads):
         if ctx.used:
             raise RuntimeError("q_target_loss builds its gradients in the forward pass: one backward per forward")
         ctx.used = True
@@ -352,33 +346,28 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, *[None] * 9
+        return grad_hidden, grad_weight, *[None] * 7
 
 
-def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=None, teacher_label_logprobs=None,
-                  token_weights=None, *, loss="target", eta=0.5, c=None, chunk_size=None, ignore_index=-100,
-                  normalizer=None, stats=None, quadrant_threshold=0.5, **variant_kwargs):
-    """Sum over labelled tokens of CE(Q_t, softmax(h_t W^T)), divided by `normalizer`.
+def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_size=None, ignore_index=-100,
+                  normalizer=None, **hyper):
+    """Sum over labelled tokens of CE(Q_t, softmax(h_t W^T)), divided by `normalizer`; and the PerRow values.
 
     hidden [N, H] final hidden states; weight [V, H] the lm_head; labels [N], already shifted (labels[i]
-    follows position i), ignore_index where there is no label. From a cache (the teacher's; for kl, asft and
-    psft the reference model's): teacher_ids and teacher_logprobs [N, k], its top-k ids and log-probabilities
-    over the full vocabulary, and teacher_label_logprobs [N], its log-probability of each label. From the
-    data: token_weights [N], the label trust of loss="weighted". Leading dimensions beyond N are flattened.
-    ignore_index=None: every row is labelled. normalizer defaults to the number of labelled tokens; train.py
-    passes the global count of an optimiser step. stats, if a dict, gains this call's sums of tokens, p_label,
-    trust (gamma of Table 5), residual (b) and in_topk, and with label log-probs p_teacher_label and Figure 4's
-    quadrant counts (q1_rescue, q2_filter, q3_both_high, q4_student_high at quadrant_threshold): a step's means
-    need no second pass.
+    follows position i), ignore_index where there is no label (None: every row is labelled). side: what the
+    rule reads besides the student, rows aligned with labels (Side: a cache's top-k ids and log-probabilities
+    [N, k] and its label log-probabilities [N]; the data's label weights [N]). Leading dimensions beyond N are
+    flattened. normalizer defaults to the number of labelled tokens; train.py passes the global count of an
+    optimiser step. hyper: the rule's hyperparameters (eta, c, lam, ...; variant_hyperparameters).
     """
-    hyper = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
-    check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights)
+    hyper = variant_hyperparameters(loss, **hyper)
+    check_side_inputs(loss, side)
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if not torch.is_grad_enabled():  # evaluation: no gradients built in the forward
         hidden, weight = hidden.detach(), weight.detach()
     n = labels.numel()
-    side = Side(*(None if t is None else t.reshape(n, -1) for t in (teacher_ids, teacher_logprobs)),
-                *(None if t is None else t.reshape(n) for t in (teacher_label_logprobs, token_weights)))
+    side = Side(*(None if t is None else t.reshape(n, -1) for t in side[:2]),
+                *(None if t is None else t.reshape(n) for t in side[2:]))
     if side.ids is not None:
         side = side._replace(ids=side.ids.long())
     # ignore_index=None: every row is labelled (train.py selects them on the host), and no nonzero() waits on the GPU
@@ -386,19 +375,21 @@ def q_target_loss(hidden, weight, labels, teacher_ids=None, teacher_logprobs=Non
             else (labels != ignore_index).nonzero().squeeze(1))
     normalizer = normalizer if normalizer is not None else max(rows.numel(), 1)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
-    return ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
-                                    normalizer, stats, quadrant_threshold)
+    value, p_y, a, b = ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
+                                                normalizer)
+    cached = None if side.label_logprobs is None else side.label_logprobs[rows].detach().float().exp()
+    return value, PerRow(p_y, a, b, cached)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The readable reference: Table 4's token-level objectives on full logits, differentiated by autograd
 
-def reference_q_target_loss(logits, labels, teacher_ids=None, teacher_logprobs=None, teacher_label_logprobs=None,
-                            token_weights=None, *, loss="target", eta=0.5, c=None, ignore_index=-100,
-                            normalizer=None, **variant_kwargs):
+def reference_q_target_loss(logits, labels, side=Side(), *, loss="target", ignore_index=-100, normalizer=None,
+                            **hyper):
     """The same loss as q_target_loss, from full logits [N, V], each variant written as Table 4 writes it."""
-    hp = variant_hyperparameters(loss, eta=eta, c=c, **variant_kwargs)
-    check_side_inputs(loss, teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights)
+    hp = variant_hyperparameters(loss, **hyper)
+    check_side_inputs(loss, side)
+    teacher_ids, teacher_logprobs, teacher_label_logprobs, token_weights = side
     valid = labels != ignore_index
     y = labels.masked_fill(~valid, 0)  # ignored rows are computed, then zeroed: no [N, V] copy of the logits
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
@@ -491,7 +482,7 @@ def induced_and_rule_targets(loss, z, y):
     hyper = variant_hyperparameters(loss, **EXAMPLE_HYPER.get(loss, {}))
     side = worked_example_side(loss, len(z))
     induced = induced_target(lambda logits, labels: reference_q_target_loss(
-        logits, labels, *side, loss=loss, normalizer=1, **hyper), z, y)
+        logits, labels, side, loss=loss, normalizer=1, **hyper), z, y)
     q = RULES[loss](z, z.logsumexp(-1), y, side, **hyper)
     return induced, rule_target(q, z, y), q
 
@@ -523,7 +514,7 @@ def print_table5():
             top = residual[0].abs().topk(3)
             res_text = ("-" if float(q.b[0]) < 0 else "") + " ".join(
                 f"{TOKENS[i]}:{float(residual[0, i]):.2f}" for i in top.indices)
-        print(f"{loss:<11}{float(trust(q)[0]):>6.3f}{float(q.a[0] + q.b[0]):>6.2f}  {res_text:<26}"
+        print(f"{loss:<11}{float(trust(q.a, q.b)[0]):>6.3f}{float(q.a[0] + q.b[0]):>6.2f}  {res_text:<26}"
               f"{show(induced[0]):<64}ok ({error:.0e})")
     print("\ngamma is Table 5's label trust: a / (a + b), or a where the residual is sg(pi) or signed (GEM). Q always\n"
           "sums to 1 (the gradient sums to 0): Q = p + a (onehot - p) + b (res - p), Eq. 2's target gamma onehot +\n"

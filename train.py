@@ -29,7 +29,6 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # read when torch loads, so set before: micro-batches of varying shapes fragment fixed-size allocator segments
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -47,6 +46,7 @@ import checkpoint
 import common
 import data
 import loss as qloss
+import lens
 import teacher_cache
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,9 +94,6 @@ parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="c
                     "and gradient reduction stay fp32)")
 parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer's activations "
                     "in backward: less memory, about a third more compute (not needed for 1.5B on 80 GB)")
-parser.add_argument("--accumulate-unsharded", action="store_true", help="keep gradients unsharded over a step's "
-                    "micro-batches and reduce-scatter once: fewer collectives, but a full fp32 gradient per GPU "
-                    "(4 bytes x parameters: 6 GB at 1.5B, 30 GB at 7B)")
 parser.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"], help="micro-batch layout: "
                     "packed rows (flash-attn's varlen kernel) or right-padded rows without an attention mask "
                     "(sdpa's causal flash kernel); auto: packed where flash-attn can run (CUDA, bf16), else padded")
@@ -112,19 +109,78 @@ parser.add_argument("--wandb", default=None, metavar="PROJECT")
 data.add_options(parser)
 common.report_user_errors(parser)  # a bad flag, bad data or a mismatched cache: one `error:` line, not a traceback
 args = parser.parse_args()
-
-# A preempted job gets SIGTERM (Slurm, then SIGKILL after a grace period) or SIGUSR1: every rank notes it, the
-# step's all-reduce shares it, and after that step all save a checkpoint and exit with UNFINISHED
-UNFINISHED = 75  # sysexits.h's EX_TEMPFAIL: stopped before the end, --resume continues
-stop_signals = []
-SAVING = args.save_minutes > 0 or args.save_every > 0
-if SAVING:
-    for name in ("SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signal.Signals(signum).name))
+UNFINISHED = 75  # sysexits.h's EX_TEMPFAIL: stopped before the end (preempted or --stop-after), --resume continues
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers: the plot of the run's curves
+# Helpers
+
+def cache_source(args):
+    """The cache this run reads, as (its flag, the folder given, the model to build it from when none is): the
+    teacher's top-k for target and distill; the starting model's own, the reference, for kl, asft and psft (psft
+    reads its label log-probabilities, pi_old); none for the rest."""
+    if args.loss not in qloss.NEEDS_CACHE:
+        return None, None, None
+    if args.loss in qloss.REFERENCE_LOSSES:
+        if args.teacher:
+            raise common.UserError(f"--loss {args.loss} reads the starting model's own cache (--ref-cache, else built "
+                                   "from --model); --teacher names the teacher of target and distill")
+        return "--ref-cache", args.ref_cache, None if args.ref_cache else args.model
+    if args.teacher_cache and args.teacher:
+        raise common.UserError("give --teacher or --teacher-cache, not both: a cache already names its teacher")
+    teacher = None if args.teacher_cache else args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
+    if args.teacher_cache is None and teacher is None:
+        pairs = "; ".join(f"{student} -> {t}" for student, t in teacher_cache.PAPER_TEACHERS.items())
+        raise common.UserError(f"--loss {args.loss} needs a teacher, and --model {args.model} has none among the "
+                               "paper's pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is "
+                               f"built), or --teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
+    return "--teacher-cache", args.teacher_cache, teacher
+
+
+class QTargetLM(torch.nn.Module):
+    """The decoder and the Q-target loss on its lm_head, one module: FSDP's root, so that the root's parameters
+    (the embeddings, the final norm and the lm_head, tied or not) are unsharded while the loss runs."""
+
+    def __init__(self, lm, loss, hyper, chunk_size):
+        super().__init__()
+        self.lm, self.loss, self.hyper, self.chunk_size = lm, loss, hyper, chunk_size
+
+    def forward(self, batch, side, normalizer):
+        """(the micro-batch's loss, divided by normalizer; its loss.PerRow values) at the label positions."""
+        hidden = self.lm.model(**data.model_inputs(batch), use_cache=False)[0]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"])
+        return qloss.q_target_loss(hidden, self.lm.lm_head.weight, batch["label_ids"], side, loss=self.loss,
+                                   chunk_size=self.chunk_size, ignore_index=None, normalizer=normalizer, **self.hyper)
+
+
+def micro_batch(sample_ids, layout, tokens, cache, device):
+    """A micro-batch on the device: the model's inputs, where its labels are (found on the host, so that the GPU
+    never has to report them: a boolean index would sync) and the side the loss reads (the cache's rows, the
+    data's label weights)."""
+    batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
+    labels = batch["labels"].view(-1)
+    positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
+    side = qloss.Side(*(teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None,) * 3),
+                      batch["token_weights"].view(-1)[positions].to(device) if "token_weights" in batch else None)
+    inputs = {**data.model_inputs(batch, device), "label_positions": positions.to(device),
+              "label_ids": labels[positions].to(device)}
+    return inputs, side
+
+
+# dense bf16 peaks; names as torch reports them ("NVIDIA H100 80GB HBM3" is the SXM part): the first match wins
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+              "A100": 312e12, "A6000": 155e12}
+
+
+def model_flops(config, parameters, lengths, label_counts):
+    """A step's model FLOPs: 6 per matmul parameter and token, the lm_head's on label rows only (the loss computes
+    no other logits), plus causal attention; activation recompute not counted. An untied input embedding is a
+    lookup, not matmul work."""
+    head = config.vocab_size * config.hidden_size
+    body = parameters - head - (0 if config.tie_word_embeddings else head)
+    attention = 6 * config.num_hidden_layers * config.hidden_size * int((lengths ** 2).sum())
+    return 6 * body * int(lengths.sum()) + 6 * head * int(label_counts.sum()) + attention
+
 
 def plot_metrics(metrics_path, png_path, run_label):
     """A grid of the logged curves, three panels a row: whichever of the panels' keys metrics.jsonl holds."""
@@ -172,48 +228,31 @@ def plot_metrics(metrics_path, png_path, run_label):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Setup: checks first (one `error:` line each, before the process group and any download), then distributed,
-# data, teacher cache, model, optimiser
+# Setup: the flags checked first (one `error:` line each, before the process group and any download), then
+# distributed, data, the cache, the model, the optimiser
 
 flag_values = {keyword: vars(args)[flag[2:].replace("-", "_")] for flag, (keyword, _) in qloss.FLAGS.items()}
-variant_kwargs = {keyword: value for keyword, value in flag_values.items() if keyword not in ("eta", "c")
-                  and value is not None}
 try:
-    qloss.variant_hyperparameters(args.loss, eta=args.eta, c=args.c, **variant_kwargs)
+    hyper = qloss.variant_hyperparameters(args.loss, **{k: v for k, v in flag_values.items() if v is not None})
 except ValueError as e:
     parser.error(str(e))
 if args.save_minutes < 0 or args.save_every < 0:
     parser.error("--save-minutes and --save-every must be >= 0 (0: no checkpoints by time, or by steps)")
-reference = args.loss in qloss.REFERENCE_LOSSES  # its cache is the starting model's own
-cache_path = args.ref_cache if reference else args.teacher_cache
-teacher = None  # the model whose cache this run builds for itself, when it is given none
-if args.loss in qloss.NEEDS_TEACHER:
-    if reference and args.teacher:
-        parser.error(f"--loss {args.loss} reads the starting model's own cache (--ref-cache, else built from "
-                     "--model); --teacher names the teacher of target and distill")
-    if cache_path is not None and args.teacher:
-        parser.error("give --teacher or --teacher-cache, not both: a cache already names its teacher")
-    if cache_path is not None:
-        teacher_cache.check_complete(cache_path, "--ref-cache" if reference else "--teacher-cache")
-    else:
-        teacher = args.model if reference else args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
-    if cache_path is None and teacher is None:
-        pairs = "; ".join(f"{student} -> {t}" for student, t in teacher_cache.PAPER_TEACHERS.items())
-        parser.error(f"--loss {args.loss} needs a teacher, and --model {args.model} has none among the paper's "
-                     f"pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is built), or "
-                     f"--teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
+if args.keep < 1:
+    parser.error("--keep must be at least 1")
+cache_flag, cache_path, cache_model = cache_source(args)
+if cache_path is not None:
+    teacher_cache.check_complete(cache_path, cache_flag)
 common.check_model("--model", args.model)
-if teacher not in (None, args.model):
-    common.check_model("--teacher", teacher)
+if cache_model not in (None, args.model):
+    common.check_model("--teacher", cache_model)
 data.check_source(args.data)
 
 rank, world_size, device = common.start_distributed(always=True)  # `python train.py`: a world of one, same code
-if teacher is not None:  # as teacher_cache.py --teacher TEACHER --tokenizer MODEL with this run's data options
-    cache_path = teacher_cache.auto_path(teacher, args.model, args.data, **data.options(args))
-common.check_shared_folders({"--out": args.out, "--data-cache": args.data_cache, **(
-    {"--ref-cache" if reference else "--teacher-cache": Path(cache_path).parent} if cache_path else {})})
-device_type = device.type
-torch.manual_seed(args.seed + rank)
+if cache_model is not None:  # as teacher_cache.py --teacher MODEL --tokenizer STUDENT with this run's data options
+    cache_path = teacher_cache.auto_path(cache_model, args.model, args.data, **data.options(args))
+common.check_shared_folders({"--out": args.out, "--data-cache": args.data_cache,
+                             **({cache_flag: Path(cache_path).parent} if cache_path else {})})
 max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
 if args.micro_batch_size is None and args.micro_batch_tokens is None:
     args.micro_batch_tokens = 4 * max_len
@@ -224,8 +263,6 @@ if remainder or per_rank == 0:
 if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
     parser.error(f"--micro-batch-tokens {args.micro_batch_tokens} is less than the max length {max_len}: a "
                  "longest sample would fit no micro-batch")
-if args.keep < 1:
-    parser.error("--keep must be at least 1")
 out = Path(args.out)
 checkpoints = checkpoint.checkpoint_dirs(out)
 if checkpoints and not args.resume:
@@ -235,17 +272,19 @@ trainer_state = checkpoint.read_trainer_state(resume_from, args) if resume_from 
 if args.resume and resume_from is None and rank == 0:
     print(f"--resume: no checkpoint in {out}, starting from step 0")
 out.mkdir(parents=True, exist_ok=True)
+torch.manual_seed(args.seed + rank)
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 end_of_turn = data.end_of_turn_id(tokenizer, args.system_prompt)  # where generation stops, in the export
 tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache,
                               weights=args.loss in qloss.NEEDS_WEIGHTS, **data.options(args))
-if teacher is not None:
+if cache_model is not None:
     if rank == 0:
-        print(f"{'reference' if reference else 'teacher'} cache: {cache_path} (top-{teacher_cache.TOP_K} of "
-              f"{teacher} on this run's token ids; built first unless complete)", flush=True)
-    teacher_cache.build_by_name(teacher, tokenizer, tokens, cache_path, device)
-cache = teacher_cache.TeacherCache(cache_path, data=tokens) if args.loss in qloss.NEEDS_TEACHER else None
+        print(f"{'reference' if cache_flag == '--ref-cache' else 'teacher'} cache: {cache_path} (top-"
+              f"{teacher_cache.TOP_K} of {cache_model} on this run's token ids; built first unless complete)",
+              flush=True)
+    teacher_cache.build_by_name(cache_model, tokenizer, tokens, cache_path, device)
+cache = teacher_cache.TeacherCache(cache_path, data=tokens) if cache_path is not None else None
 if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
     print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "
           f"model --model {args.model}; build it with teacher_cache.py --teacher {args.model} unless that is meant")
@@ -266,38 +305,26 @@ if rank == 0:
         "sdpa", "packed") else ""
     print(f"attention: {attention} ({why}), {args.dtype}, on {layout} micro-batches of {sizing}{slow}")
 with torch.device("meta"):  # the structure only; load_pretrained fills the shards
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32,
-                                             attn_implementation=attention)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32,
+                                          attn_implementation=attention)
 if args.activation_checkpointing:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-mesh = init_device_mesh(device_type, (world_size,))
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model = QTargetLM(lm, args.loss, hyper, args.loss_chunk_size)
+mesh = init_device_mesh(device.type, (world_size,))
 policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-for layer in model.model.layers:
+for layer in lm.model.layers:
     fully_shard(layer, mesh=mesh, mp_policy=policy)
-# the root's inputs include the teacher's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
+# the root's inputs include the cache's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
 fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
 model.to_empty(device=device)
 checkpoint.load_pretrained(model, args.model)
-
-
-def loss_forward(self, batch, teacher_ids, teacher_logprobs, teacher_label_logprobs, normalizer):
-    """Final hidden states, then the chunked Q-target loss on the lm_head, and its statistics. Registered as
-    an FSDP forward method, so the root's parameters (the lm_head, tied or not) are unsharded while it runs."""
-    hidden = self.model(**data.model_inputs(batch), use_cache=False)[0]
-    stats = {}  # returned, not passed in: FSDP's forward hooks copy containers among the inputs
-    value = qloss.q_target_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"]),
-                                self.lm_head.weight, batch["label_ids"], teacher_ids, teacher_logprobs,
-                                teacher_label_logprobs, batch.get("label_weights"), loss=args.loss, eta=args.eta,
-                                c=args.c, chunk_size=args.loss_chunk_size, ignore_index=None, normalizer=normalizer,
-                                stats=stats, quadrant_threshold=args.quadrant_threshold, **variant_kwargs)
-    return value, stats
-
-
-model.loss_forward = loss_forward.__get__(model)
-register_fsdp_forward_method(model, "loss_forward")
 model.train()
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+model_id = checkpoint.model_identity(args.model, lm.config)
+parameters = sum(p.numel() for p in model.parameters())
+peak_flops = next((f for name, f in PEAK_FLOPS.items()
+                   if device.type == "cuda" and name in torch.cuda.get_device_name()), None)
 
 step = 0
 if trainer_state:
@@ -316,58 +343,31 @@ if rank == 0:
         import wandb
         wandb.init(project=args.wandb, config=vars(args), dir=str(out))
 
-# parameters that do matmul work: an untied input embedding is a lookup; the lm_head works on label rows only
-n_params = sum(p.numel() for p in model.parameters()) - (
-    0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
-lm_head_params = model.config.vocab_size * model.config.hidden_size
-attention_flops = 6 * model.config.num_hidden_layers * model.config.hidden_size  # x sequence length^2, causal
-# dense bf16 peaks; names as torch reports them ("NVIDIA H100 80GB HBM3" is the SXM part): the first match wins
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
-              "A100": 312e12, "A6000": 155e12}
-peak_flops = next((f for name, f in PEAK_FLOPS.items()
-                   if device_type == "cuda" and name in torch.cuda.get_device_name()), None)
-
-
-def prepare(sample_ids):
-    """A micro-batch on the host, pinned for an asynchronous copy: the model's inputs, the teacher's rows, and
-    where the labels are, found here so that the GPU never has to report them (a boolean index would sync)."""
-    batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
-    teacher = teacher_cache.teacher_rows(cache, batch, "cpu") if cache is not None else (None,) * 3
-    labels = batch["labels"].view(-1)
-    positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
-    batch = {**data.model_inputs(batch), "label_positions": positions, "label_ids": labels[positions],
-             **({"label_weights": batch["token_weights"].view(-1)[positions]} if "token_weights" in batch else {})}
-    pin = device_type == "cuda"
-    return ({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()},
-            tuple(t.pin_memory() if pin and t is not None else t for t in teacher))
-
-
-def to_device(value):
-    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-
-
-# builds the next micro-batch on the host while the current one runs; its pinning is CUDA work, on this rank's GPU
-prepare_next = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device_type == "cuda" else None,
-                                  initargs=(device,))
-
-# ----------------------------------------------------------------------------------------------------
-# The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
-
-# loss.py's statistics whose step means are logged, and their names in metrics.jsonl; with a teacher cache,
-# Figure 4's quadrants of (p_theta(y), p_T(y)) too (a reference cache's label probability is the starting
-# model's: logged as p_ref_label, with no quadrants)
-logged = {key: key for key in ("p_label", "trust", "residual")}
-if cache is not None and args.loss in qloss.REFERENCE_LOSSES:
-    logged.update(in_topk="in_topk", p_teacher_label="p_ref_label")
-elif cache is not None:
-    logged.update({key: key for key in ("in_topk", "p_teacher_label", *qloss.QUADRANTS)})
-if rank == 0 and not SAVING:
+# A preempted job gets SIGTERM (Slurm, then SIGKILL after a grace period) or SIGUSR1: every rank notes it, the
+# step's all-reduce shares it, and after that step all save a checkpoint and exit with UNFINISHED
+signalled = []
+saving = args.save_minutes > 0 or args.save_every > 0
+if saving:
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), lambda signum, frame: signalled.append(signal.Signals(signum).name))
+if rank == 0 and not saving:
     print("checkpoints: off (--save-minutes 0 and --save-every 0): a killed run starts over")
 elif rank == 0:
     every = " and ".join(([f"{args.save_minutes:g} minutes"] if args.save_minutes else [])
                          + ([f"{args.save_every} steps"] if args.save_every else []))
     print(f"checkpoints: every {every} into {out / 'checkpoints'}, the last {args.keep} kept; on SIGTERM or SIGUSR1 "
           f"one more, then exit {UNFINISHED} (--resume continues)")
+
+# ----------------------------------------------------------------------------------------------------
+# The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
+
+# lens.label_sums' sums whose step means are logged, by their names in metrics.jsonl: with a teacher cache,
+# Figure 4's quadrants of (p_theta(y), p_T(y)) too; a reference cache's label probability is the starting model's
+logged = {key: key for key in ("p_label", "trust", "residual")}
+if cache_flag == "--ref-cache":
+    logged.update(in_topk="in_topk", p_teacher_label="p_ref_label")
+elif cache is not None:
+    logged.update({key: key for key in ("in_topk", "p_teacher_label", *qloss.QUADRANTS)})
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 last_save, stopping = time.monotonic(), False
@@ -377,29 +377,19 @@ while step < stop:
     step_ids = sum(dealt, [])
     plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
             if args.micro_batch_tokens else data.fixed_micro_batches(dealt, args.micro_batch_size))
-    label_tokens, all_tokens = int(label_counts[step_ids].sum()), int(lengths[step_ids].sum())
-    squared_lengths = int((lengths[step_ids] ** 2).sum())
-    step_stats = dict.fromkeys(logged, 0.0)
-    step_loss = torch.zeros((), dtype=torch.float64, device=device)
-    micro_batches = plan[rank]
+    label_tokens = int(label_counts[step_ids].sum())
+    step_loss, totals = 0.0, dict.fromkeys(logged, 0.0)
     common.reset_peak_memory(device)
-    upcoming = prepare_next.submit(prepare, micro_batches[0])
     try:
-        for j in range(len(micro_batches)):
-            batch, teacher = upcoming.result()
-            if j + 1 < len(micro_batches):
-                upcoming = prepare_next.submit(prepare, micro_batches[j + 1])
-            batch, teacher = {k: to_device(v) for k, v in batch.items()}, [to_device(t) for t in teacher]
-            if args.accumulate_unsharded:
-                model.set_requires_gradient_sync(j == len(micro_batches) - 1)
-            # FSDP averages gradients over ranks, so each rank divides by the global count / world size:
-            # the step's gradient is then that of (sum of token losses) / (global label count)
-            value, stats = model.loss_forward(batch, *teacher, normalizer=label_tokens / world_size)
-            # reduce-scatters now, leaving each rank its fp32 shard; with --accumulate-unsharded only the last
-            # micro-batch does, and until then FSDP2 accumulates full gradients upcast to fp32 (reduce_dtype)
-            value.backward()
-            step_stats = {key: total + stats.get(key, 0.0) for key, total in step_stats.items()}
+        for sample_ids in plan[rank]:
+            inputs, side = micro_batch(sample_ids, layout, tokens, cache, device)
+            # FSDP averages gradients over ranks, so each rank divides by the global count / world size: the
+            # step's gradient is then that of (sum of token losses) / (global label count)
+            value, per_row = model(inputs, side, normalizer=label_tokens / world_size)
+            value.backward()  # reduce-scatters now, leaving each rank its fp32 gradient shard
             step_loss += value.detach() / world_size
+            found = lens.label_sums(per_row, inputs["label_ids"], side.ids, args.quadrant_threshold)
+            totals = {key: total + found.get(key, 0.0) for key, total in totals.items()}
     except torch.OutOfMemoryError as e:
         flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
                          f"{args.micro_batch_size * max_len} tokens)") if args.micro_batch_size
@@ -409,16 +399,17 @@ while step < stop:
     peak_fwd_bwd = common.peak_memory_gib(device)  # what --micro-batch-tokens and --activation-checkpointing govern
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    # the ranks agree in the step's one all-reduce: save when rank 0's clock says so, stop when a rank was signalled
+    # one all-reduce of named sums: the step's loss and logged sums, and whether to save (rank 0's clock) or to
+    # stop (a rank was signalled)
     save_due = rank == 0 and args.save_minutes > 0 and time.monotonic() - last_save >= 60 * args.save_minutes
-    sums = torch.stack([step_loss] + [torch.as_tensor(v, dtype=torch.float64, device=device)
-                                      for v in [*step_stats.values(), save_due, bool(stop_signals)]])
-    dist.all_reduce(sums)
-    step_loss, stat_sums = sums[0].item(), sums[1:-2].tolist()
-    save_due, stopping = (sums[-2:] > 0).tolist()
-    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-        raise SystemExit(f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite "
-                         f"(rank {rank}'s samples {sum(micro_batches, [])}); the run stops before the update")
+    sums = {"loss": step_loss, **totals, "save_due": save_due, "signalled": bool(signalled)}
+    reduced = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in sums.values()])
+    dist.all_reduce(reduced)
+    sums = dict(zip(sums, reduced.tolist()))
+    stopping = sums["signalled"] > 0
+    if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+        raise SystemExit(f"step {step + 1}: loss {sums['loss']} / grad norm {grad_norm} is not finite "
+                         f"(rank {rank}'s samples {sum(plan[rank], [])}); the run stops before the update")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -426,14 +417,12 @@ while step < stop:
     step += 1
 
     elapsed = time.perf_counter() - started
-    # model flops: 6 per parameter and token, the lm_head's only on label rows (the loss computes no other
-    # logits), plus causal attention; activation recompute not counted
-    flops = (6 * (n_params - lm_head_params) * all_tokens + 6 * lm_head_params * label_tokens
-             + attention_flops * squared_lengths)
-    metrics = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
-               "tokens_per_s": all_tokens / elapsed, "seconds": elapsed, "tflops": flops / elapsed / world_size / 1e12,
-               "balance": data.balance(plan, lengths, layout == "padded")}
-    metrics.update({logged[key]: value / label_tokens for key, value in zip(logged, stat_sums)})
+    flops = model_flops(lm.config, parameters, lengths[step_ids], label_counts[step_ids])
+    metrics = {"step": step, "loss": sums["loss"], "lr": lr, "grad_norm": grad_norm, "tokens": label_tokens,
+               "tokens_per_s": int(lengths[step_ids].sum()) / elapsed, "seconds": elapsed,
+               "tflops": flops / elapsed / world_size / 1e12,
+               "balance": data.balance(plan, lengths, layout == "padded"),
+               **{name: sums[key] / label_tokens for key, name in logged.items()}}  # the step's means
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
     if peak_fwd_bwd is not None:  # the step's peak, and its peak before the optimizer's update; the max because
@@ -444,13 +433,13 @@ while step < stop:
             f.write(json.dumps(metrics) + "\n")
         if args.wandb:
             wandb.log(metrics, step=step)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        progress.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         progress.update()
     stopping_early = step == stop < total_steps  # --stop-after: the checkpoint is what --resume continues
     counted = args.save_every and (step % args.save_every == 0 or step == stop)
-    if counted or save_due or stopping_early or stopping:
-        checkpoint.save(out, step, model, optimizer, checkpoint.trainer_state(
-            step, scheduler, sampler, checkpoint.model_identity(args.model, model.config), vars(args)), args.keep)
+    if counted or sums["save_due"] > 0 or stopping_early or stopping:
+        checkpoint.save(out, step, model, optimizer, checkpoint.trainer_state(step, scheduler, sampler, model_id,
+                                                                             vars(args)), args.keep)
         last_save = time.monotonic()
         if args.export_on_save:
             checkpoint.export_hf(out / "checkpoints" / f"step_{step:08d}" / "hf", model, tokenizer, compute_dtype,
@@ -458,7 +447,9 @@ while step < stop:
     if stopping:
         break
 progress.close()
-prepare_next.shutdown()
+
+# ----------------------------------------------------------------------------------------------------
+# The export: a folder transformers and vLLM load, and the curves
 
 if step == total_steps and not stopping:
     checkpoint.export_hf(out / "hf", model, tokenizer, compute_dtype, end_of_turn)
@@ -469,7 +460,7 @@ dist.barrier()  # every rank tears gloo/NCCL down together, none while rank 0 is
 dist.destroy_process_group()
 if stopping:
     if rank == 0:
-        received = stop_signals[0] if stop_signals else "another rank's signal"
+        received = signalled[0] if signalled else "another rank's signal"
         print(f"stopped after step {step} on {received}: saved {out / 'checkpoints' / f'step_{step:08d}'}; rerun the "
               "same command with --resume to continue", flush=True)
     sys.exit(UNFINISHED)

@@ -1,6 +1,7 @@
 """lens.py: Figure 4's quadrants hand-checked and as train.py logs them, the whole data set's counts, the
 shares train.py logs at a step that holds the whole data set, tokens.html, sharding over ranks, refusals."""
 import json
+import math
 import re
 import subprocess
 import sys
@@ -22,16 +23,47 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = outside_any_world(OMP_NUM_THREADS="1")
 
 
-def test_quadrants_hand_checked_and_as_loss_py_logs_them():
+def test_quadrants_hand_checked_and_as_train_py_logs_them():
     p_student = np.array([0.1, 0.1, 0.9, 0.9, 0.5, 0.2])
     p_teacher = np.array([0.9, 0.1, 0.9, 0.1, 0.5, 0.7])
     assert lens.quadrant_of(p_student, p_teacher, 0.5).tolist() == [0, 1, 2, 3, 2, 0]
     assert list(lens.shares(p_student, p_teacher, 0.5).values()) == pytest.approx([2 / 6, 1 / 6, 2 / 6, 1 / 6])
     p_student, p_teacher = np.random.default_rng(0).random((2, 1000))
-    stats = {}
-    qloss.quadrant_sums(stats, torch.from_numpy(p_student), torch.from_numpy(p_teacher), 0.3)
-    logged = [float(stats[key]) / 1000 for key in qloss.QUADRANTS]
+    per_row = qloss.PerRow(torch.from_numpy(p_student), torch.ones(1000), torch.zeros(1000),
+                           torch.from_numpy(p_teacher))
+    sums = lens.label_sums(per_row, torch.zeros(1000, dtype=torch.long), None, 0.3)
+    logged = [float(sums[key]) / 1000 for key in qloss.QUADRANTS]
     assert list(lens.shares(p_student, p_teacher, 0.3).values()) == pytest.approx(logged)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.2])
+def test_logged_sums_of_one_loss_pass_against_direct_computation(threshold):
+    """train.py's logged sums from q_target_loss's PerRow values: Figure 4's quadrants (Q1 rescue: p_T high,
+    p_theta low; Q2 filter: both low; Q3 both high; Q4 p_theta high, p_T low), the labels in the cache's top-k,
+    p_theta(y), p_T(y) and gamma, against p_theta and p_T computed directly."""
+    n, v, k = 41, 96, 8
+    g = torch.Generator().manual_seed(14)
+    labels = torch.randint(0, v, (n,), generator=g)
+    logits = torch.randn(n, v, generator=g)
+    logits[torch.arange(n), labels] += torch.rand(n, generator=g) * 10  # p_theta(y) spread over (0, 1)
+    t_logp, t_ids = torch.randn(n, v, generator=g).log_softmax(-1).topk(k, dim=-1)
+    t_ids[::3, 0] = labels[::3]  # a third of the labels in the cache's top-k
+    t_label = torch.rand(n, generator=g).log()  # p_T(y) spread over (0, 1)
+    # hidden = logits and an identity lm_head: the student's logits are set directly
+    _, per_row = qloss.q_target_loss(logits, torch.eye(v), labels, qloss.Side(t_ids, t_logp, t_label),
+                                     loss="target", chunk_size=5)
+    sums = lens.label_sums(per_row, labels, t_ids, threshold)
+    p_s = logits.double().softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    p_t = t_label.double().exp()
+    s_hi, t_hi = p_s >= threshold, p_t >= threshold
+    expected = {"q1_rescue": t_hi & ~s_hi, "q2_filter": ~t_hi & ~s_hi, "q3_both_high": t_hi & s_hi,
+                "q4_student_high": s_hi & ~t_hi}
+    for key, mask in expected.items():
+        assert int(sums[key]) == int(mask.sum()) > 0, key  # every quadrant is exercised
+    assert sum(int(sums[key]) for key in expected) == n
+    assert int(sums["in_topk"]) == int((t_ids == labels[:, None]).any(-1).sum()) >= n // 3
+    for key, direct in (("p_label", p_s), ("trust", p_s), ("residual", 1 - p_s), ("p_teacher_label", p_t)):
+        assert math.isclose(float(sums[key]), float(direct.sum()), rel_tol=1e-5), key
 
 
 def run_lens(setup, out, *extra, nproc=1):

