@@ -378,7 +378,7 @@ while step < stop:
     plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
             if args.micro_batch_tokens else data.fixed_micro_batches(dealt, args.micro_batch_size))
     label_tokens = int(label_counts[step_ids].sum())
-    step_loss, totals = 0.0, dict.fromkeys(logged, 0.0)
+    step_loss, totals = torch.zeros((), dtype=torch.float64, device=device), dict.fromkeys(logged, 0.0)
     common.reset_peak_memory(device)
     try:
         for sample_ids in plan[rank]:
