@@ -116,25 +116,31 @@ UNFINISHED = 75  # sysexits.h's EX_TEMPFAIL: stopped before the end (preempted o
 # Helpers
 
 def cache_source(args):
-    """The cache this run reads, as (its flag, the folder given, the model to build it from when none is): the
-    teacher's top-k for target and distill; the starting model's own, the reference, for kl, asft and psft (psft
-    reads its label log-probabilities, pi_old); none for the rest."""
+    """The cache this run reads, as (its flag, its folder, the model to build it from first, or None where the
+    folder was given): the teacher's top-k for target and distill; the starting model's own, the reference, for kl,
+    asft and psft (psft reads its label log-probabilities, pi_old); none for the rest. A cache not given is built
+    under cache/teacher/, named by its inputs, as teacher_cache.py --teacher MODEL --tokenizer STUDENT would with
+    this run's data options."""
     if args.loss not in qloss.NEEDS_CACHE:
         return None, None, None
     if args.loss in qloss.REFERENCE_LOSSES:
         if args.teacher:
             raise common.UserError(f"--loss {args.loss} reads the starting model's own cache (--ref-cache, else built "
                                    "from --model); --teacher names the teacher of target and distill")
-        return "--ref-cache", args.ref_cache, None if args.ref_cache else args.model
-    if args.teacher_cache and args.teacher:
-        raise common.UserError("give --teacher or --teacher-cache, not both: a cache already names its teacher")
-    teacher = None if args.teacher_cache else args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
-    if args.teacher_cache is None and teacher is None:
-        pairs = "; ".join(f"{student} -> {t}" for student, t in teacher_cache.PAPER_TEACHERS.items())
-        raise common.UserError(f"--loss {args.loss} needs a teacher, and --model {args.model} has none among the "
-                               "paper's pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is "
-                               f"built), or --teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
-    return "--teacher-cache", args.teacher_cache, teacher
+        flag, given, model = "--ref-cache", args.ref_cache, args.model
+    else:
+        if args.teacher_cache and args.teacher:
+            raise common.UserError("give --teacher or --teacher-cache, not both: a cache already names its teacher")
+        flag, given = "--teacher-cache", args.teacher_cache
+        model = args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
+        if given is None and model is None:
+            pairs = "; ".join(f"{student} -> {t}" for student, t in teacher_cache.PAPER_TEACHERS.items())
+            raise common.UserError(f"--loss {args.loss} needs a teacher, and --model {args.model} has none among the "
+                                   "paper's pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is "
+                                   f"built), or --teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
+    if given is not None:
+        return flag, given, None
+    return flag, teacher_cache.auto_path(model, args.model, args.data, **data.options(args)), model
 
 
 class QTargetLM(torch.nn.Module):
@@ -240,17 +246,15 @@ if args.save_minutes < 0 or args.save_every < 0:
     parser.error("--save-minutes and --save-every must be >= 0 (0: no checkpoints by time, or by steps)")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
-cache_flag, cache_path, cache_model = cache_source(args)
-if cache_path is not None:
+cache_flag, cache_path, build_from = cache_source(args)
+if cache_path is not None and build_from is None:
     teacher_cache.check_complete(cache_path, cache_flag)
 common.check_model("--model", args.model)
-if cache_model not in (None, args.model):
-    common.check_model("--teacher", cache_model)
+if build_from not in (None, args.model):
+    common.check_model("--teacher", build_from)
 data.check_source(args.data)
 
 rank, world_size, device = common.start_distributed(always=True)  # `python train.py`: a world of one, same code
-if cache_model is not None:  # as teacher_cache.py --teacher MODEL --tokenizer STUDENT with this run's data options
-    cache_path = teacher_cache.auto_path(cache_model, args.model, args.data, **data.options(args))
 common.check_shared_folders({"--out": args.out, "--data-cache": args.data_cache,
                              **({cache_flag: Path(cache_path).parent} if cache_path else {})})
 max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
@@ -278,12 +282,12 @@ tokenizer = AutoTokenizer.from_pretrained(args.model)
 end_of_turn = data.end_of_turn_id(tokenizer, args.system_prompt)  # where generation stops, in the export
 tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache,
                               weights=args.loss in qloss.NEEDS_WEIGHTS, **data.options(args))
-if cache_model is not None:
+if build_from is not None:
     if rank == 0:
         print(f"{'reference' if cache_flag == '--ref-cache' else 'teacher'} cache: {cache_path} (top-"
-              f"{teacher_cache.TOP_K} of {cache_model} on this run's token ids; built first unless complete)",
+              f"{teacher_cache.TOP_K} of {build_from} on this run's token ids; built first unless complete)",
               flush=True)
-    teacher_cache.build_by_name(cache_model, tokenizer, tokens, cache_path, device)
+    teacher_cache.build_by_name(build_from, tokenizer, tokens, cache_path, device)
 cache = teacher_cache.TeacherCache(cache_path, data=tokens) if cache_path is not None else None
 if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
     print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "

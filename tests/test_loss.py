@@ -351,10 +351,10 @@ def test_backward_scales_by_grad_output_and_normalizer():
 def test_per_row_values_are_the_paper_quantities():
     """TARGET-SFT's a = p_y and b = 1 - p_y (Eq. 7), for every labelled row in order, and the cache's p(y)."""
     hidden, weight, labels, t_ids, t_logp, t_label, _ = make_batch(seed=10)
-    value, per_row = L.q_target_loss(hidden, weight, labels, L.Side(t_ids, t_logp, t_label), loss="target",
-                                     chunk_size=6)
+    value, per_row = L.q_target_loss(hidden.requires_grad_(True), weight, labels, L.Side(t_ids, t_logp, t_label),
+                                     loss="target", chunk_size=6)
     valid = labels != -100
-    p_y = (hidden @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
+    p_y = (hidden.detach() @ weight.T).softmax(-1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
     for got, expected in ((per_row.p_label, p_y), (per_row.a, p_y), (per_row.b, 1 - p_y),
                           (L.trust(per_row.a, per_row.b), p_y), (per_row.p_cached_label, t_label[valid].exp())):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
