@@ -796,10 +796,10 @@ MATH500 = next(path for path in (REPO.parent / "shared" / "data" / "math_eval" /
 FLOOR = """
 import json, sys, argparse
 sys.path.insert(0, sys.argv[2])
-import eval as evaluation
+import generation
 from vllm import SamplingParams
 job = json.load(open(sys.argv[1]))
-llm = evaluation.load_vllm(job["model"], argparse.Namespace(**job["engine"]), job["engine"]["seed"])
+llm = generation.load_vllm(job["model"], argparse.Namespace(**job["engine"]), job["engine"]["seed"])
 llm.generate([{"prompt_token_ids": ids} for ids in job["prompts"]],
              [SamplingParams(**{**job["sampling"], "seed": seed}, stop_token_ids=job["stop"]) for seed in job["seeds"]])
 """

@@ -13,6 +13,7 @@ import benchmarks
 import compare
 import data
 import eval as evaluation
+import generation
 import grading
 from common import UserError
 from conftest import hub_snapshot
@@ -429,7 +430,7 @@ class Engine:
 
 
 def test_a_refused_weight_swap_starts_a_fresh_engine(monkeypatch, capsys):
-    monkeypatch.setattr(evaluation, "load_vllm", Engine)
+    monkeypatch.setattr(generation, "load_vllm", Engine)
     generators = evaluation.Generators()
     for name in ("a", "b"):  # the same engine_key: b's weights would be swapped into a's engine
         generators.load(SimpleNamespace(model=name, model_dir=f"/models/{name}", max_model_len=64, dp=1, seed=0,
@@ -543,8 +544,8 @@ def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatc
         started.append((seed, os.environ.get("CUDA_VISIBLE_DEVICES")))
         return SimpleNamespace(llm_engine=SimpleNamespace(
             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))))
-    monkeypatch.setattr(evaluation, "load_vllm", engine)
-    monkeypatch.setattr(evaluation, "stream_vllm", lambda llm, requests, capacity: iter(()))
+    monkeypatch.setattr(generation, "load_vllm", engine)
+    monkeypatch.setattr(generation, "stream_vllm", lambda llm, requests, capacity: iter(()))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     (args,) = evaluation.per_model(evaluation.parse_args(["--model", str(tmp_path), "--dp", "4", "--seed", "7"]))
     args.model_dir = str(tmp_path)
@@ -554,7 +555,7 @@ def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatc
             for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):  # what it sets: undone after
                 each_process.setenv(key, "")
                 each_process.delenv(key)
-            evaluation._dp_engine(args, rank, devices, queue.Queue(), queue.Queue())
+            generation._dp_engine(args, rank, devices, queue.Queue(), queue.Queue())
     assert started == [(7, "4"), (8, "5"), (9, "6"), (10, "7")]
     info = evaluation.run_info(args)
     assert info["sampling_mode"] == "engine seed" and info["engine_seeds"] == [7, 8, 9, 10]

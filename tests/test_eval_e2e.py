@@ -19,6 +19,7 @@ import benchmarks
 import data
 import demo
 import eval as evaluation
+import generation
 import grading
 from common import UserError
 from conftest import hub_snapshot
@@ -171,7 +172,7 @@ def test_hf_backend_end_to_end_and_resume(model, tmp_path, monkeypatch):
 
     def no_generation(args):
         raise AssertionError("a finished benchmark was generated again")
-    monkeypatch.setattr(evaluation, "load_hf", no_generation)
+    monkeypatch.setattr(generation, "load_hf", no_generation)
     evaluation.main(argv)
     assert ((out / "generations.jsonl").read_text(), (out / "results.json").read_text()) == before
 
@@ -330,13 +331,13 @@ def test_grading_overlaps_generation(model, tmp_path, monkeypatch):
     generated = {}
     grader = SlowGrader(10.0, generated, 6)
     monkeypatch.setattr(evaluation, "grading_pool", lambda workers: grader)
-    stream_hf = evaluation.stream_hf
+    stream_hf = generation.stream_hf
 
     def timed_stream(model_tok, requests, capacity=None):
         for finished in stream_hf(model_tok, requests, capacity):
             generated.update({key: time.monotonic() for key, _ in finished})
             yield finished
-    monkeypatch.setattr(evaluation, "stream_hf", timed_stream)
+    monkeypatch.setattr(generation, "stream_hf", timed_stream)
     evaluation.main(["--model", model, "--backend", "hf", "--benchmarks", f"math500={DATA}/math500.jsonl,amc23={DATA}"
                      "/amc23.jsonl", "--n", "2", "--max-tokens", "4", "--out", str(tmp_path / "run")])
     questions = {(name, i): item["question"] for name in ("math500", "amc23")

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import eval as evaluation
+import generation
 import teacher_cache
 from conftest import MATH16, alone, outside_any_world
 from real_models import REAL_MODELS, real_model
@@ -116,7 +117,7 @@ def test_the_fp32_export_greedy_decodes_alike_in_transformers_and_vllm(pipeline)
     prompts = [evaluation.prompt_ids(tokenizer, item(row), style) for row in rows]
     sampling = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": MAX_TOKENS, "seed": 0}
     requests = [(i, ids, sampling, stop, 0) for i, ids in enumerate(prompts)]
-    hf = [samples for finished in evaluation.stream_hf(evaluation.load_hf(str(exported)), requests)
+    hf = [samples for finished in generation.stream_hf(generation.load_hf(str(exported)), requests)
           for _, samples in finished]
     assert [(r["response"], r["tokens"], r["truncated"]) for r in rows] == [s[0] for s in hf]
 
