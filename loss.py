@@ -318,7 +318,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             logp_y = logprob_at(z, lse, y)
             value = q.value if q.value is not None else -q.a * logp_y + q.b * residual_cross_entropy(z, lse, q)
             total += value.sum()
-            per_row.append(torch.stack([logp_y.exp(), q.a, q.b.expand_as(q.a)]))
+            per_row.append(torch.stack([logp_y.exp(), q.a, q.b]))
             del z  # freed before the gradient matmuls: the chunk's peak is two [n, V] tensors, not three
             if want_hidden or want_weight:
                 scaled = q._replace(a=q.a / normalizer, b=q.b / normalizer)  # 1/normalizer folded into a and b
@@ -377,7 +377,7 @@ def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_s
     chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
     value, p_y, a, b = ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
                                                 normalizer)
-    cached = None if side.label_logprobs is None else side.label_logprobs[rows].detach().float().exp()
+    cached = None if side.label_logprobs is None else side.label_logprobs[rows].detach().to(p_y.dtype).exp()
     return value, PerRow(p_y, a, b, cached)
 
 

@@ -356,7 +356,6 @@ def merge(partial, spans, plan):
     label_logprobs.flush()
 
 
-
 @contextmanager
 def exclusive(path, poll_seconds=60):
     """One run at a time builds `path`, whichever runs want it (jobs launched side by side on one shared

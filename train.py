@@ -237,6 +237,14 @@ def plot_metrics(metrics_path, png_path, run_label):
 # Setup: the flags checked first (one `error:` line each, before the process group and any download), then
 # distributed, data, the cache, the model, the optimiser
 
+# A preempted job gets SIGTERM (Slurm, then SIGKILL after a grace period) or SIGUSR1, during setup (a cache build,
+# say) too: every rank notes it, the step's all-reduce shares it, and after that step all save a checkpoint and exit
+# with UNFINISHED
+signalled = []
+saving = args.save_minutes > 0 or args.save_every > 0
+if saving:
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), lambda signum, frame: signalled.append(signal.Signals(signum).name))
 flag_values = {keyword: vars(args)[flag[2:].replace("-", "_")] for flag, (keyword, _) in qloss.FLAGS.items()}
 try:
     hyper = qloss.variant_hyperparameters(args.loss, **{k: v for k, v in flag_values.items() if v is not None})
@@ -347,13 +355,6 @@ if rank == 0:
         import wandb
         wandb.init(project=args.wandb, config=vars(args), dir=str(out))
 
-# A preempted job gets SIGTERM (Slurm, then SIGKILL after a grace period) or SIGUSR1: every rank notes it, the
-# step's all-reduce shares it, and after that step all save a checkpoint and exit with UNFINISHED
-signalled = []
-saving = args.save_minutes > 0 or args.save_every > 0
-if saving:
-    for name in ("SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), lambda signum, frame: signalled.append(signal.Signals(signum).name))
 if rank == 0 and not saving:
     print("checkpoints: off (--save-minutes 0 and --save-every 0): a killed run starts over")
 elif rank == 0:
