@@ -278,8 +278,12 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
             torn.unlink()
 
     data_lib.on_rank0(start_or_check_partial)
-    done = {b for chunk in chunk_files(partial) for b in chunk_batches(chunk)}
-    mine = [b for b in range(len(batches)) if b not in done][rank::world]
+    # rank 0 lists the done batches and every rank deals the rest from its list: a rank listing the folder itself
+    # could already see another's new chunks, deal other batches, and leave some to nobody
+    done = [{b for chunk in chunk_files(partial) for b in chunk_batches(chunk)} if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(done, src=0)
+    mine = [b for b in range(len(batches)) if b not in done[0]][rank::world]
     bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
 
