@@ -256,6 +256,26 @@ def logit_gradient_(exp_z, sum_exp, y, q: Target):
     return grad
 
 
+def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_dtype):
+    """A chunk's element-wise work, from its fp32 logits z [n, V]: the sum of its token losses, its rows of
+    (p_y, a, b) [3, n], and the logit gradient (a + b) p - a onehot(y) - b res in grad_dtype (None: none wanted).
+    Everything between the matmuls is here, so that torch.compile fuses it (compiled_chunk, --compile)."""
+    z = z - z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
+    exp_z = z.exp()  # exponentiated once, for both the logsumexp and the gradient
+    sum_exp = exp_z.sum(-1)
+    lse = sum_exp.log()
+    q = rule(z, lse, y, side, **hyper)
+    logp_y = logprob_at(z, lse, y)
+    value = q.value if q.value is not None else -q.a * logp_y + q.b * residual_cross_entropy(z, lse, q)
+    grad = None if grad_dtype is None else logit_gradient_(exp_z, sum_exp, y, q).to(grad_dtype)
+    return value.sum(), torch.stack([logp_y.exp(), q.a, q.b]), grad
+
+
+# inductor fuses the body's passes over [n, V] (max, exp, sum, the rule, the gradient, its cast) into a few
+# kernels; one compilation per rule serves every chunk size (dynamic=True: no recompiling for the last chunk)
+compiled_chunk = torch.compile(chunk_loss_and_gradient, dynamic=True)
+
+
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
     """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits; their exp, turned in place into the
     gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the
@@ -296,7 +316,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
     """Forward walks the labelled rows chunk by chunk and also builds both gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, rows, side, rule, hyper, chunk_size, normalizer):
+    def forward(ctx, hidden, weight, labels, rows, side, rule, hyper, chunk_size, normalizer, compile):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         # fp32 accumulation across chunks: summing bf16 partial products would lose the small ones
@@ -306,32 +326,22 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         # the head the logits are computed with: upcast once here, unless the matmul itself writes fp32 (CUDA)
         head = weight if matmul_writes_fp32(hidden, weight) else weight.to(acc_dtype)
         per_row = []  # (p_y, a, b) of each chunk
+        chunk_body = compiled_chunk if compile else chunk_loss_and_gradient
+        grad_dtype = head.dtype if want_hidden or want_weight else None
         for chunk in rows.split(chunk_size):
-            h, y = hidden[chunk], labels[chunk]
-            chunk_side = side.rows(chunk, acc_dtype)
-            z = logits_fp32(h, head)
-            z -= z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
-            exp_z = z.exp()
-            sum_exp = exp_z.sum(-1)
-            lse = sum_exp.log()
-            q = rule(z, lse, y, chunk_side, **hyper)
-            logp_y = logprob_at(z, lse, y)
-            value = q.value if q.value is not None else -q.a * logp_y + q.b * residual_cross_entropy(z, lse, q)
-            total += value.sum()
-            per_row.append(torch.stack([logp_y.exp(), q.a, q.b]))
-            del z  # freed before the gradient matmuls: the chunk's peak is two [n, V] tensors, not three
-            if want_hidden or want_weight:
-                scaled = q._replace(a=q.a / normalizer, b=q.b / normalizer)  # 1/normalizer folded into a and b
-                # in the head's dtype: bf16 for the tensor cores where the matmul writes fp32, else fp32 as it is
-                grad = logit_gradient_(exp_z, sum_exp, y, scaled).to(head.dtype)
-                if want_hidden:
-                    grad_hidden[chunk] = (grad @ head).to(grad_hidden.dtype)
-                if want_weight:
-                    add_weight_gradient_(grad_weight, grad, h.to(head.dtype))
-                del grad, scaled
-            del exp_z, q  # before the next chunk's logits (and GEM's dense residual): not two chunks' at once
+            h = hidden[chunk]
+            # the logits are passed, not held: the body's peak is two [n, V] tensors (eagerly), not three
+            value, chunk_rows, grad = chunk_body(logits_fp32(h, head), labels[chunk], side.rows(chunk, acc_dtype),
+                                                 rule, hyper, grad_dtype)
+            total += value
+            per_row.append(chunk_rows)
+            if want_hidden:
+                grad_hidden[chunk] = (grad @ head).to(grad_hidden.dtype)
+            if want_weight:
+                add_weight_gradient_(grad_weight, grad, h.to(head.dtype))
+            del grad  # before the next chunk's logits: not two chunks' at once
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype, ctx.used = weight.dtype, False
+        ctx.weight_dtype, ctx.normalizer, ctx.used = weight.dtype, normalizer, False
         p_y, a, b = torch.cat(per_row, dim=1) if per_row else torch.zeros(3, 0, dtype=acc_dtype, device=hidden.device)
         ctx.mark_non_differentiable(p_y, a, b)
         return total / normalizer, p_y, a, b
@@ -342,15 +352,16 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             raise RuntimeError("q_target_loss builds its gradients in the forward pass: one backward per forward")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: a [V, H] copy would double the peak
+        scale = grad_output / ctx.normalizer  # 1/normalizer here, not in the chunk: the compiled body sees no step's count
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, *[None] * 7
+            grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, *[None] * 8
 
 
 def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_size=None, ignore_index=-100,
-                  normalizer=None, **hyper):
+                  normalizer=None, compile=False, **hyper):
     """Sum over labelled tokens of CE(Q_t, softmax(h_t W^T)), divided by `normalizer`; and the PerRow values.
 
     hidden [N, H] final hidden states; weight [V, H] the lm_head; labels [N], already shifted (labels[i]
@@ -358,7 +369,8 @@ def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_s
     rule reads besides the student, rows aligned with labels (Side: a cache's top-k ids and log-probabilities
     [N, k] and its label log-probabilities [N]; the data's label weights [N]). Leading dimensions beyond N are
     flattened. normalizer defaults to the number of labelled tokens; train.py passes the global count of an
-    optimiser step. hyper: the rule's hyperparameters (eta, c, lam, ...; variant_hyperparameters).
+    optimiser step. compile: each chunk's element-wise work through compiled_chunk (torch.compile), else eagerly.
+    hyper: the rule's hyperparameters (eta, c, lam, ...; variant_hyperparameters).
     """
     hyper = variant_hyperparameters(loss, **hyper)
     check_side_inputs(loss, side)
@@ -376,7 +388,7 @@ def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_s
     normalizer = normalizer if normalizer is not None else max(rows.numel(), 1)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
     value, p_y, a, b = ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
-                                                normalizer)
+                                                normalizer, compile)
     cached = None if side.label_logprobs is None else side.label_logprobs[rows].detach().to(p_y.dtype).exp()
     return value, PerRow(p_y, a, b, cached)
 

@@ -23,6 +23,7 @@ with exit status 75; the same command with --resume continues it.
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -461,6 +462,10 @@ if step == total_steps and not stopping:
     if rank == 0:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{args.loss} on {args.data}")
         print(f"done: {out / 'hf'} (transformers / vLLM), {out / 'metrics.png'}")
+# the model and optimizer's DTensors hold the process group: freed first, its gloo/NCCL threads are joined by
+# destroy_process_group, not at the interpreter's exit, where they can abort a rank that has finished (pytorch#179291)
+del model, lm, optimizer, scheduler
+gc.collect()
 dist.barrier()  # every rank tears gloo/NCCL down together, none while rank 0 is still plotting
 dist.destroy_process_group()
 if stopping:
