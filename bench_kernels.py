@@ -1,0 +1,219 @@
+"""bench.py's kernel benchmarks: the chunked loss (eager and compiled) against the matmul floor, the naive
+loss, TRL and Liger; bf16 logits and the bf16 weight gradient against float64. Also the helpers every bench_*.py
+shares. Run through bench.py."""
+import multiprocessing
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import loss as L
+import teacher_cache
+
+
+REPO = Path(__file__).resolve().parent
+MATH16 = REPO / "tests" / "data" / "math16.jsonl"
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats=1, device="cpu", warm_up=False):
+    """Seconds of fn(), the device synchronised before the clock stops: the median of `repeats` calls (one: its
+    time), after one untimed call if warm_up."""
+    times = []
+    for _ in range(warm_up + repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warm_up:])
+
+
+def print_rows(rows, widths):
+    for bench, case, result in rows:
+        print(f"{bench:{widths[0]}} {case:{widths[1]}} {result}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py loss: fwd+bwd of the chunked loss against the full-logits reference and the three matmuls
+
+def loss_inputs(n, h, v, k, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g, device=device, dtype=dtype) / h ** 0.5).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    labels[: n // 8] = -100  # a prompt's share of ignored positions
+    teacher_logprobs, teacher_ids = torch.randn(n, k, generator=g, device=device).log_softmax(-1).sort(-1, True)
+    label_logprobs = -torch.rand(n, generator=g, device=device) * 12  # what a cache holds for psft
+    token_weights = torch.rand(n, generator=g, device=device)         # and the data for weighted
+    return hidden, weight, labels, teacher_ids.int(), teacher_logprobs.half(), label_logprobs, token_weights
+
+
+def loss_step(impl, variant, hidden, weight, labels, *side):
+    """One forward and backward ("matmuls": its three products alone); leaves .grad on hidden and weight."""
+    hidden.grad = weight.grad = None
+    if impl == "chunked":
+        value, _ = L.q_target_loss(hidden, weight, labels, L.Side(*side), loss=variant)
+    elif impl == "naive":
+        value = L.reference_q_target_loss(hidden @ weight.T, labels, L.Side(*side), loss=variant)
+    elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        labelled = labels != -100  # given the labelled rows only, like the chunked loss, and an fp32 grad_weight
+        value = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)(weight, hidden[labelled], labels[labelled])
+    elif impl == "matmuls":  # the three unavoidable matmuls on the labelled rows: logits, grad_hidden, grad_weight
+        with torch.no_grad():
+            labelled = hidden[labels != -100]
+            logits = labelled @ weight.T
+            logits @ weight, logits.T @ labelled  # timed, not kept
+        return
+    value.backward()
+
+
+def held_bytes(device):
+    """Memory held now: the allocator's on a GPU, the resident set (VmRSS) on a Linux CPU."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    return int(re.search(r"VmRSS:\s*(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+
+def peak_extra_bytes(impl, variant, sizes, dtype, device):
+    """Peak memory of one step above what the inputs hold. On CPU: max RSS growth in a fresh process."""
+    inputs = loss_inputs(*sizes, dtype, device)
+    if device == "cpu":  # warm-up: lazily loaded kernels are not the step's memory
+        loss_step(impl, variant, *inputs)
+        inputs[0].grad = inputs[1].grad = None
+    sync(device)
+    before = held_bytes(device)
+    common.reset_peak_memory(device)
+    loss_step(impl, variant, *inputs)
+    sync(device)
+    return common.peak_memory_gib(device) * 2**30 - before
+
+
+def measure_peak(impl, variant, sizes, dtype, device):
+    if device == "cuda":
+        return peak_extra_bytes(impl, variant, sizes, dtype, device)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device))
+
+
+def bench_loss(*, paper, tiny, variants, repeats, liger):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    paper_sizes, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
+    sizes, dtype = ((512, 128, 8192, 16), torch.float32) if tiny else paper_sizes if paper else cpu
+    if paper and device != "cuda":
+        raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
+    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
+          f"N,H,V,k={sizes} dtype={dtype} torch={torch.__version__}")
+    inputs = loss_inputs(*sizes, dtype, device)
+
+    def step_seconds(impl, variant):  # the median of `repeats` steps after a warm-up one
+        return timed(lambda: loss_step(impl, variant, *inputs), repeats, device, warm_up=True)
+
+    matmuls = step_seconds("matmuls", "sft")
+    print(f"three matmuls alone: {matmuls * 1e3:.1f} ms\n")
+    print(f"{'variant':10} {'impl':8} {'ms':>9} {'x naive':>8} {'x matmuls':>9} {'peak MiB':>9} {'x naive':>8}")
+    rows = []
+    for variant in variants.split(","):
+        impls = ["naive", "chunked"] + (["liger"] if liger and variant == "sft" else [])
+        results = {impl: (step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device))
+                   for impl in impls}
+        naive_ms, naive_peak = results["naive"]
+        for impl, (seconds, peak) in results.items():
+            print(f"{variant:10} {impl:8} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / matmuls:9.2f} "
+                  f"{peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
+            rows.append(("loss", f"{variant} {impl}", f"{seconds * 1e3:.1f} ms, {seconds / matmuls:.2f}x the matmuls, "
+                                                      f"peak +{peak / 2**20:.0f} MiB"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py logits: what rounding the lm_head's output to bf16 costs the cached teacher probabilities
+
+def teacher_like_logits_inputs(rows, hidden_size, vocab_size, seed=0):
+    """bf16 hidden states and lm_head whose logits look like a confident teacher's: a per-token base logit
+    N(14, 3) through one hidden unit held at 1, plus N(0, 1) from the rest; the top logits land at 25-30."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=g) / hidden_size ** 0.5
+    hidden[:, 0] = 1
+    weight = torch.randn(vocab_size, hidden_size, generator=g)
+    weight[:, 0] = 14 + 3 * torch.randn(vocab_size, generator=g)
+    return hidden.bfloat16(), weight.bfloat16()
+
+
+def bench_logits(*, rows, hidden, vocab, k):
+    states, head = teacher_like_logits_inputs(rows, hidden, vocab)
+    exact = states.double() @ head.double().T  # the bf16 inputs' product, in float64
+    top_ids = exact.topk(k, dim=-1).indices
+    label = top_ids[:, torch.randint(0, 8, (1,)).item()]  # an observed token among the teacher's top 8
+    print(f"logits of {rows} rows, H={hidden}, V={vocab}: max {exact.max():.1f}, "
+          f"mean top-1 {exact.max(-1).values.mean():.1f}; errors against float64\n")
+    print(f"{'logits':42} {'top-k prob (max abs)':>21} {'label logprob (max abs)':>24}")
+    fp32 = L.logits_fp32(states, head).double()
+    paths = {"bf16 matmul output, then fp32 (before)": (states @ head.T).double(),
+             "fp32 from the matmul (loss.logits_fp32)": fp32}
+    reference_probs = exact.gather(1, top_ids).softmax(-1)
+    reference_label = exact.log_softmax(-1).gather(1, label[:, None])
+    for name, logits in paths.items():
+        probs = logits.gather(1, top_ids).softmax(-1)
+        label_logprob = logits.log_softmax(-1).gather(1, label[:, None])
+        print(f"{name:42} {(probs - reference_probs).abs().max():21.2e} "
+              f"{(label_logprob - reference_label).abs().max():24.2e}")
+    packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, fp32.log_softmax(-1).gather(1, top_ids)
+                                                               .float()))[1]
+    packed_error = (packed.double().softmax(-1) - reference_probs).abs().max()
+    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} {'(stored as fp32)':>24}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py grad: the bf16 weight gradient against float64, chunk partials rounded to bf16 (before) or not
+
+def bf16_ulps(got, exact):
+    """|got - exact| in bf16 units in the last place at exact's magnitude."""
+    spacing = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
+    return ((got.double() - exact) / spacing).abs()
+
+
+def bench_grad(*, tiny):
+    """The lm_head's gradient under bf16 (bf16 hidden states and head, as FSDP's mixed precision computes) for the
+    target loss, against float64 autograd on the same bf16 inputs. Before: each chunk's [V, H] product rounded to
+    bf16, then summed in fp32 (the logit gradient exact, so only that rounding differs). After: loss.py."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, h, v, k = (2048, 1536, 151936, 64) if device == "cuda" and not tiny else (1024, 256, 32768, 64)
+    hidden, weight, labels, *side = loss_inputs(n, h, v, k, torch.bfloat16, device)
+    rows = (labels != -100).nonzero().squeeze(1)
+    chunk = L.default_chunk_size(len(rows), v, torch.device(device))
+    exact = torch.zeros(v, h, dtype=torch.float64, device=device)
+    per_chunk_bf16 = torch.zeros(v, h, device=device)
+    hidden_rows, head = hidden.detach(), weight.detach().double()
+    for part in rows.split(chunk):  # float64 autograd of Table 4's form, a chunk of rows at a time
+        z = (hidden_rows[part].double() @ head.T).requires_grad_(True)
+        part_side = [t[part].double() if t.is_floating_point() else t[part] for t in side]
+        value = L.reference_q_target_loss(z, labels[part], L.Side(*part_side), loss="target", normalizer=len(rows))
+        (grad_z,) = torch.autograd.grad(value, z)
+        exact += grad_z.T @ hidden_rows[part].double()
+        per_chunk_bf16 += (grad_z.bfloat16().T @ hidden_rows[part]).float()  # a bf16 matmul output, as before
+        del z, grad_z
+    loss_step("chunked", "target", hidden, weight, labels, *side)
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: grad of the lm_head [{v}, {h}] from "
+          f"{len(rows)} label rows in chunks of {chunk}, bf16; against float64\n")
+    print(f"{'weight gradient':44} {'relative L2 error':>18} {'entries > 1 bf16 ulp off':>25} "
+          f"{'max error / max |grad|':>23}")
+    result = []
+    for name, got in (("float64, rounded to bf16 once (the floor)", exact.bfloat16()),
+                      ("chunk partials rounded to bf16 (before)", per_chunk_bf16.bfloat16()),
+                      ("summed in fp32, rounded once (loss.py)", weight.grad.detach())):
+        error = got.double() - exact
+        rel, worst = float(error.norm() / exact.norm()), float(error.abs().max() / exact.abs().max())
+        off = float((bf16_ulps(got, exact) > 1).double().mean())
+        print(f"{name:44} {rel:18.2e} {off:25.2%} {worst:23.2e}")
+        result.append(("grad", name, f"relative L2 {rel:.2e}, {off:.2%} of entries > 1 ulp off, max {worst:.1e}"))
+    return result
+
+

@@ -1,0 +1,416 @@
+"""bench.py's pipeline benchmarks: the scripts end to end (teacher cache, grading, train.py, the real LM, the
+demo) and the batching and layout choices behind them. Run through bench.py."""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+import benchmarks
+import common
+import data
+import demo
+import grading
+import teacher_cache
+from bench_kernels import MATH16, REPO, print_rows, timed
+
+
+def logged_steps(out):
+    """train.py's metrics.jsonl under out, a dict per line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py cache: the teacher-cache build against a plain forward, the reader against a training step
+
+def math16_dataset(prefix, tokenizer, repeat):
+    """A fresh folder with `repeat` copies of the 16 test MATH solutions in rows.jsonl, tokenised (max-len 512):
+    the folder, the dataset and its tokens."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "rows.jsonl").write_text(MATH16.read_text() * repeat)
+    ds = data.tokenize_dataset(work / "rows.jsonl", tokenizer, max_len=512, cache_dir=work / "tok")
+    return work, ds, sum(len(ds.input_ids(i)) for i in range(len(ds)))
+
+
+def build_and_forward(model, ds, batch_tokens, out, k, device="cpu"):
+    """Seconds of teacher_cache.build into out, and of a plain no-grad forward over the same packed batches (timed
+    after an untimed one)."""
+    batches = teacher_cache.fixed_batches(ds, batch_tokens)
+
+    def plain_forward():
+        with torch.no_grad():
+            for b in batches:
+                batch = data.pack(ds, b)
+                model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                      use_cache=False).logits.sum().item()
+
+    plain = timed(plain_forward, device=device, warm_up=True)
+    return timed(lambda: teacher_cache.build(model, ds, out, k=k, batch_tokens=batch_tokens), device=device), plain
+
+
+def bench_cache(*, repeat, batch_tokens, k, big_vocab, micro_batch_size):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = demo.make_tokenizer()
+    work, ds, tokens = math16_dataset("bench-cache-", tok, repeat)
+    labels = int(ds.label_counts().sum())
+    print(f"{device}, {len(ds)} samples, {tokens} tokens ({labels} labels), "
+          f"{len(teacher_cache.fixed_batches(ds, batch_tokens))} packed batches of <= {batch_tokens} tokens, k={k}")
+    rows = []
+    for vocab in (len(tok), big_vocab):
+        model = demo.make_model(tok, seed=1).to(device)
+        if vocab != len(tok):
+            model.resize_token_embeddings(vocab)
+        model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        build, plain = build_and_forward(model, ds, batch_tokens, work / f"cache-{vocab}", k, device)
+        print(f"vocab {vocab:>6}: build {tokens / build:>9.0f} tok/s | plain forward {tokens / plain:>9.0f} tok/s"
+              f" | build/forward {plain / build:.2f}x")
+        rows.append(("cache", f"build, vocab {vocab}", f"{tokens / build:.0f} tok/s, {tokens / plain:.0f} tok/s plain "
+                                                       f"forward: {build / plain:.2f}x its time"))
+
+        cache = teacher_cache.TeacherCache(work / f"cache-{vocab}", ds, k)
+        sampler = data.Sampler(len(ds), seed=0)
+        micro = [data.pack(ds, sampler.take_global(micro_batch_size)[0]) for _ in range(len(ds) // micro_batch_size)]
+        read = timed(lambda: [teacher_cache.teacher_rows(cache, m, device)[1].sum().item() for m in micro],
+                     device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+
+        def train_steps():
+            for m in micro:
+                out = model(input_ids=m["input_ids"].to(device), position_ids=m["position_ids"].to(device),
+                            labels=m["labels"].to(device), use_cache=False)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+        train = timed(train_steps, device=device)
+        model.eval()
+        micro_labels = sum(int((m["labels"] != -100).sum()) for m in micro)
+        print(f"vocab {vocab:>6}: teacher_rows {micro_labels / read:>9.0f} label tok/s | training step (fwd+bwd+"
+              f"AdamW, micro-batch {micro_batch_size}) {micro_labels / train:>9.0f} label tok/s | "
+              f"reader/train {train / read:.0f}x")
+        cache_bytes = sum(f.stat().st_size for f in (work / f"cache-{vocab}").rglob("*") if f.is_file())
+        print(f"vocab {vocab:>6}: the cache holds {cache_bytes / labels:.1f} bytes per label token")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py grade: grading.py's pool against the time to generate the same answers
+
+def bench_grade(*, data, n, wrong, workers, timeout, tokens_per_response, gen_tokens_per_s):
+    """Grade problems x n math responses through eval.py's pool (grading.py); compare with the time to generate
+    them. data: the math500 file (None: the hub's).
+
+    Responses are the reference solutions (reasoning ending in \\boxed{answer}); a share of them get another
+    problem's answer in the box, so both verdicts and math-verify's slower mismatch path are exercised."""
+    items = benchmarks.load_benchmark("math500", data)
+    rng = np.random.default_rng(0)
+    samples, expected = [], []
+    for item, row in zip(items, benchmarks.load_rows("math500", data)):
+        solution = row.get("solution") or f"\\boxed{{{item['answer']}}}"
+        swapped = rng.random(n) < wrong
+        others = rng.choice(len(items), n)
+        samples.append([(wrong_box(solution, items[j]["answer"]) if w else solution, 0, False)
+                        for w, j in zip(swapped, others)])
+        expected.append(~swapped)
+    start = time.perf_counter()  # the pool's start included, as eval.py pays it
+    with grading.grading_pool(workers) as pool:  # a task a problem, as eval.py submits them
+        pending = [pool.apply_async(grading.grade_problem, (row, item, timeout, "paper"))
+                   for item, row in zip(items, samples)]
+        grades = np.array([result.get() for result in pending], dtype=bool)
+    correct, timed_out = grades[..., 0], grades[..., 1]
+    seconds = time.perf_counter() - start
+    answers = correct.size
+    generate = answers * tokens_per_response / gen_tokens_per_s
+    print(f"graded {len(items)} x {n} = {answers} answers with {workers} workers in {seconds:.1f} s: "
+          f"{answers / seconds:.0f} answers/s, {timed_out.sum()} timeouts, "
+          f"{100 * np.mean(correct == np.array(expected)):.1f}% graded as constructed")
+    print(f"generating them: {answers} x {tokens_per_response} tokens at {gen_tokens_per_s} tokens/s "
+          f"(assumed) = {generate:.0f} s, {generate / seconds:.1f}x the grading time")
+
+
+def wrong_box(solution, answer):
+    """The solution with its last \\boxed{} replaced by one holding another answer."""
+    content = grading.last_boxed(solution)
+    if content is None:
+        return solution + f" \\boxed{{{answer}}}"
+    start = solution.rfind("\\boxed{")
+    return solution[:start] + f"\\boxed{{{answer}}}" + solution[start + len(f"\\boxed{{{content}}}"):]
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py train: train.py end to end, the target loss against sft, on a Qwen2.5-1.5B-shaped random model
+
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
+
+
+def write_random_model(path, shape):
+    """Random weights in the given shape (nothing downloads), with the tiny tokenizer: its ids are a subset
+    of the vocabulary, so the lm_head and the loss still see every one of the V logits."""
+    tokenizer = demo.make_tokenizer()
+    config = Qwen2Config(**shape, max_position_embeddings=32768, bos_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B on a CPU is slow
+        Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def train_world(prefix, shape, seq_len, samples):
+    """A folder with a random model of `shape` and `samples` rows of seq_len tokens; returns it and the data
+    flags of train.py and teacher_cache.py for them."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    write_random_model(work / "model", shape)
+    words = MATH16.read_text().split()
+    rows = [{"prompt": " ".join(words[i:i + 40]), "response": " ".join((words * 50)[i:i + seq_len])}
+            for i in range(samples)]  # at least a token a word: --truncate cuts each to seq-len tokens
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return work, ["--data", str(work / "train.jsonl"), "--max-len", str(seq_len), "--truncate",
+                  "--data-cache", str(work / "tokenized")]
+
+
+def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_size, accumulation, checkpointing):
+    shape = dict(QWEN25_15B, **TINY) if tiny else dict(QWEN25_15B)
+    shape.update({key: value for key, value in (("num_hidden_layers", layers), ("vocab_size", vocab))
+                  if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
+    work, flags = train_world("bench-train-", shape, seq_len, samples)
+    subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
+                    str(work / "cache"), *flags], check=True)
+    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
+          f"{samples} samples of {seq_len} tokens, micro-batch {micro_batch_size}")
+    rows, peaks = [], {}
+    for ac in ([False, True] if checkpointing == "both" else [checkpointing == "on"]):
+        step_seconds = {}
+        for variant in ("sft", "target"):
+            out = work / f"run-{variant}-{'ac' if ac else 'no-ac'}"
+            subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
+                            "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(steps),
+                            "--global-batch-size", str(micro_batch_size * accumulation),
+                            "--micro-batch-size", str(micro_batch_size), *flags]
+                           + (["--activation-checkpointing"] if ac else []), check=True)
+            logged = logged_steps(out)[1:]  # no warm-up
+            step_seconds[variant] = statistics.median(s["seconds"] for s in logged)
+            tokens_per_s = statistics.median(s["tokens_per_s"] for s in logged)
+            mfu = statistics.median(s.get("mfu", float("nan")) for s in logged)
+            peak = max(s["peak_gib"] for s in logged)
+            peaks[variant, ac] = max(s["peak_fwd_bwd_gib"] for s in logged)  # before the update
+            case = f"{variant}, checkpointing {'on' if ac else 'off'}"
+            memory = f"peak {peak:.1f} GiB ({peaks[variant, ac]:.1f} before the update)"
+            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  "
+                  f"step {step_seconds[variant]:.2f} s")
+            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, {memory}"))
+        ratio = step_seconds["target"] / step_seconds["sft"]
+        print(f"target / sft step time: {ratio:.3f}")
+        rows.append(("train", f"target / sft, checkpointing {'on' if ac else 'off'}", f"{ratio:.3f}x the step time"))
+    if checkpointing == "both":  # of L layers, checkpointing keeps the inputs of L and recomputes one in full
+        for variant in ("sft", "target"):
+            saved = peaks[variant, False] - peaks[variant, True]
+            per_token = saved * 2**30 / (micro_batch_size * seq_len) / 1024
+            print(f"{variant}: checkpointing saves {saved:.2f} GiB, {per_token:.1f} KiB per micro-batch token")
+            rows.append(("train", f"{variant}, checkpointing saves", f"{saved:.2f} GiB, {per_token:.1f} KiB a token"))
+    return rows
+
+
+def bench_attention(*, tiny, layers, seq_len, samples, steps):
+    """teacher_cache.py and train.py in fp32 and in bf16 on a random model: the attention each chose (its start-up
+    line: flash-attn where it can run, else sdpa and why) and the throughput it got."""
+    shape = dict(QWEN25_15B, **TINY) if tiny else dict(QWEN25_15B, num_hidden_layers=layers)
+    work, flags = train_world("bench-attention-", shape, seq_len, samples)
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        cache = work / f"cache-{dtype}"
+        started = time.perf_counter()  # one run, whose output is read too
+        built = subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
+                                str(cache), "--dtype", dtype, *flags], check=True, capture_output=True, text=True)
+        seconds = time.perf_counter() - started  # with the interpreter's and the model's start
+        labels = teacher_cache.TeacherCache(cache).meta["labels"]
+        attention = re.search(r"attention: (.*)", built.stdout)[1]
+        rows.append(("attention", f"teacher_cache.py {dtype}", f"{attention}; {labels / seconds:.0f} label tok/s "
+                                                              "with start-up"))
+        trained = subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", "target",
+                                  "--teacher-cache", str(cache), "--out", str(work / f"run-{dtype}"), "--dtype", dtype,
+                                  "--max-steps", str(steps), "--save-minutes", "0",
+                                  "--global-batch-size", str(samples // steps), *flags],
+                                 check=True, capture_output=True, text=True)
+        attention = re.search(r"attention: (.*?), (?:fp32|bf16), on", trained.stdout)[1]
+        logged = logged_steps(work / f"run-{dtype}")
+        rate = statistics.median(m["tokens_per_s"] for m in logged[1:] or logged)
+        rows.append(("attention", f"train.py {dtype}", f"{attention}; {rate:.0f} tok/s"))
+    print_rows(rows, (9, 22))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py real: the scripts on a real pretrained LM, each against plain transformers on the same batches
+
+def bench_real(*, repeat, batch_tokens, global_batch_size, micro_batch_size, steps):
+    """SmolLM2-135M-Instruct (tests/real_models.py) on real MATH-500 solutions, fp32 on this machine's CPU:
+    teacher_cache.build against a plain forward over the same packed batches, and train.py (one process, sft
+    and target) against a plain transformers step, forward, cross-entropy backward and AdamW, over the same
+    micro-batches. Tokens/s side by side in one run; train.py's and the plain steps' are those after the first."""
+    from tests.real_models import real_model  # tests/ as a namespace package: the repository is on sys.path
+    model_dir = real_model("smollm2-135m-instruct")
+    work, ds, tokens = math16_dataset("bench-real-", AutoTokenizer.from_pretrained(model_dir), repeat)
+    flags = ["--data", str(work / "rows.jsonl"), "--max-len", "512", "--data-cache", str(work / "tok")]
+    model = common.load_model(str(model_dir), torch.device("cpu"))
+    print(f"SmolLM2-135M-Instruct, cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), fp32, "
+          f"torch {torch.__version__}: {len(ds)} samples, {tokens} tokens")
+    build, plain = build_and_forward(model, ds, batch_tokens, work / "cache", 64)
+    rows = [("real", "teacher cache: build / plain forward", f"{tokens / build:.0f} / {tokens / plain:.0f} tok/s "
+                                                             f"= {plain / build:.2f}")]
+
+    sampler = data.Sampler(len(ds), seed=0)
+    plan = [data.fixed_micro_batches(sampler.take_global(global_batch_size), micro_batch_size)[0]
+            for _ in range(steps)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    model.train()
+
+    def plain_step(step):
+        for ids in step:
+            batch = data.pad_batch(ds, ids)
+            model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    rates = [sum(len(ds.input_ids(i)) for ids in step for i in ids) / timed(lambda: plain_step(step)) for step in plan]
+    plain_train = statistics.median(rates[1:])
+    for variant in ("sft", "target"):
+        out = work / f"run-{variant}"
+        subprocess.run([sys.executable, "train.py", "--model", str(model_dir), "--loss", variant, "--teacher-cache",
+                        str(work / "cache"), "--out", str(out), "--max-steps", str(steps), "--dtype", "fp32",
+                        "--global-batch-size", str(global_batch_size), "--micro-batch-size",
+                        str(micro_batch_size), *flags], check=True, capture_output=True)
+        rate = statistics.median(m["tokens_per_s"] for m in logged_steps(out)[1:])
+        rows.append(("real", f"train.py {variant} / plain step", f"{rate:.0f} / {plain_train:.0f} tok/s = "
+                                                                f"{rate / plain_train:.2f}"))
+    print_rows(rows, (6, 40))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py batching: how long ranks wait for each other, fixed sample counts against token-balanced micro-batches
+
+LENGTHS = {"numina-like": (700, 400), "openr1-like": (1800, 700)}  # assumed (mean, sd) tokens, max-len 3072
+
+
+def sample_lengths(mean, sd, count, max_len, rng):
+    """Lognormal lengths with the given mean and sd, kept to [64, max_len]."""
+    sigma2 = np.log(1 + (sd / mean) ** 2)
+    return np.clip(rng.lognormal(np.log(mean) - sigma2 / 2, np.sqrt(sigma2), count), 64, max_len).astype(int)
+
+
+def step_cost(plan, lengths, padded):
+    """Tokens of compute time per step: in every slot, all ranks wait for the costliest."""
+    return int(data.slot_costs(plan, lengths, padded).max(0).sum())
+
+
+def bench_batching(*, samples, steps, global_batch_size, micro_batch_size, micro_batch_tokens, max_len, seed):
+    rng = np.random.default_rng(seed)
+    print(f"{steps} steps of {global_batch_size} samples, max-len {max_len}; fixed: "
+          f"{micro_batch_size} samples per micro-batch; balanced: {micro_batch_tokens} tokens")
+    print("useful = real tokens / (ranks x the step's cost), the share of rank time not spent waiting or on padding")
+    print(f"{'lengths':12} {'ranks':>5} {'layout':7} {'balance fixed':>13} {'balanced':>9} {'useful fixed':>12} "
+          f"{'balanced':>9} {'step x':>7} {'slots':>5}")
+    for name, (mean, sd) in LENGTHS.items():
+        lengths = sample_lengths(mean, sd, samples, max_len, rng)
+        for world in (8, 64):
+            for padded in (False, True):
+                sampler = data.Sampler(len(lengths), seed, world_size=world)
+                results = {"fixed": [], "balanced": []}
+                for _ in range(steps):
+                    dealt = sampler.take_global(global_batch_size // world)
+                    plans = {"fixed": data.fixed_micro_batches(dealt, micro_batch_size),
+                             "balanced": data.balanced_micro_batches(sum(dealt, []), lengths, world,
+                                                                     micro_batch_tokens, padded)}
+                    real = sum(lengths[i] for ids in dealt for i in ids)
+                    for kind, plan in plans.items():
+                        cost = step_cost(plan, lengths, padded)
+                        results[kind].append((data.balance(plan, lengths, padded), real / (world * cost), cost,
+                                              len(plan[0])))
+                fixed, balanced = (np.mean(results[k], axis=0) for k in ("fixed", "balanced"))
+                print(f"{name:12} {world:5} {'padded' if padded else 'packed':7} {fixed[0]:13.3f} {balanced[0]:9.3f} "
+                      f"{fixed[1]:12.1%} {balanced[1]:9.1%} {fixed[2] / balanced[2]:7.2f} {balanced[3]:5.1f}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py layout: one micro-batch's forward and backward, packed in a row against right-padded rows
+
+def bench_layout(*, lengths, hidden, layers, repeats):
+    """Without flash-attn, a packed row makes transformers' sdpa build a dense [T, T] block mask; right-padded
+    rows need none (causal), at the price of computing on the padding. lengths: the micro-batch's, "n,n,...". """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=2,
+                         max_position_embeddings=32768, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).to(device, dtype)
+    lengths = [int(n) for n in lengths.split(",")]
+    ids = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
+    padded = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(padded)
+    for row, x in enumerate(ids):
+        padded[row, :len(x)], mask[row, :len(x)] = x, 1
+    cases = {"packed row (sdpa: dense block mask)": dict(
+                 input_ids=torch.cat(ids)[None], position_ids=torch.cat([torch.arange(n, device=device)
+                                                                         for n in lengths])[None]),
+             "right-padded, attention_mask": dict(input_ids=padded, attention_mask=mask),
+             "right-padded, no mask (causal)": dict(input_ids=padded)}
+
+    def step(inputs):
+        model.zero_grad(set_to_none=True)
+        model.model(**inputs, use_cache=False).last_hidden_state.float().square().mean().backward()
+
+    print(f"{device}, {dtype}, hidden {hidden}, {layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
+          f"{len(lengths) * max(lengths)} padded)")
+    results = {name: timed(lambda: step(inputs), repeats, device, warm_up=True) for name, inputs in cases.items()}
+    packed = results["packed row (sdpa: dense block mask)"]
+    for name, seconds in results.items():
+        print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
+    return [("layout", name, f"{seconds * 1e3:.1f} ms, {packed / seconds:.2f}x the packed row's speed")
+            for name, seconds in results.items()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py demo: the demo a newcomer runs, timed script by script
+
+def bench_demo(*, demo_args):
+    """The default demo end to end into a fresh folder: wall time, and the seconds of each script it ran, read
+    from the `[N s: SCRIPT]` line it prints after each command as that line arrives (so runs side by side are
+    seen as the span they cover together, not as the sum of their seconds)."""
+    spans, seconds = [], {}
+    with tempfile.TemporaryDirectory() as out, open(Path(out) / "stderr.log", "w+") as stderr:
+        started = time.perf_counter()
+        demo_run = subprocess.Popen([sys.executable, "demo.py", "--out", str(Path(out) / "demo"), *demo_args],
+                                    text=True, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO)
+        for line in demo_run.stdout:
+            finished = re.match(r"^\[(\d+) s: (\S+)\]$", line)
+            if finished:
+                took, script, now = float(finished.group(1)), finished.group(2), time.perf_counter() - started
+                seconds.setdefault(script, []).append(took)
+                spans.append((now - took, now))
+        if demo_run.wait():
+            stderr.seek(0)
+            raise SystemExit(f"{stderr.read()[-3000:]}\ndemo.py failed (exit {demo_run.returncode})")
+        wall = time.perf_counter() - started
+    covered, reach = 0.0, 0.0  # the union of the scripts' spans
+    for begin, end in sorted(spans):
+        covered += max(0.0, end - max(begin, reach))
+        reach = max(reach, end)
+    print(f"python demo.py {' '.join(demo_args)}: {wall:.0f} s wall ({os.cpu_count()} cores, "
+          f"torch {torch.__version__})")
+    for script, took in seconds.items():
+        print(f"  {script:18} {len(took):>2} runs {sum(took):6.0f} s ({min(took):.0f}-{max(took):.0f} s each)")
+    print(f"  {'scripts, as spans':18} {'':>7} {covered:6.0f} s (several at once count once)")
+    print(f"  {'in demo.py itself':18} {'':>7} {wall - covered:6.0f} s (the world, the analysis forwards, the figures)")
+
+
