@@ -2,6 +2,7 @@
 
     python bench.py loss                      # chunked Q-target loss vs naive full logits, CPU sizes
     python bench.py loss --paper              # paper scale: N=16384, H=1536, V=151936, bf16 (GPU)
+    python bench.py loss --qwen-rows 1024     # Qwen2.5-1.5B's head (H=1536, V=151936) on 1024 rows, fp32 on a CPU
     python bench.py logits                    # bf16-rounded vs fp32 logits: error on the cached probabilities
     python bench.py grad                      # bf16 weight gradient vs float64: chunk partials rounded or not
     python bench.py attention --tiny          # the attention train.py and teacher_cache.py choose, fp32 and bf16
@@ -36,6 +37,8 @@ def main():
     loss_cmd = commands.add_parser("loss", help="chunked Q-target loss vs naive full logits")
     loss_cmd.add_argument("--paper", action="store_true", help="paper scale, bf16, needs a GPU")
     loss_cmd.add_argument("--tiny", action="store_true", help="toy sizes, to check the script")
+    loss_cmd.add_argument("--qwen-rows", type=int, help="instead, this many rows at Qwen2.5-1.5B's width and "
+                          "vocabulary (H=1536, V=151936); fp32, bf16 with --paper")
     loss_cmd.add_argument("--variants", default="sft,dft,target")
     loss_cmd.add_argument("--repeats", type=int, default=3)
     loss_cmd.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear CE on sft")

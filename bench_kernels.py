@@ -1,6 +1,7 @@
 """bench.py's kernel benchmarks: the chunked loss (eager and compiled) against the matmul floor, the naive
 loss, TRL and Liger; bf16 logits and the bf16 weight gradient against float64. Also the helpers every bench_*.py
 shares. Run through bench.py."""
+import importlib.util
 import multiprocessing
 import re
 import statistics
@@ -58,14 +59,18 @@ def loss_inputs(n, h, v, k, dtype, device, seed=0):
 def loss_step(impl, variant, hidden, weight, labels, *side):
     """One forward and backward ("matmuls": its three products alone); leaves .grad on hidden and weight."""
     hidden.grad = weight.grad = None
-    if impl == "chunked":
-        value, _ = L.q_target_loss(hidden, weight, labels, L.Side(*side), loss=variant)
+    if impl in ("eager", "compiled"):  # the chunked loss, its chunk body run eagerly or through torch.compile
+        value, _ = L.q_target_loss(hidden, weight, labels, L.Side(*side), loss=variant, compile=impl == "compiled")
     elif impl == "naive":
         value = L.reference_q_target_loss(hidden @ weight.T, labels, L.Side(*side), loss=variant)
     elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         labelled = labels != -100  # given the labelled rows only, like the chunked loss, and an fp32 grad_weight
         value = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)(weight, hidden[labelled], labels[labelled])
+    elif impl == "trl":  # TRL's log-probability of the labels (selective_log_softmax, a logsumexp row by row): sft
+        from trl.trainer.utils import selective_log_softmax
+        labelled = labels != -100
+        value = -selective_log_softmax(hidden[labelled] @ weight.T, labels[labelled]).mean()
     elif impl == "matmuls":  # the three unavoidable matmuls on the labelled rows: logits, grad_hidden, grad_weight
         with torch.no_grad():
             labelled = hidden[labels != -100]
@@ -103,34 +108,53 @@ def measure_peak(impl, variant, sizes, dtype, device):
         return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device))
 
 
-def bench_loss(*, paper, tiny, variants, repeats, liger):
+QWEN_HEAD = (1536, 151936)  # Qwen2.5-1.5B's hidden size and vocabulary
+
+
+def bench_loss(*, paper, tiny, qwen_rows, variants, repeats, liger):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    paper_sizes, cpu = ((16384, 1536, 151936, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
+    paper_sizes, cpu = ((16384, *QWEN_HEAD, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
     sizes, dtype = ((512, 128, 8192, 16), torch.float32) if tiny else paper_sizes if paper else cpu
+    if qwen_rows:
+        sizes = (qwen_rows, *QWEN_HEAD, 64)
     if paper and device != "cuda":
         raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
+    n, h, v, _ = sizes
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
           f"N,H,V,k={sizes} dtype={dtype} torch={torch.__version__}")
     inputs = loss_inputs(*sizes, dtype, device)
+    labelled = int((inputs[2] != -100).sum())
 
-    def step_seconds(impl, variant):  # the median of `repeats` steps after a warm-up one
-        return timed(lambda: loss_step(impl, variant, *inputs), repeats, device, warm_up=True)
+    def step_seconds(impl, variant):  # (the first step's seconds, the median of `repeats` steps after it)
+        first = timed(lambda: loss_step(impl, variant, *inputs), 1, device)
+        return first, timed(lambda: loss_step(impl, variant, *inputs), repeats, device)
 
-    matmuls = step_seconds("matmuls", "sft")
-    print(f"three matmuls alone: {matmuls * 1e3:.1f} ms\n")
-    print(f"{'variant':10} {'impl':8} {'ms':>9} {'x naive':>8} {'x matmuls':>9} {'peak MiB':>9} {'x naive':>8}")
+    floor = step_seconds("matmuls", "sft")[1]
+    print(f"three matmuls alone (the floor): {floor * 1e3:.1f} ms, {6 * labelled * h * v / floor / 1e12:.2f} TFLOPS "
+          f"on 6 N H V\n")
+    print(f"{'variant':10} {'impl':9} {'ms':>9} {'x naive':>8} {'x floor':>8} {'TFLOPS':>7} {'compile s':>9} "
+          f"{'peak MiB':>9} {'x naive':>8}")
     rows = []
     for variant in variants.split(","):
-        impls = ["naive", "chunked"] + (["liger"] if liger and variant == "sft" else [])
-        results = {impl: (step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device))
+        impls = ["naive", "eager", "compiled"] + (["trl"] if variant == "sft" and have("trl") else []) + (
+            ["liger"] if liger and variant == "sft" else [])
+        results = {impl: (*step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device))
                    for impl in impls}
-        naive_ms, naive_peak = results["naive"]
-        for impl, (seconds, peak) in results.items():
-            print(f"{variant:10} {impl:8} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / matmuls:9.2f} "
-                  f"{peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
-            rows.append(("loss", f"{variant} {impl}", f"{seconds * 1e3:.1f} ms, {seconds / matmuls:.2f}x the matmuls, "
-                                                      f"peak +{peak / 2**20:.0f} MiB"))
+        naive_ms, naive_peak = results["naive"][1], results["naive"][2]
+        for impl, (first, seconds, peak) in results.items():
+            compile_s = f"{first - seconds:9.1f}" if impl == "compiled" else f"{'':9}"  # the first step's extra time
+            tflops = 6 * labelled * h * v / seconds / 1e12
+            print(f"{variant:10} {impl:9} {seconds * 1e3:9.1f} {seconds / naive_ms:8.2f} {seconds / floor:8.2f} "
+                  f"{tflops:7.2f} {compile_s} {peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
+            rows.append(("loss", f"{variant} {impl} N={n} H={h} V={v}",
+                         f"{seconds * 1e3:.1f} ms, {seconds / floor:.2f}x the floor, {tflops:.1f} TFLOPS, peak "
+                         f"+{peak / 2**20:.0f} MiB" + (f", compiled in {first - seconds:.0f} s" if impl == "compiled"
+                                                        else "")))
     return rows
+
+
+def have(package):
+    return importlib.util.find_spec(package) is not None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -276,6 +276,20 @@ def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_dtype):
 compiled_chunk = torch.compile(chunk_loss_and_gradient, dynamic=True)
 
 
+def check_compile(loss, hyper, dtype, device):
+    """q_target_loss compiled, run once on a few random rows in the run's rule, dtype and device: what inductor
+    cannot do here (no C++ compiler, an op it refuses) raises now, not at the first step. dynamic=True: the
+    compilation serves the run's own chunk sizes and vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, k = 4, 64, 8
+    logprobs, ids = torch.randn(rows, vocab, generator=g).log_softmax(-1).topk(k)
+    side = Side(ids, logprobs, logprobs[:, 0], torch.rand(rows, generator=g))
+    hidden = torch.randn(rows, 16, generator=g).to(device, dtype).requires_grad_(True)
+    weight = torch.randn(vocab, 16, generator=g).to(device, dtype).requires_grad_(True)
+    q_target_loss(hidden, weight, ids[:, 0].to(device), Side(*(t.to(device) for t in side)), loss=loss, compile=True,
+                  **hyper)
+
+
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
     """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits; their exp, turned in place into the
     gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the

@@ -93,6 +93,8 @@ parser.add_argument("--stop-after", type=int, default=None, help="exit after thi
                     "limit; --resume continues exactly")
 parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (master weights "
                     "and gradient reduction stay fp32)")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each "
+                    "decoder layer and the loss's per-chunk element-wise work (default: on with CUDA, off on a CPU)")
 parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer's activations "
                     "in backward: less memory, about a third more compute (not needed for 1.5B on 80 GB)")
 parser.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"], help="micro-batch layout: "
@@ -148,16 +150,17 @@ class QTargetLM(torch.nn.Module):
     """The decoder and the Q-target loss on its lm_head, one module: FSDP's root, so that the root's parameters
     (the embeddings, the final norm and the lm_head, tied or not) are unsharded while the loss runs."""
 
-    def __init__(self, lm, loss, hyper, chunk_size):
+    def __init__(self, lm, loss, hyper, chunk_size, compile):
         super().__init__()
-        self.lm, self.loss, self.hyper, self.chunk_size = lm, loss, hyper, chunk_size
+        self.lm, self.loss, self.hyper, self.chunk_size, self.compile = lm, loss, hyper, chunk_size, compile
 
     def forward(self, batch, side, normalizer):
         """(the micro-batch's loss, divided by normalizer; its loss.PerRow values) at the label positions."""
         hidden = self.lm.model(**data.model_inputs(batch), use_cache=False)[0]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"])
         return qloss.q_target_loss(hidden, self.lm.lm_head.weight, batch["label_ids"], side, loss=self.loss,
-                                   chunk_size=self.chunk_size, ignore_index=None, normalizer=normalizer, **self.hyper)
+                                   chunk_size=self.chunk_size, ignore_index=None, normalizer=normalizer,
+                                   compile=self.compile, **self.hyper)
 
 
 def micro_batch(sample_ids, layout, tokens, cache, device):
@@ -322,10 +325,20 @@ with torch.device("meta"):  # the structure only; load_pretrained fills the shar
                                           attn_implementation=attention)
 if args.activation_checkpointing:
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-model = QTargetLM(lm, args.loss, hyper, args.loss_chunk_size)
+compile = args.compile if args.compile is not None else device.type == "cuda"
+if compile:
+    try:  # inductor's first compilation, a few rows of this run's loss: a failure here is one line, not a crash
+        qloss.check_compile(args.loss, hyper, compute_dtype, device)
+    except Exception as e:  # noqa: BLE001  no C++ compiler or Triton, an op inductor refuses: whatever it raises
+        compile = False
+        if rank == 0:
+            print(f"--compile: torch.compile fails here, so the run goes on eagerly ({common.summary(e)})")
+model = QTargetLM(lm, args.loss, hyper, args.loss_chunk_size, compile)
 mesh = init_device_mesh(device.type, (world_size,))
 policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 for layer in lm.model.layers:
+    if compile:  # one decoder layer at a time, before sharding, as torchtitan does: every layer shares one graph
+        layer.compile()
     fully_shard(layer, mesh=mesh, mp_policy=policy)
 # the root's inputs include the cache's fp32 logprobs: bf16 would keep 8 bits of them (cast_forward_inputs)
 fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
