@@ -246,12 +246,14 @@ def residual_cross_entropy(z, lse, q: Target):
 
 def logit_gradient_(exp_z, sum_exp, y, q: Target):
     """Turns exp(z) [n, V] into the logit gradient (a + b) p - a onehot(y) - b res, in place: p = exp(z) / sum,
-    so the chunk is exponentiated once, for both the logsumexp and the gradient."""
+    so the chunk is exponentiated once, for both the logsumexp and the gradient. The label's and the top-k
+    residual's terms go in by one scatter: a second one would make torch.compile copy the [n, V] block first."""
     grad = exp_z.mul_(((q.a + q.b) / sum_exp)[:, None])
-    grad.scatter_add_(1, y[:, None], -q.a[:, None])
+    ids, values = y[:, None], -q.a[:, None]
     if q.res_ids is not None:
-        grad.scatter_add_(1, q.res_ids, -q.b[:, None] * q.res)
-    elif q.res is not None:
+        ids, values = torch.cat([ids, q.res_ids], 1), torch.cat([values, -q.b[:, None] * q.res], 1)
+    grad.scatter_add_(1, ids, values)
+    if q.res_ids is None and q.res is not None:
         grad.addcmul_(q.b[:, None], q.res, value=-1)  # in place: a dense residual is already [n, V]
     return grad
 
@@ -366,7 +368,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             raise RuntimeError("q_target_loss builds its gradients in the forward pass: one backward per forward")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: a [V, H] copy would double the peak
-        scale = grad_output / ctx.normalizer  # 1/normalizer here, not in the chunk: the compiled body sees no step's count
+        scale = grad_output / ctx.normalizer  # here, not in the chunks: the compiled body sees no step's count
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
         if grad_weight is not None:

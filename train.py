@@ -333,6 +333,9 @@ if compile:
         compile = False
         if rank == 0:
             print(f"--compile: torch.compile fails here, so the run goes on eagerly ({common.summary(e)})")
+    else:
+        if rank == 0:
+            print("--compile: each decoder layer and the loss's chunk body through torch.compile (inductor)")
 model = QTargetLM(lm, args.loss, hyper, args.loss_chunk_size, compile)
 mesh = init_device_mesh(device.type, (world_size,))
 policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)

@@ -62,6 +62,21 @@ def test_chunked_matches_float64_autograd_of_table4(variant, chunk_size):
         assert rel_err(a, b) <= 1e-5, (variant, name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"p"}))  # p is dft's rule: the same compilation
+def test_compiled_matches_float64_autograd_of_table4_with_one_compilation(variant):
+    """--compile: the chunk body through inductor meets eager's tolerance, and one compilation serves chunks of
+    every size of two rows or more (dynamic=True); a one-row chunk, which PyTorch specialises, adds one more."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset(), counters.clear()  # this rule's compilations alone; more than 8 rules per process would hit dynamo's limit
+    for chunk_size in [7, 16, 5, 1000, 33]:  # 34 labelled rows: last chunks of 6, 2, 4 and 34 rows, then 1
+        batch = make_batch(seed=chunk_size)
+        ref = reference_in_float64(*batch, loss=variant)
+        got = chunked(*batch, loss=variant, chunk_size=chunk_size, compile=True)
+        for name, a, b in zip(["value", "grad_hidden", "grad_weight"], got, ref):
+            assert rel_err(a, b) <= 1e-5, (variant, chunk_size, name, rel_err(a, b))
+        assert counters["stats"]["unique_graphs"] == (1 if chunk_size != 33 else 2), (chunk_size, counters["stats"])
+
+
 @pytest.mark.parametrize("variant", ["target", "distill", "kl", "asft"])
 @pytest.mark.parametrize("label_in_topk", [True, False])
 def test_teacher_variants_with_label_inside_and_outside_topk(variant, label_in_topk):

@@ -103,6 +103,36 @@ def test_two_processes_train_export_and_match_one_process(setup, one_process):
     assert torch.isfinite(model(ids).logits).all()
 
 
+def test_compiled_layers_and_loss_on_two_ranks_give_the_eager_losses(setup):
+    """--compile: every decoder layer compiled under FSDP2, and the loss's chunk body; 2 ranks over gloo, 5 steps
+    (a second epoch's micro-batches too): the eager run's losses and gradient norms, to fp32 tolerance."""
+    extra = ["--micro-batch-size", "2", "--epochs", "2", "--max-steps", "5"]
+    eager = run(train_args(setup, "eager-5", *extra), nproc=2)
+    compiled = run(train_args(setup, "compiled-5", *extra, "--compile"), nproc=2)
+    assert "--compile" not in eager.stdout
+    assert "--compile: each decoder layer and the loss's chunk body through torch.compile" in compiled.stdout
+    assert [m["step"] for m in metrics(setup, "compiled-5")] == [1, 2, 3, 4, 5]
+    for a, b in zip(metrics(setup, "eager-5"), metrics(setup, "compiled-5"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_where_compiling_fails_the_run_goes_on_eagerly(setup, one_process, tmp_path):
+    """No C++ compiler (CXX names none; a fresh inductor cache, so nothing compiled earlier is reused): one line
+    says so and the run is the eager one."""
+    env = outside_any_world(CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    result = subprocess.run([sys.executable, TRAIN, *train_args(setup, "no-compiler", "--micro-batch-size", "8",
+                                                                "--compile")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stdout.splitlines() if line.startswith("--compile")]
+    assert len(said) == 1 and "torch.compile fails here, so the run goes on eagerly" in said[0], said
+    assert "No working C++ compiler" in said[0]
+    for a, b in zip(one_process, metrics(setup, "no-compiler"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
 def test_padded_micro_batches_match_packed_ones(setup, one_process, monkeypatch):
     run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--layout", "packed"), monkeypatch)
     for packed, padded in zip(one_process, metrics(setup, "padded")):
