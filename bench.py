@@ -15,7 +15,7 @@
     python bench.py batching                  # micro-batch balance across ranks, fixed counts vs token-balanced
     python bench.py layout                    # fwd+bwd of a micro-batch: packed (dense sdpa mask) vs right-padded
     python bench.py eval                      # eval.py before/after its request stream vs one LLM.generate
-    python bench.py gpu                       # loss --paper --liger, train +-checkpointing, layout, cache, grad,
+    python bench.py gpu                       # loss --paper --liger, train +-compile, layout, cache, grad,
                                               # attention (GPU)
     python bench.py gpu --tiny                # the same at toy sizes, to check the script on a CPU
     python bench.py demo                      # `python demo.py` at its defaults into a fresh folder, timed
@@ -89,6 +89,7 @@ def main():
     train.add_argument("--accumulation", type=int, default=2)
     train.add_argument("--checkpointing", default="off", choices=["off", "on", "both"],
                        help="train.py's --activation-checkpointing")
+    train.add_argument("--compile", default="both", choices=["off", "on", "both"], help="train.py's --compile")
     train.set_defaults(run=bench_train)
     batching = commands.add_parser("batching", help="micro-batch balance across ranks, fixed counts vs balanced")
     batching.add_argument("--samples", type=int, default=67_000, help="synthetic dataset size")

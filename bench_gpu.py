@@ -28,7 +28,7 @@ from tests.tiny import save_tiny  # tests/ as a namespace package: the repositor
 # bench.py gpu: everything that needs a GPU, in one device command, then one table
 
 def bench_gpu(*, tiny, table):
-    """loss --paper --liger, train with and without activation checkpointing, layout, cache, the bf16 weight
+    """loss --paper --liger, train (tokens/s, MFU) with and without --compile, layout, cache, the bf16 weight
     gradient's error and the attention chosen in fp32 and bf16, in under 10 minutes on one H100/H200 with random
     weights in the Qwen2.5-Math-1.5B shape (nothing downloads); with vLLM, eval.py against one LLM.generate and the
     engine checks (bench_engine). Section by section: each one's rows go to stdout and into `table` as it ends,
@@ -38,10 +38,11 @@ def bench_gpu(*, tiny, table):
     if device == "cpu" and not tiny:
         raise SystemExit("bench.py gpu needs a GPU; --tiny checks the script on a CPU at toy sizes")
     sections = {
-        "loss": lambda: bench_loss(paper=not tiny, tiny=tiny, variants="sft,dft,target", repeats=3,
+        "loss": lambda: bench_loss(paper=not tiny, tiny=tiny, qwen_rows=None, variants="sft,dft,target", repeats=3,
                                    liger=importlib.util.find_spec("liger_kernel") is not None),
         "train": lambda: bench_train(tiny=tiny, seq_len=256 if tiny else 3072, samples=40, steps=5,
-                                     micro_batch_size=4, accumulation=2, checkpointing="both", layers=None, vocab=None),
+                                     micro_batch_size=4, accumulation=2, checkpointing="off", compile="both",
+                                     layers=None, vocab=None),
         "layout": lambda: bench_layout(lengths="1400,1100,900,700", hidden=128 if tiny else 1536,
                                        layers=2 if tiny else 28, repeats=3),
         "cache": lambda: bench_cache(repeat=1 if tiny else 16, batch_tokens=2048 if tiny else 16384, k=64,

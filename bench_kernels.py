@@ -224,7 +224,7 @@ def bench_grad(*, tiny):
         exact += grad_z.T @ hidden_rows[part].double()
         per_chunk_bf16 += (grad_z.bfloat16().T @ hidden_rows[part]).float()  # a bf16 matmul output, as before
         del z, grad_z
-    loss_step("chunked", "target", hidden, weight, labels, *side)
+    loss_step("eager", "target", hidden, weight, labels, *side)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: grad of the lm_head [{v}, {h}] from "
           f"{len(rows)} label rows in chunks of {chunk}, bf16; against float64\n")
     print(f"{'weight gradient':44} {'relative L2 error':>18} {'entries > 1 bf16 ulp off':>25} "

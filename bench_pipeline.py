@@ -178,7 +178,8 @@ def train_world(prefix, shape, seq_len, samples):
                   "--data-cache", str(work / "tokenized")]
 
 
-def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_size, accumulation, checkpointing):
+def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_size, accumulation, checkpointing,
+                compile):
     shape = dict(QWEN25_15B, **TINY) if tiny else dict(QWEN25_15B)
     shape.update({key: value for key, value in (("num_hidden_layers", layers), ("vocab_size", vocab))
                   if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
@@ -188,32 +189,37 @@ def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_siz
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
           f"{samples} samples of {seq_len} tokens, micro-batch {micro_batch_size}")
     rows, peaks = [], {}
-    for ac in ([False, True] if checkpointing == "both" else [checkpointing == "on"]):
+    both = [False, True]
+    for ac, compiled in [(ac, c) for ac in (both if checkpointing == "both" else [checkpointing == "on"])
+                         for c in (both if compile == "both" else [compile == "on"])]:
         step_seconds = {}
         for variant in ("sft", "target"):
-            out = work / f"run-{variant}-{'ac' if ac else 'no-ac'}"
+            out = work / f"run-{variant}-{'ac' if ac else 'no-ac'}-{'compiled' if compiled else 'eager'}"
             subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
                             "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(steps),
                             "--global-batch-size", str(micro_batch_size * accumulation),
-                            "--micro-batch-size", str(micro_batch_size), *flags]
+                            "--micro-batch-size", str(micro_batch_size), *flags,
+                            "--compile" if compiled else "--no-compile"]
                            + (["--activation-checkpointing"] if ac else []), check=True)
             logged = logged_steps(out)[1:]  # no warm-up
             step_seconds[variant] = statistics.median(s["seconds"] for s in logged)
             tokens_per_s = statistics.median(s["tokens_per_s"] for s in logged)
             mfu = statistics.median(s.get("mfu", float("nan")) for s in logged)
             peak = max(s["peak_gib"] for s in logged)
-            peaks[variant, ac] = max(s["peak_fwd_bwd_gib"] for s in logged)  # before the update
-            case = f"{variant}, checkpointing {'on' if ac else 'off'}"
-            memory = f"peak {peak:.1f} GiB ({peaks[variant, ac]:.1f} before the update)"
+            peaks[variant, ac, compiled] = max(s["peak_fwd_bwd_gib"] for s in logged)  # before the update
+            case = f"{variant}, checkpointing {'on' if ac else 'off'}" + (", --compile" if compiled else "")
+            memory = f"peak {peak:.1f} GiB ({peaks[variant, ac, compiled]:.1f} before the update)"
             print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  "
                   f"step {step_seconds[variant]:.2f} s")
             rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, {memory}"))
         ratio = step_seconds["target"] / step_seconds["sft"]
         print(f"target / sft step time: {ratio:.3f}")
-        rows.append(("train", f"target / sft, checkpointing {'on' if ac else 'off'}", f"{ratio:.3f}x the step time"))
+        case = f"target / sft, checkpointing {'on' if ac else 'off'}" + (", --compile" if compiled else "")
+        rows.append(("train", case, f"{ratio:.3f}x the step time"))
     if checkpointing == "both":  # of L layers, checkpointing keeps the inputs of L and recomputes one in full
         for variant in ("sft", "target"):
-            saved = peaks[variant, False] - peaks[variant, True]
+            compiled = compile == "on"
+            saved = peaks[variant, False, compiled] - peaks[variant, True, compiled]
             per_token = saved * 2**30 / (micro_batch_size * seq_len) / 1024
             print(f"{variant}: checkpointing saves {saved:.2f} GiB, {per_token:.1f} KiB per micro-batch token")
             rows.append(("train", f"{variant}, checkpointing saves", f"{saved:.2f} GiB, {per_token:.1f} KiB a token"))
@@ -283,15 +289,17 @@ def bench_real(*, repeat, batch_tokens, global_batch_size, micro_batch_size, ste
 
     rates = [sum(len(ds.input_ids(i)) for ids in step for i in ids) / timed(lambda: plain_step(step)) for step in plan]
     plain_train = statistics.median(rates[1:])
-    for variant in ("sft", "target"):
-        out = work / f"run-{variant}"
+    for variant, compiled in [(v, c) for v in ("sft", "target") for c in (False, True)]:
+        out = work / f"run-{variant}{'-compiled' if compiled else ''}"
         subprocess.run([sys.executable, "train.py", "--model", str(model_dir), "--loss", variant, "--teacher-cache",
                         str(work / "cache"), "--out", str(out), "--max-steps", str(steps), "--dtype", "fp32",
-                        "--global-batch-size", str(global_batch_size), "--micro-batch-size",
-                        str(micro_batch_size), *flags], check=True, capture_output=True)
-        rate = statistics.median(m["tokens_per_s"] for m in logged_steps(out)[1:])
-        rows.append(("real", f"train.py {variant} / plain step", f"{rate:.0f} / {plain_train:.0f} tok/s = "
-                                                                f"{rate / plain_train:.2f}"))
+                        "--global-batch-size", str(global_batch_size), "--micro-batch-size", str(micro_batch_size),
+                        *flags, "--compile" if compiled else "--no-compile"], check=True, capture_output=True)
+        logged = logged_steps(out)
+        rate = statistics.median(m["tokens_per_s"] for m in logged[1:])
+        first = logged[0]["seconds"] - statistics.median(m["seconds"] for m in logged[1:])  # compiling, mostly
+        rows.append(("real", f"train.py {variant}{' --compile' if compiled else ''} / plain step",
+                     f"{rate:.0f} / {plain_train:.0f} tok/s = {rate / plain_train:.2f}; first step +{first:.0f} s"))
     print_rows(rows, (6, 40))
     return rows
 
