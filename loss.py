@@ -17,7 +17,8 @@ Three ways to compute the same loss live here:
 - `reference_q_target_loss`: Table 4's formulas on full logits with autograd, written to be read.
 - `q_target_loss`: the rules on chunks of rows, never materialising [N, V] logits. The logit gradient is
   built in the forward pass, from which grad_hidden and grad_weight follow (as Liger-Kernel's fused linear
-  cross-entropy does for plain CE); backward only scales them.
+  cross-entropy does for plain CE); backward only scales them. With compile=True (train.py --compile) each
+  chunk's element-wise work, `chunk_loss_and_gradient`, runs fused by torch.compile.
 - `induced_target`: Eq. 6, Q = p - dloss/dz by autograd, for any loss: the lens itself.
 tests/test_loss.py proves the three agree. `python loss.py` prints Table 5 computed on a worked example;
 `python loss.py --plot FILE.png` draws Figure 3 for every variant.
@@ -274,22 +275,9 @@ def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_dtype):
 
 
 # inductor fuses the body's passes over [n, V] (max, exp, sum, the rule, the gradient, its cast) into a few
-# kernels; one compilation per rule serves every chunk size (dynamic=True: no recompiling for the last chunk)
+# kernels. dynamic=True: one compilation per rule serves every chunk of two rows or more, the last one included (a
+# one-row chunk, a size PyTorch specialises, compiles once more)
 compiled_chunk = torch.compile(chunk_loss_and_gradient, dynamic=True)
-
-
-def check_compile(loss, hyper, dtype, device):
-    """q_target_loss compiled, run once on a few random rows in the run's rule, dtype and device: what inductor
-    cannot do here (no C++ compiler, an op it refuses) raises now, not at the first step. dynamic=True: the
-    compilation serves the run's own chunk sizes and vocabulary."""
-    g = torch.Generator().manual_seed(0)
-    rows, vocab, k = 4, 64, 8
-    logprobs, ids = torch.randn(rows, vocab, generator=g).log_softmax(-1).topk(k)
-    side = Side(ids, logprobs, logprobs[:, 0], torch.rand(rows, generator=g))
-    hidden = torch.randn(rows, 16, generator=g).to(device, dtype).requires_grad_(True)
-    weight = torch.randn(vocab, 16, generator=g).to(device, dtype).requires_grad_(True)
-    q_target_loss(hidden, weight, ids[:, 0].to(device), Side(*(t.to(device) for t in side)), loss=loss, compile=True,
-                  **hyper)
 
 
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):

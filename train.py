@@ -163,6 +163,19 @@ class QTargetLM(torch.nn.Module):
                                    compile=self.compile, **self.hyper)
 
 
+def check_compile(loss, hyper, dtype, device):
+    """loss.q_target_loss compiled, run once on a few random rows in the run's rule, dtype and device: what inductor
+    cannot do here (no C++ compiler, an op it refuses) raises now, not at the first step. dynamic=True: the
+    compilation serves the run's own chunk sizes and vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, k = 4, 64, 8
+    logprobs, ids = torch.randn(rows, vocab, generator=g).log_softmax(-1).topk(k)
+    side = qloss.Side(*(t.to(device) for t in (ids, logprobs, logprobs[:, 0], torch.rand(rows, generator=g))))
+    hidden = torch.randn(rows, 16, generator=g).to(device, dtype).requires_grad_(True)
+    weight = torch.randn(vocab, 16, generator=g).to(device, dtype).requires_grad_(True)
+    qloss.q_target_loss(hidden, weight, side.ids[:, 0], side, loss=loss, compile=True, **hyper)
+
+
 def micro_batch(sample_ids, layout, tokens, cache, device):
     """A micro-batch on the device: the model's inputs, where its labels are (found on the host, so that the GPU
     never has to report them: a boolean index would sync) and the side the loss reads (the cache's rows, the
@@ -328,7 +341,7 @@ if args.activation_checkpointing:
 compile = args.compile if args.compile is not None else device.type == "cuda"
 if compile:
     try:  # inductor's first compilation, a few rows of this run's loss: a failure here is one line, not a crash
-        qloss.check_compile(args.loss, hyper, compute_dtype, device)
+        check_compile(args.loss, hyper, compute_dtype, device)
     except Exception as e:  # noqa: BLE001  no C++ compiler or Triton, an op inductor refuses: whatever it raises
         compile = False
         if rank == 0:
