@@ -26,6 +26,7 @@ tests/test_loss.py proves the three agree. `python loss.py` prints Table 5 compu
 import argparse
 import inspect
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -283,13 +284,14 @@ compiled_chunk = torch.compile(chunk_loss_and_gradient, dynamic=True)
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
     """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits; their exp, turned in place into the
     gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the
-    GPU's memory, at most 2 GiB, and 256 MiB on CPU, where a larger chunk buys no speed. At V = 151936, 2 GiB is
-    ~700 rows: each chunk's three matmuls are still ~1 TFLOP, and a chunk (~0.9 GB) with the fp32 grad_weight
-    (0.9 GB at H = 1536) stays under a tenth of the naive loss's ~30 GB at N = 16384. Read off the device's
-    total, not its free memory: the chunks, and so the summation order, are the same at every step and resume."""
-    budget = (min(torch.cuda.get_device_properties(device).total_memory // 16, 2 * 2**30)
-              if device.type == "cuda" else 2**28)
-    return max(1, min(num_rows, budget // (20 * vocab_size)))
+    device's memory (the GPU's, or the machine's RAM on CPU), at most 2 GiB. At V = 151936, 2 GiB is ~700 rows:
+    each chunk's three matmuls are still ~1 TFLOP, and a chunk (~0.9 GB) with the fp32 grad_weight (0.9 GB at
+    H = 1536) stays under a tenth of the naive loss's ~30 GB at N = 16384. Smaller chunks cost speed on a CPU too:
+    more, smaller matmuls and one more pass over grad_weight each (MEASUREMENTS.md). Read off the device's total,
+    not its free memory: the chunks, and so the summation order, are the same at every step and resume."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return max(1, min(num_rows, min(total // 16, 2 * 2**30) // (20 * vocab_size)))
 
 
 def trust(a, b):

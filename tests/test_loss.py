@@ -397,10 +397,14 @@ def test_no_gradients_are_built_without_grad_mode_and_one_backward_only():
         value.backward()
 
 
-def test_default_chunk_size_bounds_memory():
-    """20 bytes per vocabulary entry within 256 MiB on CPU; no floor on the number of chunks."""
-    assert L.default_chunk_size(16384, 151936) * 151936 * 20 <= 2**28
-    assert L.default_chunk_size(16384, 151936) == 2**28 // (20 * 151936)
+@pytest.mark.parametrize("ram, budget", [(24 * 2**30, 24 * 2**30 // 16), (256 * 2**30, 2 * 2**30)])
+def test_default_chunk_size_on_a_cpu_is_a_sixteenth_of_its_ram_at_most_2_gib(monkeypatch, ram, budget):
+    """This machine's 24 GiB gives 1.5 GiB of chunk, a 256 GiB node the 2 GiB cap; no floor on the number of
+    chunks."""
+    monkeypatch.setattr(L.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": ram // 4096}[name])
+    rows = L.default_chunk_size(16384, 151936)
+    assert rows == budget // (20 * 151936)
+    assert rows * 151936 * 20 <= budget < (rows + 1) * 151936 * 20
     assert L.default_chunk_size(100, 1000) == 100  # everything fits: one chunk
     assert L.default_chunk_size(0, 100) == 1
 
