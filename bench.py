@@ -39,6 +39,7 @@ def main():
     loss_cmd.add_argument("--tiny", action="store_true", help="toy sizes, to check the script")
     loss_cmd.add_argument("--qwen-rows", type=int, help="instead, this many rows at Qwen2.5-1.5B's width and "
                           "vocabulary (H=1536, V=151936); fp32, bf16 with --paper")
+    loss_cmd.add_argument("--chunk-size", type=int, help="rows per chunk (default: loss.default_chunk_size)")
     loss_cmd.add_argument("--variants", default="sft,dft,target")
     loss_cmd.add_argument("--repeats", type=int, default=3)
     loss_cmd.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear CE on sft")

@@ -56,11 +56,12 @@ def loss_inputs(n, h, v, k, dtype, device, seed=0):
     return hidden, weight, labels, teacher_ids.int(), teacher_logprobs.half(), label_logprobs, token_weights
 
 
-def loss_step(impl, variant, hidden, weight, labels, *side):
+def loss_step(impl, variant, hidden, weight, labels, *side, chunk_size=None):
     """One forward and backward ("matmuls": its three products alone); leaves .grad on hidden and weight."""
     hidden.grad = weight.grad = None
     if impl in ("eager", "compiled"):  # the chunked loss, its chunk body run eagerly or through torch.compile
-        value, _ = L.q_target_loss(hidden, weight, labels, L.Side(*side), loss=variant, compile=impl == "compiled")
+        value, _ = L.q_target_loss(hidden, weight, labels, L.Side(*side), loss=variant, chunk_size=chunk_size,
+                                   compile=impl == "compiled")
     elif impl == "naive":
         value = L.reference_q_target_loss(hidden @ weight.T, labels, L.Side(*side), loss=variant)
     elif impl == "liger":  # Liger-Kernel's fused linear cross-entropy: plain CE only (sft)
@@ -87,31 +88,31 @@ def held_bytes(device):
     return int(re.search(r"VmRSS:\s*(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
 
 
-def peak_extra_bytes(impl, variant, sizes, dtype, device):
+def peak_extra_bytes(impl, variant, sizes, dtype, device, chunk_size):
     """Peak memory of one step above what the inputs hold. On CPU: max RSS growth in a fresh process."""
     inputs = loss_inputs(*sizes, dtype, device)
     if device == "cpu":  # warm-up: lazily loaded kernels are not the step's memory
-        loss_step(impl, variant, *inputs)
+        loss_step(impl, variant, *inputs, chunk_size=chunk_size)
         inputs[0].grad = inputs[1].grad = None
     sync(device)
     before = held_bytes(device)
     common.reset_peak_memory(device)
-    loss_step(impl, variant, *inputs)
+    loss_step(impl, variant, *inputs, chunk_size=chunk_size)
     sync(device)
     return common.peak_memory_gib(device) * 2**30 - before
 
 
-def measure_peak(impl, variant, sizes, dtype, device):
+def measure_peak(impl, variant, sizes, dtype, device, chunk_size):
     if device == "cuda":
-        return peak_extra_bytes(impl, variant, sizes, dtype, device)
+        return peak_extra_bytes(impl, variant, sizes, dtype, device, chunk_size)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device))
+        return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device, chunk_size))
 
 
 QWEN_HEAD = (1536, 151936)  # Qwen2.5-1.5B's hidden size and vocabulary
 
 
-def bench_loss(*, paper, tiny, qwen_rows, variants, repeats, liger):
+def bench_loss(*, paper, tiny, qwen_rows, chunk_size, variants, repeats, liger):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     paper_sizes, cpu = ((16384, *QWEN_HEAD, 64), torch.bfloat16), ((2048, 512, 65536, 64), torch.float32)
     sizes, dtype = ((512, 128, 8192, 16), torch.float32) if tiny else paper_sizes if paper else cpu
@@ -124,10 +125,11 @@ def bench_loss(*, paper, tiny, qwen_rows, variants, repeats, liger):
           f"N,H,V,k={sizes} dtype={dtype} torch={torch.__version__}")
     inputs = loss_inputs(*sizes, dtype, device)
     labelled = int((inputs[2] != -100).sum())
+    print(f"chunks of {chunk_size or L.default_chunk_size(labelled, v, torch.device(device))} rows")
 
     def step_seconds(impl, variant):  # (the first step's seconds, the median of `repeats` steps after it)
-        first = timed(lambda: loss_step(impl, variant, *inputs), 1, device)
-        return first, timed(lambda: loss_step(impl, variant, *inputs), repeats, device)
+        first = timed(lambda: loss_step(impl, variant, *inputs, chunk_size=chunk_size), 1, device)
+        return first, timed(lambda: loss_step(impl, variant, *inputs, chunk_size=chunk_size), repeats, device)
 
     floor = step_seconds("matmuls", "sft")[1]
     print(f"three matmuls alone (the floor): {floor * 1e3:.1f} ms, {6 * labelled * h * v / floor / 1e12:.2f} TFLOPS "
@@ -138,7 +140,7 @@ def bench_loss(*, paper, tiny, qwen_rows, variants, repeats, liger):
     for variant in variants.split(","):
         impls = ["naive", "eager", "compiled"] + (["trl"] if variant == "sft" and have("trl") else []) + (
             ["liger"] if liger and variant == "sft" else [])
-        results = {impl: (*step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device))
+        results = {impl: (*step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device, chunk_size))
                    for impl in impls}
         naive_ms, naive_peak = results["naive"][1], results["naive"][2]
         for impl, (first, seconds, peak) in results.items():
