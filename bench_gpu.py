@@ -38,7 +38,8 @@ def bench_gpu(*, tiny, table):
     if device == "cpu" and not tiny:
         raise SystemExit("bench.py gpu needs a GPU; --tiny checks the script on a CPU at toy sizes")
     sections = {
-        "loss": lambda: bench_loss(paper=not tiny, tiny=tiny, qwen_rows=None, chunk_size=None, variants="sft,dft,target",
+        "loss": lambda: bench_loss(paper=not tiny, tiny=tiny, qwen_rows=None, chunk_size=None,
+                                   variants="sft,dft,target",
                                    repeats=3, liger=importlib.util.find_spec("liger_kernel") is not None),
         "train": lambda: bench_train(tiny=tiny, seq_len=256 if tiny else 3072, samples=40, steps=5,
                                      micro_batch_size=4, accumulation=2, checkpointing="off", compile="both",
