@@ -3,8 +3,10 @@ loss, TRL and Liger; bf16 logits and the bf16 weight gradient against float64. A
 shares. Run through bench.py."""
 import importlib.util
 import multiprocessing
+import os
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +123,8 @@ def bench_loss(*, paper, tiny, qwen_rows, chunk_size, variants, repeats, liger):
     if paper and device != "cuda":
         raise SystemExit("--paper needs a GPU: the naive version alone holds ~30 GB of logits")
     n, h, v, _ = sizes
+    # inductor's on-disk cache, empty: the compiled rows' compile time is what a first run pays
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-loss-inductor-")
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} threads={torch.get_num_threads()} "
           f"N,H,V,k={sizes} dtype={dtype} torch={torch.__version__}")
     inputs = loss_inputs(*sizes, dtype, device)
