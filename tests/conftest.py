@@ -25,7 +25,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 MATH16 = Path(__file__).parent / "data" / "math16.jsonl"  # 16 short MATH-500 problems and solutions
 
 
-LONGEST_FIRST = ["test_real_models.py", "test_train.py", "test_eval_e2e.py", "test_demo.py"]  # about 9, 5, 4, 2 min
+# about 9, 5, 4, 2 and 1 min
+LONGEST_FIRST = ["test_real_models.py", "test_train.py", "test_eval_e2e.py", "test_demo.py", "test_train_cache.py"]
 
 
 def pytest_collection_modifyitems(items):
