@@ -247,23 +247,26 @@ def residual_cross_entropy(z, lse, q: Target):
 
 
 def logit_gradient_(exp_z, sum_exp, y, q: Target):
-    """Turns exp(z) [n, V] into the logit gradient (a + b) p - a onehot(y) - b res, in place: p = exp(z) / sum,
-    so the chunk is exponentiated once, for both the logsumexp and the gradient. The label's and the top-k
-    residual's terms go in by one scatter: a second one would make torch.compile copy the [n, V] block first."""
+    """Turns exp(z) [n, V] into the logit gradient (a + b) p - a onehot(y) - b res, in place (p = exp(z) / sum).
+    One scatter for the label and the top-k residual (a second makes torch.compile copy the block); where y is in
+    the top-k its -a joins that entry and the label's adds 0, so CUDA's atomic adds give the same bits every run."""
     grad = exp_z.mul_(((q.a + q.b) / sum_exp)[:, None])
     ids, values = y[:, None], -q.a[:, None]
     if q.res_ids is not None:
-        ids, values = torch.cat([ids, q.res_ids], 1), torch.cat([values, -q.b[:, None] * q.res], 1)
+        at_label = q.res_ids == ids
+        ids = torch.cat([ids, q.res_ids], 1)
+        values = torch.cat([values.masked_fill(at_label.any(1, keepdim=True), 0.0),
+                            -q.b[:, None] * q.res + values * at_label], 1)
     grad.scatter_add_(1, ids, values)
     if q.res_ids is None and q.res is not None:
         grad.addcmul_(q.b[:, None], q.res, value=-1)  # in place: a dense residual is already [n, V]
     return grad
 
 
-def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_dtype):
-    """A chunk's element-wise work, from its fp32 logits z [n, V]: the sum of its token losses, its rows of
-    (p_y, a, b) [3, n], and the logit gradient (a + b) p - a onehot(y) - b res in grad_dtype (None: none wanted).
-    Everything between the matmuls is here, so that torch.compile fuses it (compiled_chunk, --compile)."""
+def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_scale, grad_dtype):
+    """A chunk's element-wise work from its fp32 logits z [n, V], all that torch.compile fuses (--compile): the sum
+    of its token losses, its (p_y, a, b) rows [3, n], and grad_scale times the logit gradient in grad_dtype (None:
+    none). grad_scale, 1/normalizer, is a 0-dim tensor: a number would be compiled in, and it changes every step."""
     z = z - z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
     exp_z = z.exp()  # exponentiated once, for both the logsumexp and the gradient
     sum_exp = exp_z.sum(-1)
@@ -271,13 +274,14 @@ def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_dtype):
     q = rule(z, lse, y, side, **hyper)
     logp_y = logprob_at(z, lse, y)
     value = q.value if q.value is not None else -q.a * logp_y + q.b * residual_cross_entropy(z, lse, q)
-    grad = None if grad_dtype is None else logit_gradient_(exp_z, sum_exp, y, q).to(grad_dtype)
+    del z  # eagerly, the chunk's peak is two [n, V] tensors (the gradient and its cast), not three
+    grad = None if grad_dtype is None else logit_gradient_(
+        exp_z, sum_exp, y, q._replace(a=q.a * grad_scale, b=q.b * grad_scale)).to(grad_dtype)
     return value.sum(), torch.stack([logp_y.exp(), q.a, q.b]), grad
 
 
-# inductor fuses the body's passes over [n, V] (max, exp, sum, the rule, the gradient, its cast) into a few
-# kernels. dynamic=True: one compilation per rule serves every chunk of two rows or more, the last one included (a
-# one-row chunk, a size PyTorch specialises, compiles once more)
+# inductor fuses the body's passes over [n, V] into a few kernels. dynamic=True: one compilation per rule serves every
+# chunk of two rows or more (a one-row chunk, a size PyTorch specialises, compiles once more)
 compiled_chunk = torch.compile(chunk_loss_and_gradient, dynamic=True)
 
 
@@ -334,11 +338,12 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         per_row = []  # (p_y, a, b) of each chunk
         chunk_body = compiled_chunk if compile else chunk_loss_and_gradient
         grad_dtype = head.dtype if want_hidden or want_weight else None
+        grad_scale = torch.tensor(1 / normalizer, dtype=acc_dtype, device=hidden.device)  # folded into a and b
         for chunk in rows.split(chunk_size):
             h = hidden[chunk]
-            # the logits are passed, not held: the body's peak is two [n, V] tensors (eagerly), not three
+            # the logits are passed, not held here: the body frees them once it has no more use for them
             value, chunk_rows, grad = chunk_body(logits_fp32(h, head), labels[chunk], side.rows(chunk, acc_dtype),
-                                                 rule, hyper, grad_dtype)
+                                                 rule, hyper, grad_scale, grad_dtype)
             total += value
             per_row.append(chunk_rows)
             if want_hidden:
@@ -347,7 +352,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
                 add_weight_gradient_(grad_weight, grad, h.to(head.dtype))
             del grad  # before the next chunk's logits: not two chunks' at once
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype, ctx.normalizer, ctx.used = weight.dtype, normalizer, False
+        ctx.weight_dtype, ctx.used = weight.dtype, False
         p_y, a, b = torch.cat(per_row, dim=1) if per_row else torch.zeros(3, 0, dtype=acc_dtype, device=hidden.device)
         ctx.mark_non_differentiable(p_y, a, b)
         return total / normalizer, p_y, a, b
@@ -358,11 +363,10 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             raise RuntimeError("q_target_loss builds its gradients in the forward pass: one backward per forward")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: a [V, H] copy would double the peak
-        scale = grad_output / ctx.normalizer  # here, not in the chunks: the compiled body sees no step's count
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, *[None] * 8
 
 

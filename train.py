@@ -340,13 +340,14 @@ if args.activation_checkpointing:
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 compile = args.compile if args.compile is not None else device.type == "cuda"
 if compile:
-    try:  # inductor's first compilation, a few rows of this run's loss: a failure here is one line, not a crash
+    try:  # the compiler toolchain and this run's loss, compiled now: a failure here is one line and an eager run
         check_compile(args.loss, hyper, compute_dtype, device)
     except Exception as e:  # noqa: BLE001  no C++ compiler or Triton, an op inductor refuses: whatever it raises
         compile = False
         if rank == 0:
             print(f"--compile: torch.compile fails here, so the run goes on eagerly ({common.summary(e)})")
-    else:
+    else:  # what is left to fail, a decoder layer inductor refuses, then runs eagerly after dynamo's warning
+        torch._dynamo.config.suppress_errors = True
         if rank == 0:
             print("--compile: each decoder layer and the loss's chunk body through torch.compile (inductor)")
 model = QTargetLM(lm, args.loss, hyper, args.loss_chunk_size, compile)
