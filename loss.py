@@ -338,7 +338,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         per_row = []  # (p_y, a, b) of each chunk
         chunk_body = compiled_chunk if compile else chunk_loss_and_gradient
         grad_dtype = head.dtype if want_hidden or want_weight else None
-        grad_scale = torch.tensor(1 / normalizer, dtype=acc_dtype, device=hidden.device)  # folded into a and b
+        grad_scale = torch.full((), 1 / normalizer, dtype=acc_dtype, device=hidden.device)  # a fill: no host copy
         for chunk in rows.split(chunk_size):
             h = hidden[chunk]
             # the logits are passed, not held here: the body frees them once it has no more use for them
