@@ -142,8 +142,8 @@ def bench_loss(*, paper, tiny, qwen_rows, chunk_size, variants, repeats, liger):
           f"{'peak MiB':>9} {'x naive':>8}")
     rows = []
     for variant in variants.split(","):
-        impls = ["naive", "eager", "compiled"] + (["trl"] if variant == "sft" and have("trl") else []) + (
-            ["liger"] if liger and variant == "sft" else [])
+        impls = ["naive", "eager", "compiled"] + (["trl"] if variant == "sft" and importlib.util.find_spec("trl")
+                                                  else []) + (["liger"] if liger and variant == "sft" else [])
         results = {impl: (*step_seconds(impl, variant), measure_peak(impl, variant, sizes, dtype, device, chunk_size))
                    for impl in impls}
         naive_ms, naive_peak = results["naive"][1], results["naive"][2]
@@ -157,10 +157,6 @@ def bench_loss(*, paper, tiny, qwen_rows, chunk_size, variants, repeats, liger):
                          f"+{peak / 2**20:.0f} MiB" + (f", compiled in {first - seconds:.0f} s" if impl == "compiled"
                                                         else "")))
     return rows
-
-
-def have(package):
-    return importlib.util.find_spec(package) is not None
 
 
 # ----------------------------------------------------------------------------------------------------

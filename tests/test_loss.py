@@ -67,7 +67,9 @@ def test_compiled_matches_float64_autograd_of_table4_with_one_compilation(varian
     """--compile: the chunk body through inductor meets eager's tolerance, and one compilation serves chunks of
     every size of two rows or more (dynamic=True); a one-row chunk, which PyTorch specialises, adds one more."""
     from torch._dynamo.utils import counters
-    torch._dynamo.reset(), counters.clear()  # this rule's compilations alone; more than 8 rules per process would hit dynamo's limit
+    # this rule's compilations alone: more than 8 rules in one process would hit dynamo's recompile limit
+    torch._dynamo.reset()
+    counters.clear()
     for chunk_size in [7, 16, 5, 1000, 33]:  # 34 labelled rows: last chunks of 6, 2, 4 and 34 rows, then 1
         batch = make_batch(seed=chunk_size)
         ref = reference_in_float64(*batch, loss=variant)
