@@ -1,20 +1,22 @@
 """bench.py's kernel benchmarks: the chunked loss (eager and compiled) against the matmul floor, the naive
-loss, TRL and Liger; bf16 logits and the bf16 weight gradient against float64. Also the helpers every bench_*.py
-shares. Run through bench.py."""
+loss, TRL and Liger; the bf16 weight gradient against float64; one micro-batch's layout, packed or padded. Also the
+helpers every bench_*.py shares. Run through bench.py."""
 import importlib.util
 import multiprocessing
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import common
 import loss as L
-import teacher_cache
 
 
 REPO = Path(__file__).resolve().parent
@@ -41,6 +43,16 @@ def timed(fn, repeats=1, device="cpu", warm_up=False):
 def print_rows(rows, widths):
     for bench, case, result in rows:
         print(f"{bench:{widths[0]}} {case:{widths[1]}} {result}")
+
+
+def run_script(*command, **kwargs):
+    """`python *command`, checked. Its stderr is kept: a failure raises with its last lines, which bench.py gpu
+    writes into the failed section's row (subprocess.run's CalledProcessError would say only the exit status)."""
+    done = subprocess.run([sys.executable, *command], stderr=subprocess.PIPE, text=True, **kwargs)
+    if done.returncode:
+        tail = "\n".join(done.stderr.strip().splitlines()[-12:])
+        raise RuntimeError(f"python {command[0][:40]} ... exited with status {done.returncode}; stderr ends:\n{tail}")
+    return done
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +123,10 @@ def measure_peak(impl, variant, sizes, dtype, device, chunk_size):
         return pool.apply(peak_extra_bytes, (impl, variant, sizes, dtype, device, chunk_size))
 
 
-QWEN_HEAD = (1536, 151936)  # Qwen2.5-1.5B's hidden size and vocabulary
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # the paper's student's shape
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
+QWEN_HEAD = (QWEN25_15B["hidden_size"], QWEN25_15B["vocab_size"])
 
 
 def bench_loss(*, paper, tiny, qwen_rows, chunk_size, variants, repeats, liger):
@@ -154,47 +169,9 @@ def bench_loss(*, paper, tiny, qwen_rows, chunk_size, variants, repeats, liger):
                   f"{tflops:7.2f} {compile_s} {peak / 2**20:9.0f} {peak / naive_peak:8.3f}")
             rows.append(("loss", f"{variant} {impl} N={n} H={h} V={v}",
                          f"{seconds * 1e3:.1f} ms, {seconds / floor:.2f}x the floor, {tflops:.1f} TFLOPS, peak "
-                         f"+{peak / 2**20:.0f} MiB" + (f", compiled in {first - seconds:.0f} s" if impl == "compiled"
+                         f"+{peak / 2**30:.2f} GiB" + (f", compiled in {first - seconds:.0f} s" if impl == "compiled"
                                                         else "")))
     return rows
-
-
-# ----------------------------------------------------------------------------------------------------
-# bench.py logits: what rounding the lm_head's output to bf16 costs the cached teacher probabilities
-
-def teacher_like_logits_inputs(rows, hidden_size, vocab_size, seed=0):
-    """bf16 hidden states and lm_head whose logits look like a confident teacher's: a per-token base logit
-    N(14, 3) through one hidden unit held at 1, plus N(0, 1) from the rest; the top logits land at 25-30."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, hidden_size, generator=g) / hidden_size ** 0.5
-    hidden[:, 0] = 1
-    weight = torch.randn(vocab_size, hidden_size, generator=g)
-    weight[:, 0] = 14 + 3 * torch.randn(vocab_size, generator=g)
-    return hidden.bfloat16(), weight.bfloat16()
-
-
-def bench_logits(*, rows, hidden, vocab, k):
-    states, head = teacher_like_logits_inputs(rows, hidden, vocab)
-    exact = states.double() @ head.double().T  # the bf16 inputs' product, in float64
-    top_ids = exact.topk(k, dim=-1).indices
-    label = top_ids[:, torch.randint(0, 8, (1,)).item()]  # an observed token among the teacher's top 8
-    print(f"logits of {rows} rows, H={hidden}, V={vocab}: max {exact.max():.1f}, "
-          f"mean top-1 {exact.max(-1).values.mean():.1f}; errors against float64\n")
-    print(f"{'logits':42} {'top-k prob (max abs)':>21} {'label logprob (max abs)':>24}")
-    fp32 = L.logits_fp32(states, head).double()
-    paths = {"bf16 matmul output, then fp32 (before)": (states @ head.T).double(),
-             "fp32 from the matmul (loss.logits_fp32)": fp32}
-    reference_probs = exact.gather(1, top_ids).softmax(-1)
-    reference_label = exact.log_softmax(-1).gather(1, label[:, None])
-    for name, logits in paths.items():
-        probs = logits.gather(1, top_ids).softmax(-1)
-        label_logprob = logits.log_softmax(-1).gather(1, label[:, None])
-        print(f"{name:42} {(probs - reference_probs).abs().max():21.2e} "
-              f"{(label_logprob - reference_label).abs().max():24.2e}")
-    packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, fp32.log_softmax(-1).gather(1, top_ids)
-                                                               .float()))[1]
-    packed_error = (packed.double().softmax(-1) - reference_probs).abs().max()
-    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} {'(stored as fp32)':>24}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,3 +220,40 @@ def bench_grad(*, tiny):
     return result
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py layout: one micro-batch's forward and backward, packed in a row against right-padded rows
+
+def bench_layout(*, lengths, hidden, layers, repeats):
+    """Without flash-attn, a packed row makes transformers' sdpa build a dense [T, T] block mask; right-padded
+    rows need none (causal), at the price of computing on the padding. lengths: the micro-batch's, "n,n,...". """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=2,
+                         max_position_embeddings=32768, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).to(device, dtype)
+    lengths = [int(n) for n in lengths.split(",")]
+    ids = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
+    padded = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(padded)
+    for row, x in enumerate(ids):
+        padded[row, :len(x)], mask[row, :len(x)] = x, 1
+    cases = {"packed row (sdpa: dense block mask)": dict(
+                 input_ids=torch.cat(ids)[None], position_ids=torch.cat([torch.arange(n, device=device)
+                                                                         for n in lengths])[None]),
+             "right-padded, attention_mask": dict(input_ids=padded, attention_mask=mask),
+             "right-padded, no mask (causal)": dict(input_ids=padded)}
+
+    def step(inputs):
+        model.zero_grad(set_to_none=True)
+        model.model(**inputs, use_cache=False).last_hidden_state.float().square().mean().backward()
+
+    print(f"{device}, {dtype}, hidden {hidden}, {layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
+          f"{len(lengths) * max(lengths)} padded)")
+    results = {name: timed(lambda: step(inputs), repeats, device, warm_up=True) for name, inputs in cases.items()}
+    packed = results["packed row (sdpa: dense block mask)"]
+    for name, seconds in results.items():
+        print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
+    return [("layout", name, f"{seconds * 1e3:.1f} ms, {packed / seconds:.2f}x the packed row's speed")
+            for name, seconds in results.items()]

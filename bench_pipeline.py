@@ -1,5 +1,5 @@
-"""bench.py's pipeline benchmarks: the scripts end to end (teacher cache, grading, train.py, the real LM, the
-demo) and the batching and layout choices behind them. Run through bench.py."""
+"""bench.py's pipeline benchmarks: the scripts end to end (teacher cache, train.py, the real LM, the demo), the
+cached logits' precision and the micro-batch balance behind them. Run through bench.py."""
 import json
 import os
 import re
@@ -14,13 +14,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-import benchmarks
 import common
 import data
 import demo
-import grading
+import loss as L
 import teacher_cache
-from bench_kernels import MATH16, REPO, print_rows, timed
+from bench_kernels import MATH16, QWEN25_15B, REPO, TINY, print_rows, run_script, timed
 
 
 def logged_steps(out):
@@ -103,55 +102,46 @@ def bench_cache(*, repeat, batch_tokens, k, big_vocab, micro_batch_size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# bench.py grade: grading.py's pool against the time to generate the same answers
+# bench.py logits: what rounding the lm_head's output to bf16 costs the cached teacher probabilities
 
-def bench_grade(*, data, n, wrong, workers, timeout, tokens_per_response, gen_tokens_per_s):
-    """Grade problems x n math responses through eval.py's pool (grading.py); compare with the time to generate
-    them. data: the math500 file (None: the hub's).
-
-    Responses are the reference solutions (reasoning ending in \\boxed{answer}); a share of them get another
-    problem's answer in the box, so both verdicts and math-verify's slower mismatch path are exercised."""
-    items = benchmarks.load_benchmark("math500", data)
-    rng = np.random.default_rng(0)
-    samples, expected = [], []
-    for item, row in zip(items, benchmarks.load_rows("math500", data)):
-        solution = row.get("solution") or f"\\boxed{{{item['answer']}}}"
-        swapped = rng.random(n) < wrong
-        others = rng.choice(len(items), n)
-        samples.append([(wrong_box(solution, items[j]["answer"]) if w else solution, 0, False)
-                        for w, j in zip(swapped, others)])
-        expected.append(~swapped)
-    start = time.perf_counter()  # the pool's start included, as eval.py pays it
-    with grading.grading_pool(workers) as pool:  # a task a problem, as eval.py submits them
-        pending = [pool.apply_async(grading.grade_problem, (row, item, timeout, "paper"))
-                   for item, row in zip(items, samples)]
-        grades = np.array([result.get() for result in pending], dtype=bool)
-    correct, timed_out = grades[..., 0], grades[..., 1]
-    seconds = time.perf_counter() - start
-    answers = correct.size
-    generate = answers * tokens_per_response / gen_tokens_per_s
-    print(f"graded {len(items)} x {n} = {answers} answers with {workers} workers in {seconds:.1f} s: "
-          f"{answers / seconds:.0f} answers/s, {timed_out.sum()} timeouts, "
-          f"{100 * np.mean(correct == np.array(expected)):.1f}% graded as constructed")
-    print(f"generating them: {answers} x {tokens_per_response} tokens at {gen_tokens_per_s} tokens/s "
-          f"(assumed) = {generate:.0f} s, {generate / seconds:.1f}x the grading time")
+def teacher_like_logits_inputs(rows, hidden_size, vocab_size, seed=0):
+    """bf16 hidden states and lm_head whose logits look like a confident teacher's: a per-token base logit
+    N(14, 3) through one hidden unit held at 1, plus N(0, 1) from the rest; the top logits land at 25-30."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=g) / hidden_size ** 0.5
+    hidden[:, 0] = 1
+    weight = torch.randn(vocab_size, hidden_size, generator=g)
+    weight[:, 0] = 14 + 3 * torch.randn(vocab_size, generator=g)
+    return hidden.bfloat16(), weight.bfloat16()
 
 
-def wrong_box(solution, answer):
-    """The solution with its last \\boxed{} replaced by one holding another answer."""
-    content = grading.last_boxed(solution)
-    if content is None:
-        return solution + f" \\boxed{{{answer}}}"
-    start = solution.rfind("\\boxed{")
-    return solution[:start] + f"\\boxed{{{answer}}}" + solution[start + len(f"\\boxed{{{content}}}"):]
+def bench_logits(*, rows, hidden, vocab, k):
+    states, head = teacher_like_logits_inputs(rows, hidden, vocab)
+    exact = states.double() @ head.double().T  # the bf16 inputs' product, in float64
+    top_ids = exact.topk(k, dim=-1).indices
+    label = top_ids[:, torch.randint(0, 8, (1,)).item()]  # an observed token among the teacher's top 8
+    print(f"logits of {rows} rows, H={hidden}, V={vocab}: max {exact.max():.1f}, "
+          f"mean top-1 {exact.max(-1).values.mean():.1f}; errors against float64\n")
+    print(f"{'logits':42} {'top-k prob (max abs)':>21} {'label logprob (max abs)':>24}")
+    fp32 = L.logits_fp32(states, head).double()
+    paths = {"bf16 matmul output, then fp32 (before)": (states @ head.T).double(),
+             "fp32 from the matmul (loss.logits_fp32)": fp32}
+    reference_probs = exact.gather(1, top_ids).softmax(-1)
+    reference_label = exact.log_softmax(-1).gather(1, label[:, None])
+    for name, logits in paths.items():
+        probs = logits.gather(1, top_ids).softmax(-1)
+        label_logprob = logits.log_softmax(-1).gather(1, label[:, None])
+        print(f"{name:42} {(probs - reference_probs).abs().max():21.2e} "
+              f"{(label_logprob - reference_label).abs().max():24.2e}")
+    packed = teacher_cache.unpack_topk(teacher_cache.pack_topk(top_ids, fp32.log_softmax(-1).gather(1, top_ids)
+                                                               .float()))[1]
+    packed_error = (packed.double().softmax(-1) - reference_probs).abs().max()
+    print(f"{'fp32, then packed into the cache':42} {packed_error:21.2e} {'(stored as fp32)':>24}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # bench.py train: train.py end to end, the target loss against sft, on a Qwen2.5-1.5B-shaped random model
 
-QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
 
 
 def write_random_model(path, shape):
@@ -184,8 +174,7 @@ def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_siz
     shape.update({key: value for key, value in (("num_hidden_layers", layers), ("vocab_size", vocab))
                   if value})  # the 1.5B layer at its width, fewer of them: what a CPU can run
     work, flags = train_world("bench-train-", shape, seq_len, samples)
-    subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
-                    str(work / "cache"), *flags], check=True)
+    run_script("teacher_cache.py", "--teacher", str(work / "model"), "--out", str(work / "cache"), *flags)  # one
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {shape}, "
           f"{samples} samples of {seq_len} tokens, micro-batch {micro_batch_size}")
     rows, peaks = [], {}
@@ -195,23 +184,26 @@ def bench_train(*, tiny, seq_len, layers, vocab, samples, steps, micro_batch_siz
         step_seconds = {}
         for variant in ("sft", "target"):
             out = work / f"run-{variant}-{'ac' if ac else 'no-ac'}-{'compiled' if compiled else 'eager'}"
-            subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", variant,
-                            "--teacher-cache", str(work / "cache"), "--out", str(out), "--max-steps", str(steps),
-                            "--global-batch-size", str(micro_batch_size * accumulation),
-                            "--micro-batch-size", str(micro_batch_size), *flags,
-                            "--compile" if compiled else "--no-compile"]
-                           + (["--activation-checkpointing"] if ac else []), check=True)
-            logged = logged_steps(out)[1:]  # no warm-up
+            # no checkpoint and no export: nothing reads them (train.py stops on a loss that is not finite)
+            run_script("train.py", "--model", str(work / "model"), "--loss", variant, "--teacher-cache",
+                       str(work / "cache"), "--out", str(out), "--max-steps", str(steps), "--save-minutes", "0",
+                       "--no-export", "--global-batch-size", str(micro_batch_size * accumulation),
+                       "--micro-batch-size", str(micro_batch_size), *flags, "--compile" if compiled else "--no-compile",
+                       *(["--activation-checkpointing"] if ac else []))
+            first, *logged = logged_steps(out)  # the first step compiles and warms up: left out of the rates
             step_seconds[variant] = statistics.median(s["seconds"] for s in logged)
             tokens_per_s = statistics.median(s["tokens_per_s"] for s in logged)
-            mfu = statistics.median(s.get("mfu", float("nan")) for s in logged)
+            # train.py logs MFU where it knows the device's peak FLOPS: not on a CPU
+            mfu = f"MFU {statistics.median(s['mfu'] for s in logged):.1%}" if "mfu" in first else "MFU n/a"
             peak = max(s["peak_gib"] for s in logged)
             peaks[variant, ac, compiled] = max(s["peak_fwd_bwd_gib"] for s in logged)  # before the update
             case = f"{variant}, checkpointing {'on' if ac else 'off'}" + (", --compile" if compiled else "")
             memory = f"peak {peak:.1f} GiB ({peaks[variant, ac, compiled]:.1f} before the update)"
-            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  MFU {mfu:6.1%}  {memory}  "
-                  f"step {step_seconds[variant]:.2f} s")
-            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, MFU {mfu:.1%}, {memory}"))
+            extra = f"first step +{first['seconds'] - step_seconds[variant]:.1f} s"
+            losses = f"loss {first['loss']:.3f} to {logged[-1]['loss']:.3f}, finite"
+            print(f"{case:28} {tokens_per_s:10.0f} tokens/s  {mfu}  {memory}  "
+                  f"step {step_seconds[variant]:.2f} s, {extra}, {losses}")
+            rows.append(("train", case, f"{tokens_per_s:.0f} tokens/s, {mfu}, {memory}, {extra}, {losses}"))
         ratio = step_seconds["target"] / step_seconds["sft"]
         print(f"target / sft step time: {ratio:.3f}")
         case = f"target / sft, checkpointing {'on' if ac else 'off'}" + (", --compile" if compiled else "")
@@ -235,18 +227,17 @@ def bench_attention(*, tiny, layers, seq_len, samples, steps):
     for dtype in ("fp32", "bf16"):
         cache = work / f"cache-{dtype}"
         started = time.perf_counter()  # one run, whose output is read too
-        built = subprocess.run([sys.executable, "teacher_cache.py", "--teacher", str(work / "model"), "--out",
-                                str(cache), "--dtype", dtype, *flags], check=True, capture_output=True, text=True)
+        built = run_script("teacher_cache.py", "--teacher", str(work / "model"), "--out", str(cache), "--dtype", dtype,
+                           *flags, stdout=subprocess.PIPE)
         seconds = time.perf_counter() - started  # with the interpreter's and the model's start
         labels = teacher_cache.TeacherCache(cache).meta["labels"]
         attention = re.search(r"attention: (.*)", built.stdout)[1]
         rows.append(("attention", f"teacher_cache.py {dtype}", f"{attention}; {labels / seconds:.0f} label tok/s "
                                                               "with start-up"))
-        trained = subprocess.run([sys.executable, "train.py", "--model", str(work / "model"), "--loss", "target",
-                                  "--teacher-cache", str(cache), "--out", str(work / f"run-{dtype}"), "--dtype", dtype,
-                                  "--max-steps", str(steps), "--save-minutes", "0",
-                                  "--global-batch-size", str(samples // steps), *flags],
-                                 check=True, capture_output=True, text=True)
+        trained = run_script("train.py", "--model", str(work / "model"), "--loss", "target", "--teacher-cache",
+                             str(cache), "--out", str(work / f"run-{dtype}"), "--dtype", dtype, "--max-steps",
+                             str(steps), "--save-minutes", "0", "--no-export", "--no-compile", "--global-batch-size",
+                             str(samples // steps), *flags, stdout=subprocess.PIPE)  # the train section compiles
         attention = re.search(r"attention: (.*?), (?:fp32|bf16), on", trained.stdout)[1]
         logged = logged_steps(work / f"run-{dtype}")
         rate = statistics.median(m["tokens_per_s"] for m in logged[1:] or logged)
@@ -291,10 +282,11 @@ def bench_real(*, repeat, batch_tokens, global_batch_size, micro_batch_size, ste
     plain_train = statistics.median(rates[1:])
     for variant, compiled in [(v, c) for v in ("sft", "target") for c in (False, True)]:
         out = work / f"run-{variant}{'-compiled' if compiled else ''}"
-        subprocess.run([sys.executable, "train.py", "--model", str(model_dir), "--loss", variant, "--teacher-cache",
-                        str(work / "cache"), "--out", str(out), "--max-steps", str(steps), "--dtype", "fp32",
-                        "--global-batch-size", str(global_batch_size), "--micro-batch-size", str(micro_batch_size),
-                        *flags, "--compile" if compiled else "--no-compile"], check=True, capture_output=True)
+        run_script("train.py", "--model", str(model_dir), "--loss", variant, "--teacher-cache", str(work / "cache"),
+                   "--out", str(out), "--max-steps", str(steps), "--dtype", "fp32", "--save-minutes", "0",
+                   "--no-export", "--global-batch-size", str(global_batch_size), "--micro-batch-size",
+                   str(micro_batch_size), *flags, "--compile" if compiled else "--no-compile",
+                   stdout=subprocess.DEVNULL)
         logged = logged_steps(out)
         rate = statistics.median(m["tokens_per_s"] for m in logged[1:])
         first = logged[0]["seconds"] - statistics.median(m["seconds"] for m in logged[1:])  # compiling, mostly
@@ -347,45 +339,6 @@ def bench_batching(*, samples, steps, global_batch_size, micro_batch_size, micro
                 fixed, balanced = (np.mean(results[k], axis=0) for k in ("fixed", "balanced"))
                 print(f"{name:12} {world:5} {'padded' if padded else 'packed':7} {fixed[0]:13.3f} {balanced[0]:9.3f} "
                       f"{fixed[1]:12.1%} {balanced[1]:9.1%} {fixed[2] / balanced[2]:7.2f} {balanced[3]:5.1f}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# bench.py layout: one micro-batch's forward and backward, packed in a row against right-padded rows
-
-def bench_layout(*, lengths, hidden, layers, repeats):
-    """Without flash-attn, a packed row makes transformers' sdpa build a dense [T, T] block mask; right-padded
-    rows need none (causal), at the price of computing on the padding. lengths: the micro-batch's, "n,n,...". """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=2,
-                         max_position_embeddings=32768, attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(config).to(device, dtype)
-    lengths = [int(n) for n in lengths.split(",")]
-    ids = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
-    padded = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
-    mask = torch.zeros_like(padded)
-    for row, x in enumerate(ids):
-        padded[row, :len(x)], mask[row, :len(x)] = x, 1
-    cases = {"packed row (sdpa: dense block mask)": dict(
-                 input_ids=torch.cat(ids)[None], position_ids=torch.cat([torch.arange(n, device=device)
-                                                                         for n in lengths])[None]),
-             "right-padded, attention_mask": dict(input_ids=padded, attention_mask=mask),
-             "right-padded, no mask (causal)": dict(input_ids=padded)}
-
-    def step(inputs):
-        model.zero_grad(set_to_none=True)
-        model.model(**inputs, use_cache=False).last_hidden_state.float().square().mean().backward()
-
-    print(f"{device}, {dtype}, hidden {hidden}, {layers} layers, lengths {lengths} ({sum(lengths)} tokens, "
-          f"{len(lengths) * max(lengths)} padded)")
-    results = {name: timed(lambda: step(inputs), repeats, device, warm_up=True) for name, inputs in cases.items()}
-    packed = results["packed row (sdpa: dense block mask)"]
-    for name, seconds in results.items():
-        print(f"{name:36} {seconds * 1e3:9.1f} ms  {packed / seconds:5.2f}x the packed row's speed")
-    return [("layout", name, f"{seconds * 1e3:.1f} ms, {packed / seconds:.2f}x the packed row's speed")
-            for name, seconds in results.items()]
 
 
 # ----------------------------------------------------------------------------------------------------

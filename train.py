@@ -107,6 +107,8 @@ parser.add_argument("--save-every", type=int, default=0, help="steps between sha
                     "by count); with --save-minutes 0, no checkpoints at all")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
 parser.add_argument("--export-on-save", action="store_true", help="also write a HF folder at each checkpoint")
+parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True, help="at the end, write OUT/hf "
+                    "(transformers and vLLM load it) and the curves (--no-export: a timing run, bench.py train)")
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--wandb", default=None, metavar="PROJECT")
 data.add_options(parser)
@@ -487,7 +489,7 @@ progress.close()
 # ----------------------------------------------------------------------------------------------------
 # The export: a folder transformers and vLLM load, and the curves
 
-if step == total_steps and not stopping:
+if step == total_steps and not stopping and args.export:
     checkpoint.export_hf(out / "hf", model, tokenizer, compute_dtype, end_of_turn)
     if rank == 0:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{args.loss} on {args.data}")
