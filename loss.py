@@ -263,10 +263,12 @@ def logit_gradient_(exp_z, sum_exp, y, q: Target):
     return grad
 
 
-def chunk_loss_and_gradient(z, y, side, rule, hyper, grad_scale, grad_dtype):
-    """A chunk's element-wise work from its fp32 logits z [n, V], all that torch.compile fuses (--compile): the sum
-    of its token losses, its (p_y, a, b) rows [3, n], and grad_scale times the logit gradient in grad_dtype (None:
-    none). grad_scale, 1/normalizer, is a 0-dim tensor: a number would be compiled in, and it changes every step."""
+def chunk_loss_and_gradient(h, head, y, side, rule, hyper, grad_scale, grad_dtype):
+    """A chunk's work from its hidden rows h [n, H] and the head to its logit gradient, all that torch.compile fuses
+    (--compile): the sum of its token losses, its (p_y, a, b) rows [3, n], and grad_scale times the logit gradient in
+    grad_dtype (None: none). grad_scale, 1/normalizer, is a 0-dim tensor: a number would be compiled in, and it
+    changes every step. The logits are made here, not passed in: a compiled call's arguments live until it returns."""
+    z = logits_fp32(h, head)
     z = z - z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
     exp_z = z.exp()  # exponentiated once, for both the logsumexp and the gradient
     sum_exp = exp_z.sum(-1)
@@ -341,9 +343,8 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         grad_scale = torch.full((), 1 / normalizer, dtype=acc_dtype, device=hidden.device)  # a fill: no host copy
         for chunk in rows.split(chunk_size):
             h = hidden[chunk]
-            # the logits are passed, not held here: the body frees them once it has no more use for them
-            value, chunk_rows, grad = chunk_body(logits_fp32(h, head), labels[chunk], side.rows(chunk, acc_dtype),
-                                                 rule, hyper, grad_scale, grad_dtype)
+            value, chunk_rows, grad = chunk_body(h, head, labels[chunk], side.rows(chunk, acc_dtype), rule, hyper,
+                                                 grad_scale, grad_dtype)
             total += value
             per_row.append(chunk_rows)
             if want_hidden:
