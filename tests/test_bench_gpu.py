@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_gpu
+from bench_kernels import run_script
 from conftest import outside_any_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +44,20 @@ def test_gpu_check_plans_then_runs_what_fits_and_names_what_is_missing(tmp_path)
     for section in ran:
         assert int(estimates[section]) <= 30
     assert outcome["eval"] == outcome["engine"] == [("skipped", "needs vllm")]
+
+
+def failing_child():
+    """A section whose child process fails, as train.py or eval.py would: its reason on stderr, last."""
+    run_script("-c", "import sys; print('loading...', file=sys.stderr); sys.exit('CUDA error: no kernel image')")
+
+
+def test_a_failed_section_is_a_row_ending_with_its_childs_stderr(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_gpu, "sections", lambda tiny, liger: [
+        bench_gpu.Section("broken", "test_bench_gpu:failing_child", {}),
+        bench_gpu.Section("layout", "bench_kernels:bench_layout",
+                          dict(lengths="8,4", hidden=128, layers=1, repeats=1))])
+    bench_gpu.bench_gpu(tiny=True, budget=60, table=str(tmp_path / "table.txt"))
+    _, failed, *rest = (tmp_path / "table.txt").read_text().splitlines()
+    assert failed.split(None, 2)[:2] == ["broken", "FAILED"] and "exited with status 1" in failed
+    assert [line.strip() for line in rest[:2]] == ["loading...", "CUDA error: no kernel image"]
+    assert [line.split()[0] for line in rest[2:]] == ["layout"] * 3  # the next section still ran
