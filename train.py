@@ -22,6 +22,7 @@ toy world. A checkpoint is saved every --save-minutes (30) and on SIGTERM or SIG
 with exit status 75; the same command with --resume continues it.
 """
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -165,10 +166,13 @@ class QTargetLM(torch.nn.Module):
                                    compile=self.compile, **self.hyper)
 
 
-def check_compile(loss, hyper, dtype, device):
-    """loss.q_target_loss compiled, run once on a few random rows in the run's rule, dtype and device: what inductor
-    cannot do here (no C++ compiler, an op it refuses) raises now, not at the first step. dynamic=True: the
-    compilation serves the run's own chunk sizes and vocabulary."""
+def check_compile(config, attention, batch, loss, hyper, dtype, device):
+    """What torch.compile builds at the first step, built now on stand-ins in the run's dtype and device, so that a
+    missing C++ compiler or Triton, or an op inductor refuses, raises here once instead of inside the first step on
+    every rank: the loss's chunk body in the run's rule, on a few random rows (dynamic=True: it serves the run's own
+    chunk sizes and vocabulary), and one decoder layer of the run's config, compiled as the run compiles each,
+    through its forward and its backward on `batch` (inductor compiles a backward lazily, inside the first
+    backward(), where no eager fallback exists)."""
     g = torch.Generator().manual_seed(0)
     rows, vocab, k = 4, 64, 8
     logprobs, ids = torch.randn(rows, vocab, generator=g).log_softmax(-1).topk(k)
@@ -176,6 +180,14 @@ def check_compile(loss, hyper, dtype, device):
     hidden = torch.randn(rows, 16, generator=g).to(device, dtype).requires_grad_(True)
     weight = torch.randn(vocab, 16, generator=g).to(device, dtype).requires_grad_(True)
     qloss.q_target_loss(hidden, weight, side.ids[:, 0], side, loss=loss, compile=True, **hyper)
+    one_layer = copy.deepcopy(config)
+    one_layer.num_hidden_layers = 1
+    if getattr(one_layer, "layer_types", None):  # per-layer attention kinds (sliding, full): the first layer's
+        one_layer.layer_types = one_layer.layer_types[:1]
+    with torch.device(device):
+        probe = AutoModelForCausalLM.from_config(one_layer, dtype=dtype, attn_implementation=attention)
+    probe.model.layers[0].compile()
+    probe.model(**batch, use_cache=False)[0].float().square().mean().backward()
 
 
 def micro_batch(sample_ids, layout, tokens, cache, device):
@@ -342,13 +354,14 @@ if args.activation_checkpointing:
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 compile = args.compile if args.compile is not None else device.type == "cuda"
 if compile:
-    try:  # the compiler toolchain and this run's loss, compiled now: a failure here is one line and an eager run
-        check_compile(args.loss, hyper, compute_dtype, device)
+    try:  # the toolchain, this run's loss and a decoder layer's backward, compiled now: a failure is one line
+        first = (data.pack if layout == "packed" else data.pad_batch)(tokens, [0])  # a real sample, its layout
+        check_compile(lm.config, attention, data.model_inputs(first, device), args.loss, hyper, compute_dtype, device)
     except Exception as e:  # noqa: BLE001  no C++ compiler or Triton, an op inductor refuses: whatever it raises
         compile = False
         if rank == 0:
             print(f"--compile: torch.compile fails here, so the run goes on eagerly ({common.summary(e)})")
-    else:  # what is left to fail, a decoder layer inductor refuses, then runs eagerly after dynamo's warning
+    else:  # what is left to fail, a layer's forward at a shape the probe did not meet, runs eagerly with a warning
         torch._dynamo.config.suppress_errors = True
         if rank == 0:
             print("--compile: each decoder layer and the loss's chunk body through torch.compile (inductor)")

@@ -132,6 +132,37 @@ def test_where_compiling_fails_the_run_goes_on_eagerly(setup, one_process, tmp_p
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
 
 
+# sitecustomize for a train.py whose inductor refuses every backward graph, as a Triton or inductor failure would
+REFUSE_BACKWARDS = """
+import torch._inductor.compile_fx as compile_fx
+compile_graph = compile_fx._compile_fx_inner  # looked up by name at each compilation
+def refuse_backwards(gm, example_inputs, **kwargs):
+    if kwargs.get("is_backward"):
+        raise RuntimeError("inductor cannot compile this backward (tests/test_train.py)")
+    return compile_graph(gm, example_inputs, **kwargs)
+compile_fx._compile_fx_inner = refuse_backwards
+"""
+
+
+def test_where_a_layers_backward_fails_to_compile_the_run_goes_on_eagerly(setup, one_process, tmp_path):
+    """Inductor compiles a layer's backward lazily, inside the first backward(), where nothing falls back to eager:
+    the compile probe's layer meets the failure first (a fresh inductor cache: nothing compiled earlier is reused),
+    so one line says so and the run is the eager one."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(REFUSE_BACKWARDS)
+    env = outside_any_world(PYTHONPATH=str(tmp_path / "site"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    result = subprocess.run([sys.executable, TRAIN, *train_args(setup, "no-backward", "--micro-batch-size", "8",
+                                                                "--compile")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stdout.splitlines() if line.startswith("--compile")]
+    assert said == ["--compile: torch.compile fails here, so the run goes on eagerly (RuntimeError: inductor cannot "
+                    "compile this backward (tests/test_train.py))"], said
+    for a, b in zip(one_process, metrics(setup, "no-backward"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
 def test_padded_micro_batches_match_packed_ones(setup, one_process, monkeypatch):
     run_in_process(train_args(setup, "padded", "--micro-batch-size", "8", "--layout", "packed"), monkeypatch)
     for packed, padded in zip(one_process, metrics(setup, "padded")):
