@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,12 +154,31 @@ def check_complete(path, flag=None):
     """A cache folder that a finished build renamed into place (its meta.json is written last); a refusal names
     the flag that gave the folder."""
     path = Path(path)
-    if not (path / "meta.json").is_file():
+    if not visible_soon(path / "meta.json"):
         partial = path.with_name(path.name + ".partial")
         raise UserError(
             f"{flag + ' ' if flag else ''}{path} is not a complete teacher cache (no meta.json); "
             + (f"{partial} holds an unfinished build: rerun the command that started it to finish it"
                if partial.exists() else "build it with teacher_cache.py"))
+
+
+def visible_soon(path, seconds=120):
+    """Whether the file `path` exists. Rank 0 answers at once. Another rank, perhaps on another node, looks again
+    every second for `seconds` first: an NFS client caches a lookup's "no such file" (up to acdirmax, 60 s by
+    default), which can outlive rank 0's renaming a finished cache into place. Read before any process group."""
+    deadline = time.monotonic() + (seconds if os.environ.get("RANK", "0") != "0" else 0)
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(1)
+    return path.is_file()
+
+
+def complete_on_rank0(out):
+    """Whether `out` is a complete cache, rank 0's answer on every rank: ranks deciding alone could split, some
+    building while others, shown a stale listing, do not."""
+    complete = [(Path(out) / "meta.json").is_file()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(complete, src=0)
+    return complete[0]
 
 
 def teacher_rows(cache, batch, device):
@@ -249,7 +269,7 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
         raise UserError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
     rank, world = common.rank_and_world()
     out = Path(out)
-    if (out / "meta.json").exists():  # model may be None then: nothing is computed
+    if complete_on_rank0(out):  # model may be None then: nothing is computed
         TeacherCache(out, data, k)
         if rank == 0:
             print(f"{out} is complete: reused, not rebuilt")
@@ -281,12 +301,15 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     data_lib.on_rank0(start_or_check_partial)
     # rank 0 lists the done batches and every rank deals the rest from its list: a rank listing the folder itself
     # could already see another's new chunks, deal other batches, and leave some to nobody
-    done = [{b for chunk in chunk_files(partial) for b in chunk_batches(chunk)} if rank == 0 else None]
+    earlier = chunk_files(partial) if rank == 0 else []  # an unfinished build's chunks
+    done = [{b for chunk in earlier for b in chunk_batches(chunk)}]
     if world > 1:
         dist.broadcast_object_list(done, src=0)
     mine = [b for b in range(len(batches)) if b not in done[0]][rank::world]
     bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
+
+    written = []  # the names of this rank's chunk files, for rank 0 to open by name
 
     def write_chunk(chunk):
         """One rank's rows of a group of batches, written to a temporary name and renamed: a chunk file is whole."""
@@ -305,27 +328,33 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        written.append(path.name)
 
-    chunk, written = [], None
+    chunk, writing = [], None
     with ThreadPoolExecutor(max_workers=1) as writer:
         for position, b in enumerate(mine, 1):
             batch = data_lib.pack(data, batches[b])
             chunk.append((b, *to_host(topk_rows(model, batch, k))))
             if len(chunk) == flush_every or position == len(mine):
-                if written is not None:
-                    written.result()  # a failed write raises here; one chunk in flight at a time
-                written, chunk = writer.submit(write_chunk, chunk), []
+                if writing is not None:
+                    writing.result()  # a failed write raises here; one chunk in flight at a time
+                writing, chunk = writer.submit(write_chunk, chunk), []
             bar.update(batch["input_ids"].shape[1])
-        if written is not None:
-            written.result()
+        if writing is not None:
+            writing.result()
     bar.close()
+    # every rank's chunk names, gathered: rank 0 opens each by name, not from a listing of the folder, which an
+    # NFS client caches for up to a minute and could show without the chunks other nodes have just renamed into place
+    names = [written]
     if world > 1:
-        dist.barrier()
+        names = [None] * world
+        dist.all_gather_object(names, written)
     if rank == 0:
-        merge(partial, spans, plan)
+        chunks = earlier + [partial / name for rank_names in names for name in rank_names]
+        merge(partial, spans, plan, chunks)
         meta = {**plan, "sample_hashes": [sample_hash(data, i) for i in range(len(data))]}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-        for name in [*chunk_files(partial), partial / "plan.json"]:
+        for name in [*chunks, partial / "plan.json"]:
             name.unlink()
         os.rename(partial, out)
         print(f"wrote {out}: {len(data)} samples, {int(offsets[-1])} label tokens, top-{k}, "
@@ -343,18 +372,28 @@ def chunk_batches(chunk):
         return rows["batches"].tolist()
 
 
-def merge(partial, spans, plan):
-    """The ranks' chunk files into the cache's topk.npy and label_logprobs.npy (rank 0, once every rank is done)."""
+def merge(partial, spans, plan, chunks):
+    """The ranks' chunk files into the cache's topk.npy and label_logprobs.npy (rank 0, once every rank is done).
+    Until the chunks are deleted the folder holds the cache twice: the disk's free space is checked first."""
+    needed = plan["labels"] * (plan["k"] * np.dtype(plan["entry"]).itemsize + 4)
+    free = shutil.disk_usage(partial).free
+    if free < needed:
+        raise UserError(f"{partial}: merging its chunks into the cache needs {needed / 1e6:,.0f} MB free there, and "
+                        f"{free / 1e6:,.0f} MB is; free that much and rerun (the build resumes from its chunks, which "
+                        "are deleted once merged)")
     topk = np.lib.format.open_memmap(partial / "topk.npy", "w+", np.dtype(plan["entry"]), (plan["labels"], plan["k"]))
     label_logprobs = np.lib.format.open_memmap(partial / "label_logprobs.npy", "w+", np.float32, (plan["labels"],))
     merged = np.zeros(len(spans), bool)
-    for chunk in chunk_files(partial):
+    bar = tqdm(total=needed, unit="B", unit_scale=True, desc="merging the ranks' chunks")
+    for chunk in chunks:
         with np.load(chunk) as rows:
             chunk_topk, chunk_label_logprobs, at = rows["topk"], rows["label_logprobs"], 0
             for b in rows["batches"]:
                 n = spans[b].stop - spans[b].start
                 topk[spans[b]], label_logprobs[spans[b]] = chunk_topk[at:at + n], chunk_label_logprobs[at:at + n]
                 merged[b], at = True, at + n
+            bar.update(chunk_topk.nbytes + chunk_label_logprobs.nbytes)
+    bar.close()
     if not merged.all():
         raise RuntimeError(f"{partial}: {int((~merged).sum())} batches missing after the build; rerun")
     topk.flush()
@@ -401,7 +440,7 @@ def build_by_name(teacher, tokenizer, data, out, device, k=TOP_K, batch_tokens=8
     frees it. One run at a time (exclusive). dtype: the teacher's compute dtype (common.load_model's --dtype)."""
     with exclusive(out):
         model = None
-        if not (Path(out) / "meta.json").exists():
+        if not complete_on_rank0(out):
             check_vocabularies(AutoTokenizer.from_pretrained(teacher), tokenizer,
                                AutoConfig.from_pretrained(teacher).vocab_size)
             model = common.load_model(teacher, device, dtype)

@@ -133,6 +133,23 @@ def test_a_failed_write_marks_nothing_and_the_rerun_is_byte_identical(built, mat
     assert files(tmp_path / "cache") == files(built)
 
 
+def test_a_disk_without_room_for_the_merge_stops_it_and_the_rerun_finishes(built, math16, teacher, tmp_path,
+                                                                           monkeypatch):
+    """The merge writes the whole cache beside its chunks: without that much free space it stops first, in one line
+    naming the folder and the bytes, and the rerun (room made) resumes from the chunks to the same cache."""
+    needed = int(math16.label_counts().sum()) * (K * 4 + 4)
+    with monkeypatch.context() as full:
+        full.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        with pytest.raises(UserError) as refused:
+            tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS)
+    assert str(refused.value) == (f"{tmp_path / 'cache.partial'}: merging its chunks into the cache needs "
+                                  f"{needed / 1e6:,.0f} MB free there, and 0 MB is; free that much and rerun (the "
+                                  "build resumes from its chunks, which are deleted once merged)")
+    assert tc.chunk_files(tmp_path / "cache.partial") and not (tmp_path / "cache").exists()
+    tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS)
+    assert files(tmp_path / "cache") == files(built)
+
+
 def test_heads_the_cache_cannot_reproduce_and_bad_flush_groups_are_refused(math16, tok, tmp_path):
     with pytest.raises(ValueError, match="must be >= 1"):
         tc.build(demo.make_model(tok), math16, tmp_path / "a", k=K, flush_every=0)
@@ -267,29 +284,40 @@ def test_ids_past_18_bits_keep_their_value_precision(tok, tmp_path, vocab_size, 
     assert (tmp_path / "cache" / "topk.npy").stat().st_size - 128 == labels * 4 * np.dtype(entry).itemsize
 
 
-def test_two_rank_builds_whole_or_killed_and_resumed_equal_a_one_rank_build(tmp_path):
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def shared_fs(tmp_path_factory):
+    """The 2-rank builds' world: a teacher folder, 64 MATH solutions (20 batches: time to kill a build midway) and
+    the cache one rank builds of them, the reference a 2-rank build must equal byte for byte."""
+    root = tmp_path_factory.mktemp("shared-fs")
+    save_tiny(root / "teacher", seed=1)
+    (root / "math64.jsonl").write_text(MATH16.read_text() * 4)
+    subprocess.run(build_command(root, root / "one", sys.executable), check=True, env=ONE_THREAD, cwd=root)
+    return root
+
+
+ONE_THREAD = outside_any_world(OMP_NUM_THREADS="1")  # as torchrun sets it: the same summation order, the same bits
+
+
+def build_command(root, out, *launcher):
+    return [*launcher, str(ROOT / "teacher_cache.py"), "--teacher", str(root / "teacher"), "--data",
+            str(root / "math64.jsonl"), "--out", str(out), "--k", str(K), "--max-len", "512", "--batch-tokens",
+            str(BATCH_TOKENS), "--flush-every", "1", "--data-cache", str(out.parent / f"tok-{out.name}")]
+
+
+def test_two_rank_builds_whole_or_killed_and_resumed_equal_a_one_rank_build(shared_fs, tmp_path):
     """torchrun with 2 ranks gives the 1-rank cache byte for byte, also when SIGKILL stops it midway and the same
     command finishes it; before the merge, each rank has written only chunk files of its own batches."""
-    teacher = save_tiny(tmp_path / "teacher", seed=1)
-    rows = (tmp_path / "math64.jsonl")
-    rows.write_text(MATH16.read_text() * 4)  # 20 batches: time to kill the build midway
-    env = outside_any_world(OMP_NUM_THREADS="1")
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-
-    def command(*launcher, name):
-        return [*launcher, str(ROOT / "teacher_cache.py"), "--teacher", str(teacher), "--data", str(rows), "--out",
-                str(tmp_path / name), "--k", str(K), "--max-len", "512", "--batch-tokens", str(BATCH_TOKENS),
-                "--flush-every", "1", "--data-cache", str(tmp_path / f"tok-{name}")]
-
-    subprocess.run(command(sys.executable, name="one"), check=True, env=env, cwd=tmp_path)
-    subprocess.run(command(*torchrun, name="two"), check=True, env=env, cwd=tmp_path)
-    assert files(tmp_path / "one") == files(tmp_path / "two")
-    [tok_one], [tok_two] = (list((tmp_path / f"tok-{n}").iterdir()) for n in ("one", "two"))
+    subprocess.run(build_command(shared_fs, tmp_path / "two", *TORCHRUN), check=True, env=ONE_THREAD, cwd=tmp_path)
+    assert files(tmp_path / "two") == files(shared_fs / "one")
+    [tok_one], [tok_two] = (list(folder.iterdir()) for folder in (shared_fs / "tok-one", tmp_path / "tok-two"))
     assert files(tok_one) == files(tok_two)
 
     partial = tmp_path / "killed.partial"
-    job = subprocess.Popen(command(*torchrun, name="killed"), env=env, cwd=tmp_path, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(build_command(shared_fs, tmp_path / "killed", *TORCHRUN), env=ONE_THREAD, cwd=tmp_path,
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while {c.name[:5] for c in tc.chunk_files(partial)} != {"rank0", "rank1"} and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -303,7 +331,87 @@ def test_two_rank_builds_whole_or_killed_and_resumed_equal_a_one_rank_build(tmp_
     torn = {p.name for p in partial.glob(".rank*.npz.tmp")}
     assert {p.name for p in partial.iterdir()} == {"plan.json", "offsets.npy", *(c.name for c in chunks), *torn}
     done = sum(len(tc.chunk_batches(chunk)) for chunk in chunks)
-    assert 2 <= done < len(tc.fixed_batches(data.tokenize_dataset(rows, demo.make_tokenizer(), max_len=512,
-                                                                  cache_dir=tmp_path / "tok-count"), BATCH_TOKENS))
-    subprocess.run(command(*torchrun, name="killed"), check=True, env=env, cwd=tmp_path)
-    assert files(tmp_path / "killed") == files(tmp_path / "one") and not partial.exists()
+    assert 2 <= done < len(tc.fixed_batches(data.tokenize_dataset(shared_fs / "math64.jsonl", demo.make_tokenizer(),
+                                                                  max_len=512, cache_dir=tmp_path / "tok-count"),
+                                            BATCH_TOKENS))
+    subprocess.run(build_command(shared_fs, tmp_path / "killed", *TORCHRUN), check=True, env=ONE_THREAD, cwd=tmp_path)
+    assert files(tmp_path / "killed") == files(shared_fs / "one") and not partial.exists()
+
+
+# sitecustomize modules that show a rank the cache folder as a network filesystem can (NFS, Lustre)
+STALE_LISTINGS = """
+import os, re
+if os.environ.get("RANK") == "0":  # rank 0's listings show only the files it wrote itself, as a cached listing can
+    others = re.compile(r"rank[1-9][0-9]*-batch")
+    listdir, scandir = os.listdir, os.scandir
+
+    class Listing:  # os.scandir's iterator, the other ranks' chunks left out (glob and pathlib list through it)
+        def __init__(self, path):
+            self.entries = scandir(path)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.entries.close()
+        def __iter__(self):
+            return (entry for entry in self.entries if not others.match(entry.name))
+        def close(self):
+            self.entries.close()
+
+    os.listdir = lambda path=".": [name for name in listdir(path) if not others.match(name)]
+    os.scandir = lambda path=".": Listing(path)
+"""
+NO_FLOCK = """
+import errno, fcntl, os
+real_flock, folder = fcntl.flock, os.environ["NO_FLOCK_UNDER"]
+def flock(fd, operation):  # the cache's filesystem has none: Lustre without -o flock, some NFS mounts
+    if os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}").startswith(folder):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    return real_flock(fd, operation)
+fcntl.flock = flock
+"""
+LATE_META = """
+import os
+if os.environ.get("RANK") == "1":  # rank 1's first 3 lookups of an existing meta.json say it is not there
+    stat, hidden = os.stat, []
+    def stale_stat(path, *args, **kwargs):
+        result = stat(path, *args, **kwargs)
+        if os.fspath(path).endswith("meta.json") and len(hidden) < 3:
+            hidden.append(path)
+            with open(os.environ["HIDDEN_LOG"], "a") as log:
+                log.write("x")
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(path))
+        return result
+    os.stat = stale_stat
+"""
+
+
+def with_site(tmp_path, sitecustomize, **extra):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(sitecustomize)
+    return {**ONE_THREAD, "PYTHONPATH": str(tmp_path / "site"), **extra}
+
+
+@pytest.mark.parametrize("view", ["stale listings", "no flock"])
+def test_a_two_rank_build_on_a_network_filesystem_equals_a_one_rank_build(shared_fs, tmp_path, view):
+    """Rank 0 whose listings hide the other rank's chunks (an NFS client's cached listing) still finds them, by the
+    names the ranks gather; where flock fails with ENOSYS, filelock falls back to its soft lock by itself."""
+    env = with_site(tmp_path, STALE_LISTINGS if view == "stale listings" else NO_FLOCK, NO_FLOCK_UNDER=str(tmp_path))
+    built = subprocess.run(build_command(shared_fs, tmp_path / "cache", *TORCHRUN), env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert files(tmp_path / "cache") == files(shared_fs / "one")
+    if view == "no flock":
+        assert "flock not supported on this filesystem, falling back to SoftFileLock" in built.stderr
+
+
+def test_a_rank_shown_no_meta_json_for_a_while_waits_for_it(shared_fs, tmp_path):
+    """A complete cache, and rank 1 on a node whose NFS client still caches "no such file" for its meta.json:
+    rank 0's answer decides for every rank, and rank 1 looks again until it sees the file."""
+    shutil.copytree(shared_fs / "one", tmp_path / "cache")
+    env = with_site(tmp_path, LATE_META, HIDDEN_LOG=str(tmp_path / "hidden"))
+    reused = subprocess.run(build_command(shared_fs, tmp_path / "cache", *TORCHRUN), env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert f"{tmp_path / 'cache'} is complete: reused, not rebuilt" in reused.stdout
+    assert (tmp_path / "hidden").read_text() == "xxx"  # rank 1 was shown no meta.json three times
+    assert files(tmp_path / "cache") == files(shared_fs / "one")
