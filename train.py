@@ -169,23 +169,23 @@ class QTargetLM(torch.nn.Module):
 def check_compile(config, attention, batch, loss, hyper, dtype, device):
     """What torch.compile builds at the first step, built now on stand-ins in the run's dtype and device, so that a
     missing C++ compiler or Triton, or an op inductor refuses, raises here once instead of inside the first step on
-    every rank: the loss's chunk body in the run's rule, on a few random rows (dynamic=True: it serves the run's own
-    chunk sizes and vocabulary), and one decoder layer of the run's config, compiled as the run compiles each,
-    through its forward and its backward on `batch` (inductor compiles a backward lazily, inside the first
-    backward(), where no eager fallback exists)."""
+    every rank: the loss's chunk body in the run's rule, on a few random rows and an lm_head of the model's shape
+    (a Parameter, as the run's: the run reuses this compilation), and one decoder layer of the run's config, compiled
+    as the run compiles each, through its forward and its backward on `batch` (inductor compiles a backward lazily,
+    inside the first backward(), where no eager fallback exists)."""
     g = torch.Generator().manual_seed(0)
-    rows, vocab, k = 4, 64, 8
-    logprobs, ids = torch.randn(rows, vocab, generator=g).log_softmax(-1).topk(k)
+    rows, k = 4, 8
+    logprobs, ids = torch.randn(rows, config.vocab_size, generator=g).log_softmax(-1).topk(k)
     side = qloss.Side(*(t.to(device) for t in (ids, logprobs, logprobs[:, 0], torch.rand(rows, generator=g))))
-    hidden = torch.randn(rows, 16, generator=g).to(device, dtype).requires_grad_(True)
-    weight = torch.randn(vocab, 16, generator=g).to(device, dtype).requires_grad_(True)
-    qloss.q_target_loss(hidden, weight, side.ids[:, 0], side, loss=loss, compile=True, **hyper)
+    hidden = torch.randn(rows, config.hidden_size, generator=g).to(device, dtype).requires_grad_(True)
+    head = torch.nn.Parameter(torch.zeros(config.vocab_size, config.hidden_size, device=device, dtype=dtype))
+    qloss.q_target_loss(hidden, head, side.ids[:, 0], side, loss=loss, compile=True, **hyper)
     one_layer = copy.deepcopy(config)
     one_layer.num_hidden_layers = 1
     if getattr(one_layer, "layer_types", None):  # per-layer attention kinds (sliding, full): the first layer's
         one_layer.layer_types = one_layer.layer_types[:1]
     with torch.device(device):
-        probe = AutoModelForCausalLM.from_config(one_layer, dtype=dtype, attn_implementation=attention)
+        probe = AutoModelForCausalLM.from_config(one_layer, dtype=dtype, attn_implementation=attention).train()
     probe.model.layers[0].compile()
     probe.model(**batch, use_cache=False)[0].float().square().mean().backward()
 
