@@ -39,10 +39,9 @@ def free_gib():  # the whole device's (or machine's) free memory: the engine cor
 
 job = json.load(open(sys.argv[1]))
 args = evaluation.per_model(evaluation.parse_args(job["flags"]))[0]
-args.model_dir, args.max_model_len = args.model, 256
 generators = evaluation.Generators()
 before = free_gib()
-generators.load(args, "a")
+generators.load(args, args.model, 256, "a")
 started = free_gib()
 generators.close()
 gc.collect()
@@ -117,7 +116,8 @@ sys.path.insert(0, sys.argv[2])
 import generation
 from vllm import SamplingParams
 job = json.load(open(sys.argv[1]))
-llm = generation.load_vllm(job["model"], argparse.Namespace(**job["engine"]), job["engine"]["seed"])
+engine = argparse.Namespace(**job["engine"])
+llm = generation.load_vllm(job["model"], engine.max_model_len, engine, engine.seed)
 llm.generate([{"prompt_token_ids": ids} for ids in job["prompts"]],
              [SamplingParams(**{**job["sampling"], "seed": seed}, stop_token_ids=job["stop"]) for seed in job["seeds"]])
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from benchmarks import SUITES, TABLE2_SINGLE_SAMPLE, label, table_order
+from benchmarks import SUITES, TABLE2_SINGLE_SAMPLE, columns, label, notes, run_average, table
 
 MATH, MEDICAL = tuple(SUITES["math"]), tuple(SUITES["medical"])  # the tables' columns
 
@@ -112,51 +112,6 @@ PAPER_TABLES = {setting: _paper_rows(text, names) for (setting, names), text in 
 
 
 # ------------------------------------------------------------------------------------------------ your runs
-
-
-def columns(runs):
-    return sorted({name for _, r in runs for name in r["benchmarks"]}, key=lambda n: (table_order(n), n))
-
-
-def run_average(results, names):
-    """The Avg. column: the mean over every column, or nan for a run that lacks one (its mean over fewer
-    benchmarks would not compare with the others')."""
-    if any(n not in results["benchmarks"] for n in names):
-        return float("nan")
-    return float(np.mean([results["benchmarks"][n]["average"] for n in names]))
-
-
-def table(runs):
-    """Table 1/2 layout: a row per run, Average@n per benchmark, then Avg."""
-    names = columns(runs)
-    width = max(10, *(len(label(n)) + 2 for n in names))
-    row_w = max(len(run) for run, _ in runs) + 2
-    lines = ["".ljust(row_w) + "".join(label(n).rjust(width) for n in names) + "Avg.".rjust(width)]
-    for run, r in runs:
-        cells = [f"{r['benchmarks'][n]['average']:.2f}" if n in r["benchmarks"] else "-" for n in names]
-        avg = "-" if math.isnan(run_average(r, names)) else f"{run_average(r, names):.2f}"
-        lines.append(run.ljust(row_w) + "".join(c.rjust(width) for c in cells) + avg.rjust(width))
-    return "\n".join(lines)
-
-
-def details(results):
-    """pass@k, response length (mean [p25, p75] tokens, Appendix H), truncation and timeouts per benchmark."""
-    lines = []
-    for name, m in results["benchmarks"].items():
-        passes = " ".join(f"pass@{k} {v:.1f}" for k, v in m["pass@k"].items())
-        lines.append(f"{label(name):>16}  {passes}  length {m['length_mean']:.0f} [{m['length_p25']:.0f}, "
-                     f"{m['length_p75']:.0f}]  truncated {m['truncated']:.1f}%  timeouts {m['timeouts']}")
-    return "\n".join(lines)
-
-
-def notes(runs):
-    """One line per distinct averaging rule among the runs' benchmarks: what the numbers above are."""
-    rules = {}
-    for r in runs:
-        for name, m in r["benchmarks"].items():
-            if "average_rule" in m:
-                rules.setdefault(m["average_rule"], []).append(label(name))
-    return "\n".join(f"{', '.join(dict.fromkeys(names))}: {rule}" for rule, names in rules.items())
 
 
 def compare(paths, plot, paper=None):

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 # torch, transformers, vLLM and data (which imports torch) are imported inside the functions that run a model:
 # the grading pool's workers re-run this file's imports, and grading needs none of them
-from benchmarks import BENCHMARKS, SUITES, TABLE2_SINGLE_SAMPLE, benchmark_specs, load_benchmark, spec, user_message
+from benchmarks import (BENCHMARKS, SUITES, TABLE2_SINGLE_SAMPLE, benchmark_specs, details, load_benchmark, notes, spec,
+                        table, user_message)
 from common import UserError, check_model, path, report_user_errors
-from compare import details, notes, table
 from generation import Generators, context_length, engine_devices, engine_key, engine_seeds, request_seed, sampling_mode
 from grading import grade_problem, grading_pool, metrics
 
@@ -303,8 +303,8 @@ def generate_and_grade(args, generators, grader, out, results, rows, todo):
     into the same --out keeps every whole problem and generates only the rest. A benchmark enters results.json
     once complete, its metrics over all its rows."""
     from transformers import AutoTokenizer
-    args.model_dir = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     style = prompt_style(args, tokenizer)
     if not style[0]:
         raise UserError(f"{args.model} has no chat template; eval prompts the way training formats "
@@ -326,8 +326,8 @@ def generate_and_grade(args, generators, grader, out, results, rows, todo):
     prompts = {(name, i): prompt_ids(tokenizer, data[name][i], style) for name in data for i in left[name]}
     if not prompts:
         return
-    args.max_model_len = context_length(args.model_dir, list(prompts.values()), args.max_tokens)
-    generators.load(args, engine_key(args.model_dir, tokenizer))
+    max_model_len = context_length(model_dir, list(prompts.values()), args.max_tokens)
+    generators.load(args, model_dir, max_model_len, engine_key(model_dir, tokenizer))
     seeded = results["sampling_mode"] != "engine seed"
     requests = [(key, ids, params[key[0]], stop, request_seed(args.seed, key[1]) if seeded else None)
                 for key, ids in prompts.items()]

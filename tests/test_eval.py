@@ -417,7 +417,7 @@ class Engine:
     """A stand-in vLLM engine whose weight swap fails as an older vLLM's does (no weights_path)."""
     started = []
 
-    def __init__(self, model_dir, args, seed):
+    def __init__(self, model_dir, max_model_len, args, seed):
         self.model_dir, self.shut = model_dir, False
         self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self.shutdown))
         Engine.started.append(self)
@@ -433,8 +433,8 @@ def test_a_refused_weight_swap_starts_a_fresh_engine(monkeypatch, capsys):
     monkeypatch.setattr(generation, "load_vllm", Engine)
     generators = evaluation.Generators()
     for name in ("a", "b"):  # the same engine_key: b's weights would be swapped into a's engine
-        generators.load(SimpleNamespace(model=name, model_dir=f"/models/{name}", max_model_len=64, dp=1, seed=0,
-                                        backend="vllm"), key="same architecture")
+        generators.load(SimpleNamespace(model=name, dp=1, seed=0, backend="vllm"), f"/models/{name}", 64,
+                        key="same architecture")
     first, second = Engine.started
     assert first.shut and not second.shut and second.model_dir == "/models/b"
     assert generators.llm is second and generators.stream.args == (second,)
@@ -540,7 +540,7 @@ def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     started = []
 
-    def engine(model_dir, args, seed):  # where each engine's core runs: vLLM's own process, as on any GPU
+    def engine(model_dir, max_model_len, args, seed):  # where each engine's core runs: vLLM's own process, as on a GPU
         started.append((seed, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")))
         return SimpleNamespace(llm_engine=SimpleNamespace(
             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))))
@@ -548,14 +548,13 @@ def test_each_dp_engine_samples_with_its_own_seed_recorded_in_results(monkeypatc
     monkeypatch.setattr(generation, "stream_vllm", lambda llm, requests, capacity: iter(()))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     (args,) = evaluation.per_model(evaluation.parse_args(["--model", str(tmp_path), "--dp", "4", "--seed", "7"]))
-    args.model_dir = str(tmp_path)
     for rank, devices in enumerate(evaluation.engine_devices(args)):
         with monkeypatch.context() as each_process:  # each engine is a fresh process with the job's environment
             each_process.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
             for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):  # what it sets: undone after
                 each_process.setenv(key, "")
                 each_process.delenv(key)
-            generation._dp_engine(args, rank, devices, queue.Queue(), queue.Queue())
+            generation._dp_engine(args, str(tmp_path), 64, rank, devices, queue.Queue(), queue.Queue())
     assert started == [(7, "4", None), (8, "5", None), (9, "6", None), (10, "7", None)]
     info = evaluation.run_info(args)
     assert info["sampling_mode"] == "engine seed" and info["engine_seeds"] == [7, 8, 9, 10]
@@ -576,6 +575,6 @@ def test_vllm_starts_its_engine_core_by_spawn_unless_the_user_chose(monkeypatch,
     else:
         monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD")
     (tmp_path / "config.json").write_text("{}")
-    generation.load_vllm(str(tmp_path), SimpleNamespace(max_model_len=64, tp=1, enforce_eager=True, backend="vllm",
-                                                        reproducible=None, gpu_memory_utilization=0.9), seed=0)
+    generation.load_vllm(str(tmp_path), 64, SimpleNamespace(tp=1, enforce_eager=True, backend="vllm", reproducible=None,
+                                                            gpu_memory_utilization=0.9), seed=0)
     assert seen == [set_by_user or "spawn"]
