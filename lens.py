@@ -57,22 +57,8 @@ def label_probs(model, tokens, count=None, batch_tokens=8192):
 
 
 def quadrant_of(p_student, p_teacher, threshold):
-    """Each label token's quadrant, an index into loss.QUADRANTS, as train.py logs them (label_sums)."""
+    """Each label token's quadrant, an index into loss.QUADRANTS, as train.py logs them (loss.PerRow.sums)."""
     return qloss.quadrant(torch.as_tensor(p_student), torch.as_tensor(p_teacher), threshold).numpy()
-
-
-def label_sums(per_row, label_ids, cache_ids, threshold):
-    """What train.py logs of a micro-batch's labels, as sums (a step's means divide them by its label count), from
-    q_target_loss's PerRow values: p_theta(y), Table 5's gamma (trust) and the residual weight b; with a cache, the
-    labels in its top-k (in_topk), its own p(y) (p_teacher_label) and Figure 4's quadrants as quadrant_of counts."""
-    sums = {"p_label": per_row.p_label, "trust": qloss.trust(per_row.a, per_row.b), "residual": per_row.b}
-    if cache_ids is not None:
-        sums["in_topk"] = (cache_ids == label_ids[:, None]).any(-1)
-    if per_row.p_cached_label is not None:
-        sums["p_teacher_label"] = per_row.p_cached_label
-        index = qloss.quadrant(per_row.p_label, per_row.p_cached_label, threshold)
-        sums.update({name: index == k for k, name in enumerate(qloss.QUADRANTS)})
-    return {key: values.double().sum() for key, values in sums.items()}  # float64: many steps' tokens add up
 
 
 def shares(p_student, p_teacher, threshold):

@@ -55,8 +55,10 @@ class Side(NamedTuple):
 
     def rows(self, index, float_dtype):
         """These rows of every input given, the float ones in the loss's accumulation dtype."""
-        return Side(*(None if t is None else t[index] if not t.is_floating_point() else t[index].to(float_dtype)
-                      for t in self))
+        def take(t, dtype=None):
+            return None if t is None else t[index].to(dtype or t.dtype)
+        return Side(take(self.ids), take(self.logprobs, float_dtype), take(self.label_logprobs, float_dtype),
+                    take(self.weights, float_dtype))
 
 
 def logprob_at(z, lse, ids):
@@ -181,8 +183,7 @@ def variant_hyperparameters(loss, eta=0.5, c=None, **variant_kwargs):
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(RULES)}")
     if c is not None and loss not in ("target", "distill"):
         raise ValueError(f"c is a hyperparameter of 'target' and 'distill', not of {loss!r}")
-    given = dict(variant_kwargs, **({"eta": eta} if loss == "target" else {}),
-                 **({"c": c} if c is not None else {}))
+    given = dict(variant_kwargs, **({"eta": eta} if loss == "target" else {}), **({"c": c} if c is not None else {}))
     defaults = {name: param.default for name, param in inspect.signature(RULES[loss]).parameters.items()
                 if param.default is not inspect.Parameter.empty}
     if set(given) - set(defaults):
@@ -217,9 +218,8 @@ def matmul_writes_fp32(hidden, weight):
 
 
 def logits_fp32(hidden, weight):
-    """fp32 logits h W^T. Under bf16 on CUDA the matmul writes fp32 directly (no bf16 rounding of logits of
-    12-30, which would move a renormalised top-64 probability by up to 1e-2); elsewhere the inputs are upcast
-    (a no-op for fp32 ones)."""
+    """fp32 logits h W^T: under bf16 on CUDA written fp32 by the matmul (rounding logits of 12-30 to bf16 would move a
+    renormalised top-64 probability by up to 1e-2); elsewhere from inputs upcast (a no-op for fp32 ones)."""
     if matmul_writes_fp32(hidden, weight):
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when checking in fp64
@@ -227,9 +227,8 @@ def logits_fp32(hidden, weight):
 
 
 def add_weight_gradient_(grad_weight, grad, h, vocab_block=2**15):
-    """grad_weight += grad^T h, summed in grad_weight's fp32 with no bf16 rounding of the chunk's partial product.
-    Same dtypes: one addmm_ in place. bf16 on CUDA: the matmul writes fp32 (torch.mm's out_dtype) one block of
-    the vocabulary at a time, so the fp32 temporary is [vocab_block, H], not [V, H] (0.9 GB at Qwen's width)."""
+    """grad_weight += grad^T h in grad_weight's fp32, no bf16 rounding of the chunk's partial product: one addmm_, or
+    on CUDA under bf16 fp32 matmul outputs a vocabulary block at a time ([vocab_block, H], not 0.9 GB of [V, H])."""
     if grad.dtype == grad_weight.dtype:
         grad_weight.addmm_(grad.T, h)
         return
@@ -247,27 +246,21 @@ def residual_cross_entropy(z, lse, q: Target):
 
 
 def logit_gradient_(exp_z, sum_exp, y, q: Target):
-    """Turns exp(z) [n, V] into the logit gradient (a + b) p - a onehot(y) - b res, in place (p = exp(z) / sum).
-    One scatter for the label and the top-k residual (a second makes torch.compile copy the block); where y is in
-    the top-k its -a joins that entry and the label's adds 0, so CUDA's atomic adds give the same bits every run."""
+    """Turns exp(z) [n, V] into the logit gradient (a + b) p - a onehot(y) - b res, in place (p = exp(z) / sum)."""
     grad = exp_z.mul_(((q.a + q.b) / sum_exp)[:, None])
-    ids, values = y[:, None], -q.a[:, None]
-    if q.res_ids is not None:
-        at_label = q.res_ids == ids
-        ids = torch.cat([ids, q.res_ids], 1)
-        values = torch.cat([values.masked_fill(at_label.any(1, keepdim=True), 0.0),
-                            -q.b[:, None] * q.res + values * at_label], 1)
-    grad.scatter_add_(1, ids, values)
-    if q.res_ids is None and q.res is not None:
+    grad.scatter_add_(1, y[:, None], -q.a[:, None])
+    if q.res_ids is not None:  # the top-k ids of a row are distinct: no two adds meet, the same bits every run
+        grad.scatter_add_(1, q.res_ids, -q.b[:, None] * q.res)
+    elif q.res is not None:
         grad.addcmul_(q.b[:, None], q.res, value=-1)  # in place: a dense residual is already [n, V]
     return grad
 
 
 def chunk_loss_and_gradient(h, head, y, side, rule, hyper, grad_scale, grad_dtype):
-    """A chunk's work from its hidden rows h [n, H] and the head to its logit gradient, all that torch.compile fuses
-    (--compile): the sum of its token losses, its (p_y, a, b) rows [3, n], and grad_scale times the logit gradient in
-    grad_dtype (None: none). grad_scale, 1/normalizer, is a 0-dim tensor: a number would be compiled in, and it
-    changes every step. The logits are made here, not passed in: a compiled call's arguments live until it returns."""
+    """A chunk's work from its hidden rows h [n, H] and the head, all that torch.compile fuses (--compile): the sum of
+    its token losses, its rows' p_y, a and b, and grad_scale (1/normalizer, a 0-dim tensor: as a number it would be
+    compiled in) times the logit gradient in grad_dtype (None: none). The logits are made here, not passed in: a
+    compiled call's arguments live until it returns."""
     z = logits_fp32(h, head)
     z = z - z.amax(dim=-1, keepdim=True)  # log p_y = z_y - lse keeps its digits when p_y is near 1
     exp_z = z.exp()  # exponentiated once, for both the logsumexp and the gradient
@@ -279,7 +272,7 @@ def chunk_loss_and_gradient(h, head, y, side, rule, hyper, grad_scale, grad_dtyp
     del z  # eagerly, the chunk's peak is two [n, V] tensors (the gradient and its cast), not three
     grad = None if grad_dtype is None else logit_gradient_(
         exp_z, sum_exp, y, q._replace(a=q.a * grad_scale, b=q.b * grad_scale)).to(grad_dtype)
-    return value.sum(), torch.stack([logp_y.exp(), q.a, q.b]), grad
+    return value.sum(), logp_y.exp(), q.a, q.b, grad
 
 
 # inductor fuses the body's passes over [n, V] into a few kernels. dynamic=True: one compilation per rule serves every
@@ -288,13 +281,9 @@ compiled_chunk = torch.compile(chunk_loss_and_gradient, dynamic=True)
 
 
 def default_chunk_size(num_rows, vocab_size, device=torch.device("cpu")):
-    """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits; their exp, turned in place into the
-    gradient; at most three more [n, V] temporaries, in GEM's dense residual cross-entropy): a sixteenth of the
-    device's memory (the GPU's, or the machine's RAM on CPU), at most 2 GiB. At V = 151936, 2 GiB is ~700 rows:
-    each chunk's three matmuls are still ~1 TFLOP, and a chunk (~0.9 GB) with the fp32 grad_weight (0.9 GB at
-    H = 1536) stays under a tenth of the naive loss's ~30 GB at N = 16384. Smaller chunks cost speed on a CPU too:
-    more, smaller matmuls and one more pass over grad_weight each (MEASUREMENTS.md). Read off the device's total,
-    not its free memory: the chunks, and so the summation order, are the same at every step and resume."""
+    """Rows per chunk at 20 bytes per vocabulary entry (fp32 logits, their exp turned into the gradient, GEM's three
+    more [n, V]): a sixteenth of the device's (a CPU's) total memory, at most 2 GiB, ~700 rows at V = 151936: the
+    chunks, and so the summation order, are the same at every step and resume (MEASUREMENTS.md)."""
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return max(1, min(num_rows, min(total // 16, 2 * 2**30) // (20 * vocab_size)))
@@ -323,6 +312,17 @@ class PerRow(NamedTuple):
     b: Tensor                         # [n] its residual weight (Table 5's gamma: trust(a, b))
     p_cached_label: Optional[Tensor]  # [n] the cache's p(y_t) where the side holds label_logprobs, else None
 
+    def sums(self, label_ids, cached_ids, threshold, owner):
+        """train.py's logged sums of these rows by their metrics.jsonl names (owner: the cache's, teacher or ref)."""
+        values = {"p_label": self.p_label, "trust": trust(self.a, self.b), "residual": self.b}
+        if owner is not None:
+            values["in_topk"] = (cached_ids == label_ids[:, None]).any(-1)
+            values[f"p_{owner}_label"] = self.p_cached_label
+        if owner == "teacher":
+            index = quadrant(self.p_label, self.p_cached_label, threshold)
+            values.update({name: index == k for k, name in enumerate(QUADRANTS)})
+        return {name: value.double().sum() for name, value in values.items()}  # float64: many steps' tokens add up
+
 
 class ChunkedQTargetLoss(torch.autograd.Function):
     """Forward walks the labelled rows chunk by chunk and also builds both gradients; backward scales them."""
@@ -337,16 +337,18 @@ class ChunkedQTargetLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
         # the head the logits are computed with: upcast once here, unless the matmul itself writes fp32 (CUDA)
         head = weight if matmul_writes_fp32(hidden, weight) else weight.to(acc_dtype)
-        per_row = []  # (p_y, a, b) of each chunk
+        p_label, a, b = [], [], []  # each chunk's rows, PerRow's first three
         chunk_body = compiled_chunk if compile else chunk_loss_and_gradient
         grad_dtype = head.dtype if want_hidden or want_weight else None
         grad_scale = torch.full((), 1 / normalizer, dtype=acc_dtype, device=hidden.device)  # a fill: no host copy
         for chunk in rows.split(chunk_size):
             h = hidden[chunk]
-            value, chunk_rows, grad = chunk_body(h, head, labels[chunk], side.rows(chunk, acc_dtype), rule, hyper,
-                                                 grad_scale, grad_dtype)
+            value, p_y, row_a, row_b, grad = chunk_body(h, head, labels[chunk], side.rows(chunk, acc_dtype), rule,
+                                                        hyper, grad_scale, grad_dtype)
             total += value
-            per_row.append(chunk_rows)
+            p_label.append(p_y)
+            a.append(row_a)
+            b.append(row_b)
             if want_hidden:
                 grad_hidden[chunk] = (grad @ head).to(grad_hidden.dtype)
             if want_weight:
@@ -354,9 +356,9 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             del grad  # before the next chunk's logits: not two chunks' at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.used = weight.dtype, False
-        p_y, a, b = torch.cat(per_row, dim=1) if per_row else torch.zeros(3, 0, dtype=acc_dtype, device=hidden.device)
-        ctx.mark_non_differentiable(p_y, a, b)
-        return total / normalizer, p_y, a, b
+        p_label, a, b = (torch.cat(parts) if parts else total.new_zeros(0) for parts in (p_label, a, b))
+        ctx.mark_non_differentiable(p_label, a, b)
+        return total / normalizer, p_label, a, b
 
     @staticmethod
     def backward(ctx, grad_output, *per_row_grads):
@@ -368,7 +370,7 @@ class ChunkedQTargetLoss(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, *[None] * 8
+        return grad_hidden, grad_weight, *(None for _ in ctx.needs_input_grad[2:])  # none for labels ... compile
 
 
 def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_size=None, ignore_index=-100,
@@ -389,19 +391,19 @@ def q_target_loss(hidden, weight, labels, side=Side(), *, loss="target", chunk_s
     if not torch.is_grad_enabled():  # evaluation: no gradients built in the forward
         hidden, weight = hidden.detach(), weight.detach()
     n = labels.numel()
-    side = Side(*(None if t is None else t.reshape(n, -1) for t in side[:2]),
-                *(None if t is None else t.reshape(n) for t in side[2:]))
-    if side.ids is not None:
-        side = side._replace(ids=side.ids.long())
+    side = Side(ids=None if side.ids is None else side.ids.reshape(n, -1).long(),
+                logprobs=None if side.logprobs is None else side.logprobs.reshape(n, -1),
+                label_logprobs=None if side.label_logprobs is None else side.label_logprobs.reshape(n),
+                weights=None if side.weights is None else side.weights.reshape(n))
     # ignore_index=None: every row is labelled (train.py selects them on the host), and no nonzero() waits on the GPU
     rows = (torch.arange(n, device=labels.device) if ignore_index is None
             else (labels != ignore_index).nonzero().squeeze(1))
     normalizer = normalizer if normalizer is not None else max(rows.numel(), 1)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), weight.shape[0], hidden.device)
-    value, p_y, a, b = ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
-                                                normalizer, compile)
-    cached = None if side.label_logprobs is None else side.label_logprobs[rows].detach().to(p_y.dtype).exp()
-    return value, PerRow(p_y, a, b, cached)
+    value, p_label, a, b = ChunkedQTargetLoss.apply(hidden, weight, labels, rows, side, RULES[loss], hyper, chunk_size,
+                                                    normalizer, compile)
+    cached = None if side.label_logprobs is None else side.label_logprobs[rows].detach().to(p_label.dtype).exp()
+    return value, PerRow(p_label, a, b, cached)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -554,12 +556,10 @@ def plot_figure3(path):
     others[LABEL] = -math.inf
     p_y = torch.linspace(0.005, 0.995, 199, dtype=torch.float64)
     z[:, LABEL] = others.logsumexp(-1) + torch.log(p_y / (1 - p_y))  # logit that gives each p_y exactly
-    y = torch.full((len(z),), LABEL)
-    p = z.softmax(-1)
+    y, p = torch.full((len(z),), LABEL), z.softmax(-1)
     example_p_y = float(torch.tensor(STUDENT).softmax(-1)[LABEL])
     losses = [name for name in RULES if name != "p"]
-    cols = 4
-    rows = math.ceil(len(losses) / cols)
+    cols, rows = 4, math.ceil(len(losses) / 4)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), sharex=True, sharey=True)
     for ax, loss in zip(axes.flat, losses):
         induced, rule, _ = induced_and_rule_targets(loss, z, y)

@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 # read when torch loads, so set before: micro-batches of varying shapes fragment fixed-size allocator segments
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -48,7 +49,6 @@ import checkpoint
 import common
 import data
 import loss as qloss
-import lens
 import teacher_cache
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,23 +121,34 @@ UNFINISHED = 75  # sysexits.h's EX_TEMPFAIL: stopped before the end (preempted o
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 
+class CacheSource(NamedTuple):
+    """The cache a run reads: whose it is, "teacher" (target, distill: the teacher's top-k) or "ref" (kl, asft,
+    psft: the starting model's own, the reference), its folder, and the model it is built from first (None: the
+    folder was given)."""
+    owner: str
+    folder: str
+    build_from: Optional[str]
+
+    @property
+    def flag(self):
+        return f"--{self.owner}-cache"
+
+
 def cache_source(args):
-    """The cache this run reads, as (its flag, its folder, the model to build it from first, or None where the
-    folder was given): the teacher's top-k for target and distill; the starting model's own, the reference, for kl,
-    asft and psft (psft reads its label log-probabilities, pi_old); none for the rest. A cache not given is built
-    under cache/teacher/, named by its inputs, as teacher_cache.py --teacher MODEL --tokenizer STUDENT would with
-    this run's data options."""
+    """The CacheSource this run reads, None for a loss that reads no cache (psft reads a reference cache's label
+    log-probabilities, pi_old). A cache not given is built under cache/teacher/, named by its inputs, as
+    teacher_cache.py --teacher MODEL --tokenizer STUDENT would with this run's data options."""
     if args.loss not in qloss.NEEDS_CACHE:
-        return None, None, None
+        return None
     if args.loss in qloss.REFERENCE_LOSSES:
         if args.teacher:
             raise common.UserError(f"--loss {args.loss} reads the starting model's own cache (--ref-cache, else built "
                                    "from --model); --teacher names the teacher of target and distill")
-        flag, given, model = "--ref-cache", args.ref_cache, args.model
+        owner, given, model = "ref", args.ref_cache, args.model
     else:
         if args.teacher_cache and args.teacher:
             raise common.UserError("give --teacher or --teacher-cache, not both: a cache already names its teacher")
-        flag, given = "--teacher-cache", args.teacher_cache
+        owner, given = "teacher", args.teacher_cache
         model = args.teacher or teacher_cache.PAPER_TEACHERS.get(args.model)
         if given is None and model is None:
             pairs = "; ".join(f"{student} -> {t}" for student, t in teacher_cache.PAPER_TEACHERS.items())
@@ -145,8 +156,8 @@ def cache_source(args):
                                    "paper's pairs (matched on the hub id as typed): pass --teacher MODEL (its cache is "
                                    f"built), or --teacher-cache DIR (teacher_cache.py). The paper's pairs: {pairs}")
     if given is not None:
-        return flag, given, None
-    return flag, teacher_cache.auto_path(model, args.model, args.data, **data.options(args)), model
+        return CacheSource(owner, given, None)
+    return CacheSource(owner, teacher_cache.auto_path(model, args.model, args.data, **data.options(args)), model)
 
 
 class QTargetLM(torch.nn.Module):
@@ -286,17 +297,17 @@ if args.save_minutes < 0 or args.save_every < 0:
     parser.error("--save-minutes and --save-every must be >= 0 (0: no checkpoints by time, or by steps)")
 if args.keep < 1:
     parser.error("--keep must be at least 1")
-cache_flag, cache_path, build_from = cache_source(args)
-if cache_path is not None and build_from is None:
-    teacher_cache.check_complete(cache_path, cache_flag)
+source = cache_source(args)
+if source is not None and source.build_from is None:
+    teacher_cache.check_complete(source.folder, source.flag)
 common.check_model("--model", args.model)
-if build_from not in (None, args.model):
-    common.check_model("--teacher", build_from)
+if source is not None and source.build_from not in (None, args.model):
+    common.check_model("--teacher", source.build_from)
 data.check_source(args.data)
 
 rank, world_size, device = common.start_distributed(always=True)  # `python train.py`: a world of one, same code
 common.check_shared_folders({"--out": args.out, "--data-cache": args.data_cache,
-                             **({cache_flag: Path(cache_path).parent} if cache_path else {})})
+                             **({source.flag: Path(source.folder).parent} if source is not None else {})})
 max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
 if args.micro_batch_size is None and args.micro_batch_tokens is None:
     args.micro_batch_tokens = 4 * max_len
@@ -322,16 +333,17 @@ tokenizer = AutoTokenizer.from_pretrained(args.model)
 end_of_turn = data.end_of_turn_id(tokenizer, args.system_prompt)  # where generation stops, in the export
 tokens = data.tokenize_dataset(args.data, tokenizer, cache_dir=args.data_cache,
                               weights=args.loss in qloss.NEEDS_WEIGHTS, **data.options(args))
-if build_from is not None:
+if source is not None and source.build_from is not None:
     if rank == 0:
-        print(f"{'reference' if cache_flag == '--ref-cache' else 'teacher'} cache: {cache_path} (top-"
-              f"{teacher_cache.TOP_K} of {build_from} on this run's token ids; built first unless complete)",
+        print(f"{'reference' if source.owner == 'ref' else 'teacher'} cache: {source.folder} (top-"
+              f"{teacher_cache.TOP_K} of {source.build_from} on this run's token ids; built first unless complete)",
               flush=True)
-    teacher_cache.build_by_name(build_from, tokenizer, tokens, cache_path, device)
-cache = teacher_cache.TeacherCache(cache_path, data=tokens) if cache_path is not None else None
+    teacher_cache.build_by_name(source.build_from, tokenizer, tokens, source.folder, device)
+cache = teacher_cache.TeacherCache(source.folder, data=tokens) if source is not None else None
 if args.loss == "psft" and cache.meta["teacher"] != args.model and rank == 0:
-    print(f"warning: psft reads pi_old(y) from {cache_path}, a cache of {cache.meta['teacher']}, not of the starting "
-          f"model --model {args.model}; build it with teacher_cache.py --teacher {args.model} unless that is meant")
+    print(f"warning: psft reads pi_old(y) from {source.folder}, a cache of {cache.meta['teacher']}, not of the "
+          f"starting model --model {args.model}; build it with teacher_cache.py --teacher {args.model} unless that is "
+          "meant")
 sampler = data.Sampler(len(tokens), args.seed, world_size)
 lengths, label_counts = np.diff(tokens.offsets), tokens.label_counts()
 steps_per_epoch = len(tokens) // args.global_batch_size
@@ -413,13 +425,7 @@ elif rank == 0:
 # ----------------------------------------------------------------------------------------------------
 # The loop: one optimiser step = global-batch-size sequences, normalised by the step's global label count
 
-# lens.label_sums' sums whose step means are logged, by their names in metrics.jsonl: with a teacher cache,
-# Figure 4's quadrants of (p_theta(y), p_T(y)) too; a reference cache's label probability is the starting model's
-logged = {key: key for key in ("p_label", "trust", "residual")}
-if cache_flag == "--ref-cache":
-    logged.update(in_topk="in_topk", p_teacher_label="p_ref_label")
-elif cache is not None:
-    logged.update({key: key for key in ("in_topk", "p_teacher_label", *qloss.QUADRANTS)})
+cache_owner = None if source is None else source.owner
 progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{args.loss}", dynamic_ncols=True)
 stop = min(total_steps, args.stop_after or total_steps)
 last_save, stopping = time.monotonic(), False
@@ -430,7 +436,7 @@ while step < stop:
     plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
             if args.micro_batch_tokens else data.fixed_micro_batches(dealt, args.micro_batch_size))
     label_tokens = int(label_counts[step_ids].sum())
-    step_loss, totals = torch.zeros((), dtype=torch.float64, device=device), dict.fromkeys(logged, 0.0)
+    step_loss, totals = torch.zeros((), dtype=torch.float64, device=device), {}  # totals: PerRow.sums' names
     common.reset_peak_memory(device)
     try:
         for sample_ids in plan[rank]:
@@ -440,8 +446,10 @@ while step < stop:
             value, per_row = model(inputs, side, normalizer=label_tokens / world_size)
             value.backward()  # reduce-scatters now, leaving each rank its fp32 gradient shard
             step_loss += value.detach() / world_size
-            found = lens.label_sums(per_row, inputs["label_ids"], side.ids, args.quadrant_threshold)
-            totals = {key: total + found.get(key, 0.0) for key, total in totals.items()}
+            # every rank has micro-batches (data.py deals them so), so every rank all-reduces the same names
+            for name, value in per_row.sums(inputs["label_ids"], side.ids, args.quadrant_threshold,
+                                            cache_owner).items():
+                totals[name] = totals.get(name, 0.0) + value
     except torch.OutOfMemoryError as e:
         flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
                          f"{args.micro_batch_size * max_len} tokens)") if args.micro_batch_size
@@ -474,7 +482,7 @@ while step < stop:
                "tokens_per_s": int(lengths[step_ids].sum()) / elapsed, "seconds": elapsed,
                "tflops": flops / elapsed / world_size / 1e12,
                "balance": data.balance(plan, lengths, layout == "padded"),
-               **{name: sums[key] / label_tokens for key, name in logged.items()}}  # the step's means
+               **{name: sums[name] / label_tokens for name in totals}}  # the step's means
     if peak_flops:
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
     if peak_fwd_bwd is not None:  # the step's peak, and its peak before the optimizer's update; the max because

@@ -31,7 +31,7 @@ def test_quadrants_hand_checked_and_as_train_py_logs_them():
     p_student, p_teacher = np.random.default_rng(0).random((2, 1000))
     per_row = qloss.PerRow(torch.from_numpy(p_student), torch.ones(1000), torch.zeros(1000),
                            torch.from_numpy(p_teacher))
-    sums = lens.label_sums(per_row, torch.zeros(1000, dtype=torch.long), None, 0.3)
+    sums = per_row.sums(torch.zeros(1000, dtype=torch.long), torch.ones(1000, 1, dtype=torch.long), 0.3, "teacher")
     logged = [float(sums[key]) / 1000 for key in qloss.QUADRANTS]
     assert list(lens.shares(p_student, p_teacher, 0.3).values()) == pytest.approx(logged)
 
@@ -52,7 +52,7 @@ def test_logged_sums_of_one_loss_pass_against_direct_computation(threshold):
     # hidden = logits and an identity lm_head: the student's logits are set directly
     _, per_row = qloss.q_target_loss(logits, torch.eye(v), labels, qloss.Side(t_ids, t_logp, t_label),
                                      loss="target", chunk_size=5)
-    sums = lens.label_sums(per_row, labels, t_ids, threshold)
+    sums = per_row.sums(labels, t_ids, threshold, "teacher")
     p_s = logits.double().softmax(-1).gather(1, labels[:, None]).squeeze(1)
     p_t = t_label.double().exp()
     s_hi, t_hi = p_s >= threshold, p_t >= threshold
@@ -64,6 +64,10 @@ def test_logged_sums_of_one_loss_pass_against_direct_computation(threshold):
     assert int(sums["in_topk"]) == int((t_ids == labels[:, None]).any(-1).sum()) >= n // 3
     for key, direct in (("p_label", p_s), ("trust", p_s), ("residual", 1 - p_s), ("p_teacher_label", p_t)):
         assert math.isclose(float(sums[key]), float(direct.sum()), rel_tol=1e-5), key
+    # the starting model's own cache (kl, asft, psft) logs its p(y) as p_ref_label and no quadrants; no cache, neither
+    assert list(per_row.sums(labels, t_ids, threshold, "ref")) == ["p_label", "trust", "residual", "in_topk",
+                                                                   "p_ref_label"]
+    assert list(per_row.sums(labels, None, threshold, None)) == ["p_label", "trust", "residual"]
 
 
 def run_lens(setup, out, *extra, nproc=1):
