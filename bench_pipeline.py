@@ -71,6 +71,7 @@ def bench_cache(*, repeat, batch_tokens, k, big_vocab, micro_batch_size):
         build, plain = build_and_forward(model, ds, batch_tokens, work / f"cache-{vocab}", k, device)
         print(f"vocab {vocab:>6}: build {tokens / build:>9.0f} tok/s | plain forward {tokens / plain:>9.0f} tok/s"
               f" | build/forward {plain / build:.2f}x")
+        # the build writes each rank's chunk at its flush, the GPU idle meanwhile: what a writer thread could save
         rows.append(("cache", f"build, vocab {vocab}", f"{tokens / build:.0f} tok/s, {tokens / plain:.0f} tok/s plain "
                                                        f"forward: {build / plain:.2f}x its time"))
 

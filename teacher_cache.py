@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -247,22 +246,11 @@ def check_vocabularies(teacher_tok, student_tok, teacher_vocab_size):
                          f"{len(student_tok)} tokens: some label ids would have no teacher logit")
 
 
-def to_host(tensors):
-    """Starts copying GPU tensors into pinned host memory (non_blocking allocates it pinned) and returns them
-    with an event that marks the copies done; CPU tensors are returned as they are."""
-    if not tensors[0].is_cuda:
-        return tensors, None
-    copies = [t.to("cpu", non_blocking=True) for t in tensors]
-    ready = torch.cuda.Event()
-    ready.record()
-    return copies, ready
-
-
 def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokenizer_fingerprint="", flush_every=16):
     """Write the cache of `data` under `out`, resuming an unfinished build; a complete one is only checked
     against `data`. Every rank calls it and writes files of its own only: every `flush_every` batches, one chunk
-    file of their rows (written on a background thread while the GPU computes the next batches, then renamed into
-    place), which also marks them done. Rank 0 then merges the chunks into the cache's files. No file is written
+    file of their rows (written to a temporary name, then renamed into place), which also marks them done. Rank 0
+    then merges the chunks into the cache's files. No file is written
     by two ranks: on a network filesystem, nodes that write one memory-mapped file write back whole pages, and a
     node's stale copy of a shared page would overwrite another node's rows."""
     if flush_every < 1:
@@ -309,39 +297,14 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     bar = tqdm(total=sum(len(data.input_ids(i)) for b in mine for i in batches[b]), unit="tok",
                unit_scale=True, desc=f"teacher top-{k}", disable=rank != 0)
 
-    written = []  # the names of this rank's chunk files, for rank 0 to open by name
-
-    def write_chunk(chunk):
-        """One rank's rows of a group of batches, written to a temporary name and renamed: a chunk file is whole."""
-        rows = sum(spans[b].stop - spans[b].start for b, _, _ in chunk)
-        topk, label_logprobs, at = np.empty((rows, k), np.dtype(entry)), np.empty(rows, np.float32), 0
-        for b, host_rows, ready in chunk:
-            if ready is not None:
-                ready.synchronize()
-            n = spans[b].stop - spans[b].start
-            topk[at:at + n], label_logprobs[at:at + n] = (t.numpy() for t in host_rows)
-            at += n
-        path = partial / f"rank{rank}-batch{chunk[0][0]:07d}.npz"
-        tmp = partial / f".{path.name}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, batches=np.array([b for b, _, _ in chunk]), topk=topk, label_logprobs=label_logprobs)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        written.append(path.name)
-
-    chunk, writing = [], None
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        for position, b in enumerate(mine, 1):
-            batch = data_lib.pack(data, batches[b])
-            chunk.append((b, *to_host(topk_rows(model, batch, k))))
-            if len(chunk) == flush_every or position == len(mine):
-                if writing is not None:
-                    writing.result()  # a failed write raises here; one chunk in flight at a time
-                writing, chunk = writer.submit(write_chunk, chunk), []
-            bar.update(batch["input_ids"].shape[1])
-        if writing is not None:
-            writing.result()
+    chunk, written = [], []  # written: this rank's chunk files' names, which rank 0 opens by name
+    for position, b in enumerate(mine, 1):
+        batch = data_lib.pack(data, batches[b])
+        chunk.append((b, *topk_rows(model, batch, k)))
+        if len(chunk) == flush_every or position == len(mine):
+            written.append(write_chunk(partial, rank, chunk))
+            chunk = []
+        bar.update(batch["input_ids"].shape[1])
     bar.close()
     # every rank's chunk names, gathered: rank 0 opens each by name, not from a listing of the folder, which an
     # NFS client caches for up to a minute and could show without the chunks other nodes have just renamed into place
@@ -361,6 +324,21 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
               f"{np.dtype(entry).itemsize * k + 4} bytes per token")
     if world > 1:
         dist.barrier()
+
+
+def write_chunk(partial, rank, chunk):
+    """One rank's rows of a group of batches, [(batch, topk, label_logprobs)], as one file in the folder `partial`,
+    written to a temporary name and renamed (a chunk file is whole); returns its name."""
+    path = partial / f"rank{rank}-batch{chunk[0][0]:07d}.npz"
+    tmp = partial / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, batches=np.array([b for b, _, _ in chunk]),
+                 topk=torch.cat([rows for _, rows, _ in chunk]).cpu().numpy(),
+                 label_logprobs=torch.cat([logprobs for _, _, logprobs in chunk]).cpu().numpy())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.name
 
 
 def chunk_files(partial):

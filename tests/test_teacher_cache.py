@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import shutil
@@ -117,18 +118,21 @@ def test_resume_after_a_kill_is_byte_identical(built, math16, teacher, tmp_path,
 
 def test_a_failed_write_marks_nothing_and_the_rerun_is_byte_identical(built, math16, teacher, tmp_path,
                                                                      monkeypatch):
-    """The background writer's failure surfaces in build(); its batch is never marked done."""
-    calls, to_host = [], tc.to_host
+    """A chunk whose write fails (a full disk) is not marked done: the build stops on the error, and the rerun
+    redoes that chunk alone, byte for byte."""
+    savez, calls = np.savez, []
 
-    def short_second_batch(rows):
+    def full_disk_at_the_second_chunk(file, **arrays):
         calls.append(1)
-        return to_host((rows[0][:-1], rows[1]) if len(calls) == 2 else rows)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        savez(file, **arrays)
 
-    monkeypatch.setattr(tc, "to_host", short_second_batch)
-    with pytest.raises(ValueError, match="could not broadcast"):
+    monkeypatch.setattr(np, "savez", full_disk_at_the_second_chunk)
+    with pytest.raises(OSError, match="No space left on device"):
         tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS, flush_every=1)
     assert [tc.chunk_batches(chunk) for chunk in tc.chunk_files(tmp_path / "cache.partial")] == [[0]]
-    monkeypatch.setattr(tc, "to_host", to_host)
+    monkeypatch.setattr(np, "savez", savez)
     tc.build(teacher, math16, tmp_path / "cache", k=K, batch_tokens=BATCH_TOKENS)
     assert files(tmp_path / "cache") == files(built)
 
