@@ -116,22 +116,6 @@ def test_compiled_layers_and_loss_on_two_ranks_give_the_eager_losses(setup):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def test_where_compiling_fails_the_run_goes_on_eagerly(setup, one_process, tmp_path):
-    """No C++ compiler (CXX names none; a fresh inductor cache, so nothing compiled earlier is reused): one line
-    says so and the run is the eager one."""
-    env = outside_any_world(CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
-    result = subprocess.run([sys.executable, TRAIN, *train_args(setup, "no-compiler", "--micro-batch-size", "8",
-                                                                "--compile")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    said = [line for line in result.stdout.splitlines() if line.startswith("--compile")]
-    assert len(said) == 1 and "torch.compile fails here, so the run goes on eagerly" in said[0], said
-    assert "No working C++ compiler" in said[0]
-    for a, b in zip(one_process, metrics(setup, "no-compiler"), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
-
-
 # sitecustomize for a train.py whose inductor refuses every backward graph, as a Triton or inductor failure would
 REFUSE_BACKWARDS = """
 import torch._inductor.compile_fx as compile_fx
@@ -144,21 +128,28 @@ compile_fx._compile_fx_inner = refuse_backwards
 """
 
 
-def test_where_a_layers_backward_fails_to_compile_the_run_goes_on_eagerly(setup, one_process, tmp_path):
-    """Inductor compiles a layer's backward lazily, inside the first backward(), where nothing falls back to eager:
-    the compile probe's layer meets the failure first (a fresh inductor cache: nothing compiled earlier is reused),
-    so one line says so and the run is the eager one."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(REFUSE_BACKWARDS)
-    env = outside_any_world(PYTHONPATH=str(tmp_path / "site"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
-    result = subprocess.run([sys.executable, TRAIN, *train_args(setup, "no-backward", "--micro-batch-size", "8",
-                                                                "--compile")],
+@pytest.mark.parametrize("failure", ["no C++ compiler", "a layer's backward"])
+def test_where_compiling_fails_the_run_goes_on_eagerly(setup, one_process, tmp_path, failure):
+    """Where torch.compile cannot work, one line says so and the run is the eager one (a fresh inductor cache:
+    nothing compiled earlier is reused): no C++ compiler (CXX names none), or inductor refusing a decoder layer's
+    backward, which it compiles lazily inside the first backward(), where nothing falls back to eager: the compile
+    probe's layer meets the failure first."""
+    out = failure.replace(" ", "-").replace("'", "")  # a run folder each
+    if failure == "no C++ compiler":
+        extra, reason = {"CXX": str(tmp_path / "no-such-compiler")}, "No working C++ compiler"
+    else:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(REFUSE_BACKWARDS)
+        extra = {"PYTHONPATH": str(tmp_path / "site")}
+        reason = "(RuntimeError: inductor cannot compile this backward (tests/test_train.py))"
+    env = outside_any_world(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), **extra)
+    result = subprocess.run([sys.executable, TRAIN, *train_args(setup, out, "--micro-batch-size", "8", "--compile")],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     said = [line for line in result.stdout.splitlines() if line.startswith("--compile")]
-    assert said == ["--compile: torch.compile fails here, so the run goes on eagerly (RuntimeError: inductor cannot "
-                    "compile this backward (tests/test_train.py))"], said
-    for a, b in zip(one_process, metrics(setup, "no-backward"), strict=True):
+    assert len(said) == 1 and said[0].startswith("--compile: torch.compile fails here, so the run goes on eagerly (")
+    assert reason in said[0], said
+    for a, b in zip(one_process, metrics(setup, out), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
 
