@@ -309,14 +309,15 @@ rank, world_size, device = common.start_distributed(always=True)  # `python trai
 common.check_shared_folders({"--out": args.out, "--data-cache": args.data_cache,
                              **({source.flag: Path(source.folder).parent} if source is not None else {})})
 max_len = data.recipe_for(args.data, max_len=args.max_len).max_len
-if args.micro_batch_size is None and args.micro_batch_tokens is None:
-    args.micro_batch_tokens = 4 * max_len
+micro_batch_tokens = args.micro_batch_tokens  # the budget, None with --micro-batch-size; args keeps the flags as given
+if micro_batch_tokens is None and args.micro_batch_size is None:
+    micro_batch_tokens = 4 * max_len
 per_rank, remainder = divmod(args.global_batch_size, world_size * (args.micro_batch_size or 1))
 if remainder or per_rank == 0:
     parser.error(f"--global-batch-size {args.global_batch_size} must be a multiple of world size {world_size}" +
                  (f" x --micro-batch-size {args.micro_batch_size}" if args.micro_batch_size else ""))
-if args.micro_batch_tokens is not None and args.micro_batch_tokens < max_len:
-    parser.error(f"--micro-batch-tokens {args.micro_batch_tokens} is less than the max length {max_len}: a "
+if micro_batch_tokens is not None and micro_batch_tokens < max_len:
+    parser.error(f"--micro-batch-tokens {micro_batch_tokens} is less than the max length {max_len}: a "
                  "longest sample would fit no micro-batch")
 out = Path(args.out)
 checkpoints = checkpoint.checkpoint_dirs(out)
@@ -356,7 +357,7 @@ attention, why = common.attention_implementation(device, compute_dtype)
 layout = args.layout if args.layout != "auto" else "packed" if attention == "flash_attention_2" else "padded"
 if rank == 0:
     sizing = (f"{args.micro_batch_size} sequences" if args.micro_batch_size
-              else f"<= {args.micro_batch_tokens} tokens, balanced over ranks")
+              else f"<= {micro_batch_tokens} tokens, balanced over ranks")
     slow = " (sdpa keeps packed rows apart with a dense [T, T] mask: slow)" if (attention, layout) == (
         "sdpa", "packed") else ""
     print(f"attention: {attention} ({why}), {args.dtype}, on {layout} micro-batches of {sizing}{slow}")
@@ -433,8 +434,8 @@ while step < stop:
     started = time.perf_counter()
     dealt = sampler.take_global(args.global_batch_size // world_size)  # every rank's samples of this step
     step_ids = sum(dealt, [])
-    plan = (data.balanced_micro_batches(step_ids, lengths, world_size, args.micro_batch_tokens, layout == "padded")
-            if args.micro_batch_tokens else data.fixed_micro_batches(dealt, args.micro_batch_size))
+    plan = (data.balanced_micro_batches(step_ids, lengths, world_size, micro_batch_tokens, layout == "padded")
+            if micro_batch_tokens else data.fixed_micro_batches(dealt, args.micro_batch_size))
     label_tokens = int(label_counts[step_ids].sum())
     step_loss, totals = torch.zeros((), dtype=torch.float64, device=device), {}  # totals: PerRow.sums' names
     common.reset_peak_memory(device)
@@ -453,7 +454,7 @@ while step < stop:
     except torch.OutOfMemoryError as e:
         flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
                          f"{args.micro_batch_size * max_len} tokens)") if args.micro_batch_size
-                        else ("--micro-batch-tokens", str(args.micro_batch_tokens)))
+                        else ("--micro-batch-tokens", str(micro_batch_tokens)))
         raise SystemExit(f"out of memory at step {step + 1} with {flag} {budget}: try a smaller {flag}" +
                          ("" if args.activation_checkpointing else " or --activation-checkpointing")) from e
     peak_fwd_bwd = common.peak_memory_gib(device)  # what --micro-batch-tokens and --activation-checkpointing govern

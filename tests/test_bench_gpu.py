@@ -19,12 +19,12 @@ def test_gpu_check_plans_then_runs_what_fits_and_names_what_is_missing(tmp_path)
     unimportable.mkdir(parents=True)
     (unimportable / "__init__.py").write_text("raise ImportError('vllm is not installed here')\n")
     table = tmp_path / "table.txt"
-    proc = subprocess.run([sys.executable, "bench.py", "gpu", "--tiny", "--budget", "30", "--table", str(table)],
+    proc = subprocess.run([sys.executable, "bench.py", "gpu", "--tiny", "--budget", "12", "--table", str(table)],
                           cwd=ROOT, env=outside_any_world(PYTHONPATH=str(tmp_path / "site")), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = proc.stdout.splitlines()[0]
-    assert plan.startswith("plan: --budget 30 s, matmul "), proc.stdout[:2000]
+    assert plan.startswith("plan: --budget 12 s, matmul "), proc.stdout[:2000]
     estimates = dict(re.findall(r"(\w+) ~(\d+) s", plan))
     assert list(estimates) == ORDER
 
@@ -38,11 +38,11 @@ def test_gpu_check_plans_then_runs_what_fits_and_names_what_is_missing(tmp_path)
     assert not [row for row in rows if row[1] == "FAILED"], table.read_text()
     ran = [s for s, results in outcome.items() if results[0][0] != "skipped"]
     assert ran, table.read_text()
-    # train's estimate (five processes, two compilations) cannot fit in 30 s: skipped for the budget, by name
+    # train's estimate (five processes, two compilations) cannot fit in 12 s: skipped for the budget, by name
     assert outcome["train"] == [("skipped", outcome["train"][0][1])]
     assert re.fullmatch(rf"~{estimates['train']} s estimated, \d+ s left of the budget", outcome["train"][0][1])
     for section in ran:
-        assert int(estimates[section]) <= 30
+        assert int(estimates[section]) <= 12
     assert outcome["eval"] == outcome["engine"] == [("skipped", "needs vllm")]
 
 
