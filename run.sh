@@ -32,7 +32,8 @@ case "$job" in
             END { printf "%8.2f MiB  in all (at most 40)\n", total / 2^20; exit total > 40 * 2^20 }'
         exit ;;
     gpu)
-        if compgen -G ".whl/*.whl" > /dev/null; then  # into a folder of their own: the image's packages stay as is
+        # .whl/ into a folder of its own, where this Python lacks what they hold (a venv here has it all already)
+        if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import datasets, math_verify" 2> /dev/null; then
             site=$(mktemp -d)
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
             export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
