@@ -51,6 +51,7 @@ def sections(tiny, liger):
     loss_rows, hidden, vocab = (512, 128, 8192) if tiny else (16384, *QWEN_HEAD)
     loss_steps = 4 + 2 * (3 + liger) * 6  # the floor's; then per variant and row: first, 3 timed, the peak's, naive's
     layout = dict(lengths="1400,1100,900,700", hidden=128 if tiny else 1536, layers=2 if tiny else 28, repeats=3)
+    lengths = [int(n) for n in layout["lengths"].split(",")]
     layout_shape = dict(QWEN25_15B, hidden_size=layout["hidden"], intermediate_size=2 * layout["hidden"],
                         num_hidden_layers=layout["layers"], num_attention_heads=layout["hidden"] // 64, vocab_size=4096)
     attention = dict(layers=4, seq_len=256 if tiny else 2048, samples=16, steps=2)
@@ -70,7 +71,7 @@ def sections(tiny, liger):
                 dict(repeat=1 if tiny else 16, batch_tokens=2048 if tiny else 16384, k=64,
                      big_vocab=4096 if tiny else 152064, micro_batch_size=4), processes=1),
         Section("layout", "bench_kernels:bench_layout", layout,
-                flops=3 * 4 * 6 * matmul_parameters(layout_shape) * 4 * 1400),
+                flops=3 * 4 * 6 * matmul_parameters(layout_shape) * len(lengths) * max(lengths)),  # 3 cases, 4 steps
         Section("grad", "bench_kernels:bench_grad", dict(tiny=tiny),
                 flops=10 * 6 * grad_rows * grad_hidden * grad_vocab),  # float64: a tenth of the rate, or less
         Section("attention", "bench_pipeline:bench_attention", dict(tiny=tiny, **attention), processes=4,

@@ -250,9 +250,9 @@ def build(model, data, out, k=TOP_K, batch_tokens=8192, teacher_name="", tokeniz
     """Write the cache of `data` under `out`, resuming an unfinished build; a complete one is only checked
     against `data`. Every rank calls it and writes files of its own only: every `flush_every` batches, one chunk
     file of their rows (written to a temporary name, then renamed into place), which also marks them done. Rank 0
-    then merges the chunks into the cache's files. No file is written
-    by two ranks: on a network filesystem, nodes that write one memory-mapped file write back whole pages, and a
-    node's stale copy of a shared page would overwrite another node's rows."""
+    then merges the chunks into the cache's files. No file is written by two ranks: on a network filesystem, nodes
+    that write one memory-mapped file write back whole pages, and a node's stale copy of a shared page would
+    overwrite another node's rows."""
     if flush_every < 1:
         raise UserError(f"flush_every (--flush-every) is {flush_every}; it must be >= 1")
     rank, world = common.rank_and_world()

@@ -448,9 +448,9 @@ while step < stop:
             value.backward()  # reduce-scatters now, leaving each rank its fp32 gradient shard
             step_loss += value.detach() / world_size
             # every rank has micro-batches (data.py deals them so), so every rank all-reduces the same names
-            for name, value in per_row.sums(inputs["label_ids"], side.ids, args.quadrant_threshold,
-                                            cache_owner).items():
-                totals[name] = totals.get(name, 0.0) + value
+            for name, summed in per_row.sums(inputs["label_ids"], side.ids, args.quadrant_threshold,
+                                             cache_owner).items():
+                totals[name] = totals.get(name, 0.0) + summed
     except torch.OutOfMemoryError as e:
         flag, budget = (("--micro-batch-size", f"{args.micro_batch_size} (rows of up to "
                          f"{args.micro_batch_size * max_len} tokens)") if args.micro_batch_size
